@@ -1,0 +1,1 @@
+"""Client behaviours: one file per behaviour, composed by the one ClientApp."""

@@ -1,0 +1,153 @@
+"""Local SGD: the client of FedAvg and its server-side variants (FedProx, FedAvgM, FedOpt).
+
+A client trains the received model for ``local_epochs`` passes over its partition with mini-batch
+SGD, then uploads its trainable tensors. When the strategy sends ``proximal-mu`` (Flower's
+FedProx), the FedProx proximal term (mu / 2) * ||w - w_global||^2 is added to the loss
+(Li et al., MLSys 2020, eq. 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord
+
+from fedsim import keys
+from fedsim.devices import count_train_flops, estimate_train_memory_bytes
+from fedsim.errors import ConfigError
+from fedsim.scheduler import DeviceCost
+
+__all__ = ["LocalSGD", "TrainOutcome"]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one client-round of local training did."""
+
+    num_examples: int
+    num_steps: int
+    mean_loss: float  # mean training loss over the steps taken
+    batch_shape: int  # examples in a full batch (the cost model counts FLOPs per batch)
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_num(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class LocalSGD:
+    """Mini-batch SGD on the client's own data.
+
+    Parameters
+    ----------
+    local_epochs
+        Passes over the partition per round.
+    batch_size
+        Examples per step (the last batch of an epoch may be smaller).
+    lr
+        Learning rate.
+    momentum
+        SGD momentum; the optimizer state is fresh every round (clients are stateless here).
+    weight_decay
+        L2 penalty.
+    max_steps
+        Optional cap on steps per round (null = no cap), e.g. to bound very large partitions.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        local_epochs: int = 1,
+        batch_size: int = 32,
+        lr: float = 0.2,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        max_steps: int | None = None,
+    ) -> None:
+        for key, value, ok, accepted in (
+            ("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1"),
+            ("batch_size", batch_size, _is_int(batch_size, 1), "an integer >= 1"),
+            ("lr", lr, _is_num(lr) and lr > 0, "a number > 0"),
+            ("momentum", momentum, _is_num(momentum) and 0 <= momentum < 1, "in [0, 1)"),
+            ("weight_decay", weight_decay, _is_num(weight_decay) and weight_decay >= 0, ">= 0"),
+            ("max_steps", max_steps, max_steps is None or _is_int(max_steps, 1), "null or >= 1"),
+        ):
+            if not ok:
+                raise ConfigError(f"client.{key}", value, f"must be {accepted}")
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.max_steps = max_steps
+        self._per_batch: dict[int, tuple[int, int]] = {}  # batch size -> (FLOPs, peak bytes)
+
+    def device_cost(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_examples: int
+    ) -> DeviceCost:
+        """FLOPs and peak memory of a client-round, counted on the real model and batch shape.
+
+        FLOPs of one full batch are counted once (torch's FlopCounterMode) and scaled by the
+        examples the round processes: matmul and conv FLOPs are linear in the batch size.
+        """
+        size = len(batch["label"])
+        if size not in self._per_batch:
+            inputs = {k: v for k, v in batch.items() if k != "label"}
+            flops = count_train_flops(model, inputs, batch["label"])
+            memory = estimate_train_memory_bytes(
+                model, inputs, batch["label"], optimizer="sgd", momentum=self.momentum > 0
+            )
+            self._per_batch[size] = (flops, memory.total)
+        flops, memory = self._per_batch[size]
+        examples = self.local_epochs * num_examples
+        if self.max_steps is not None:
+            examples = min(examples, self.max_steps * self.batch_size)
+        return DeviceCost(train_flops=round(flops * examples / size), peak_memory_bytes=memory)
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        data: dict[str, torch.Tensor],
+        config: ConfigRecord,
+        generator: torch.Generator,
+    ) -> TrainOutcome:
+        """Train ``model`` in place on ``data``; batches are shuffled with ``generator``."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        mu = float(config.get(keys.PROXIMAL_MU, 0.0))
+        global_params = [p.detach().clone() for p in params] if mu > 0 else []
+        labels_all = data["label"]
+        n = len(labels_all)
+        model.train()
+        steps, loss_sum = 0, 0.0
+        for _ in range(self.local_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, self.batch_size):
+                if self.max_steps is not None and steps >= self.max_steps:
+                    break
+                idx = order[start : start + self.batch_size]
+                inputs = {k: v[idx] for k, v in data.items() if k != "label"}
+                loss = torch.nn.functional.cross_entropy(model(**inputs), labels_all[idx])
+                if mu > 0:
+                    prox = sum(
+                        ((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True)
+                    )
+                    loss = loss + 0.5 * mu * prox
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += float(loss.detach())
+        return TrainOutcome(
+            num_examples=n,
+            num_steps=steps,
+            mean_loss=loss_sum / max(steps, 1),
+            batch_shape=min(self.batch_size, n),
+        )

@@ -1,0 +1,64 @@
+"""The Flower ServerApp and the ONE ClientApp.
+
+``client_app`` trains whatever virtual clients a lane message carries (fedsim/worker.py); it needs
+no configuration of its own, since each message carries the job. ``make_server_app`` builds the
+ServerApp of a run; ``server_app`` is the module-level one that ``flwr run .`` loads (its Hydra
+overrides come from the ``overrides`` run-config key in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig
+
+from fedsim.results import RunWriter
+from fedsim.server import run_rounds
+from fedsim.worker import handle_lane
+
+__all__ = ["client_app", "server_app", "make_server_app"]
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    """Train the lane's virtual clients; reply with their packed updates."""
+    return Message(handle_lane(msg.content), reply_to=msg)
+
+
+def make_server_app(
+    cfg: DictConfig, strategy: Strategy, writer: RunWriter, summary: dict
+) -> ServerApp:
+    """A ServerApp that runs ``cfg``'s rounds and fills ``summary`` when done."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        summary.update(run_rounds(grid, cfg, strategy, writer))
+
+    return app
+
+
+# --- `flwr run .` -----------------------------------------------------------------------------
+server_app = ServerApp()
+
+
+@server_app.main()
+def _flwr_run_main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: compose the config from run-config overrides and run."""
+    from fedsim.config import build, compose_config, validate
+
+    overrides = shlex.split(str(context.run_config.get("overrides", "")))
+    cfg = compose_config(overrides)
+    validate(cfg)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    writer = RunWriter(Path(str(context.run_config.get("results-dir", "results/runs"))) / stamp)
+    writer.start(cfg)
+    run_rounds(grid, cfg, build(cfg, "strategy"), writer)

@@ -1,0 +1,274 @@
+"""Virtual clients on a few physical lanes: the strategy sees one node per partition id.
+
+Flower's simulation engine runs one ClientApp call per message, and each call pays Ray transport
+of the message *and* the node's Context plus a 0.1 s polling quantum (landscape.md, A.1.4 and D).
+With thousands of simulated devices that orchestration, not training, would dominate. So:
+
+* ``VirtualGrid`` is what strategies talk to. ``get_node_ids()`` returns one *virtual* node id
+  per partition id (``partition_id + 1``; Flower reserves node id 0 for the SuperLink), in sorted
+  order, so Flower's ``random.sample`` over it is reproducible once ``random`` is seeded.
+* ``send_and_receive`` packs the strategy's per-client messages into one message per *lane* (a
+  real SuperNode, i.e. a Ray actor's worth of work), deduplicating content the strategy shared
+  between clients (FedAvg sends one RecordDict to all), and unpacks each lane's reply into one
+  reply Message per virtual client. Strategies' ``aggregate_train`` runs unchanged on those.
+
+The pack/unpack functions are pure and tested without Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.error import Error
+from flwr.serverapp import Grid
+
+from fedsim import keys
+
+__all__ = [
+    "VirtualGrid",
+    "node_id_of",
+    "partition_id_of",
+    "pack_lane",
+    "unpack_lane",
+    "pack_replies",
+    "unpack_replies",
+    "assign_lanes",
+    "CLIENT_ERROR_CODE",
+]
+
+#: Error code of a virtual client whose training raised (Flower's ClientApp exception code).
+CLIENT_ERROR_CODE = 1
+#: Error code of a virtual client whose lane did not answer before the round timeout.
+LANE_TIMEOUT_CODE = 2
+
+
+def node_id_of(partition_id: int) -> int:
+    """Virtual node id of a partition id (node id 0 is the SuperLink's in Flower)."""
+    return partition_id + 1
+
+
+def partition_id_of(node_id: int) -> int:
+    """Partition id of a virtual node id."""
+    return node_id - 1
+
+
+def assign_lanes(
+    partition_ids: Sequence[int], cost: Callable[[int], float], num_lanes: int
+) -> list[list[int]]:
+    """Split clients over lanes, longest job first onto the least-loaded lane (LPT rule).
+
+    Deterministic: ties break on lane index and partition id. Empty lanes are dropped.
+    """
+    lanes: list[list[int]] = [[] for _ in range(max(1, num_lanes))]
+    loads = [0.0] * len(lanes)
+    for pid in sorted(partition_ids, key=lambda p: (-cost(p), p)):
+        lane = min(range(len(lanes)), key=lambda i: (loads[i], i))
+        lanes[lane].append(pid)
+        loads[lane] += cost(pid)
+    return [sorted(lane) for lane in lanes if lane]
+
+
+def pack_lane(messages: Sequence[Message], job: ConfigRecord) -> RecordDict:
+    """One lane message's content carrying ``messages`` (all to distinct virtual nodes).
+
+    Content objects shared by several messages are stored once (``c<k>/<name>``).
+    """
+    content_index: dict[int, int] = {}
+    packed = RecordDict({keys.JOB: job})
+    partition_ids: list[int] = []
+    indices: list[int] = []
+    for msg in messages:
+        k = content_index.get(id(msg.content))
+        if k is None:
+            k = content_index[id(msg.content)] = len(content_index)
+            for name, record in msg.content.items():
+                packed[f"{keys.CONTENT_PREFIX}{k}/{name}"] = record
+        partition_ids.append(partition_id_of(msg.metadata.dst_node_id))
+        indices.append(k)
+    packed[keys.LANE] = ConfigRecord(
+        {keys.LANE_PARTITION_IDS: partition_ids, keys.LANE_CONTENT_INDEX: indices}
+    )
+    return packed
+
+
+def unpack_lane(content: RecordDict) -> tuple[ConfigRecord, list[tuple[int, RecordDict]]]:
+    """Inverse of :func:`pack_lane`: the job record and (partition id, content) per client."""
+    lane = content[keys.LANE]
+    by_index: dict[int, RecordDict] = {}
+    for name, record in content.items():
+        if name.startswith(keys.CONTENT_PREFIX) and "/" in name:
+            head, record_name = name.split("/", 1)
+            by_index.setdefault(int(head[len(keys.CONTENT_PREFIX) :]), RecordDict())[
+                record_name
+            ] = record
+    pids = [int(p) for p in lane[keys.LANE_PARTITION_IDS]]
+    idx = [int(k) for k in lane[keys.LANE_CONTENT_INDEX]]
+    return content[keys.JOB], [(pid, by_index[k]) for pid, k in zip(pids, idx, strict=True)]
+
+
+def pack_replies(replies: Sequence[tuple[int, RecordDict | str]]) -> RecordDict:
+    """One lane reply: per client either its reply content or an error text."""
+    packed = RecordDict()
+    pids: list[int] = []
+    errors: list[str] = []
+    for pid, reply in replies:
+        pids.append(pid)
+        if isinstance(reply, str):
+            errors.append(reply or "client failed")
+            continue
+        errors.append("")
+        for name, record in reply.items():
+            packed[f"{keys.CLIENT_PREFIX}{pid}/{name}"] = record
+    packed[keys.LANE] = ConfigRecord({keys.LANE_PARTITION_IDS: pids, keys.LANE_ERRORS: errors})
+    return packed
+
+
+def unpack_replies(content: RecordDict) -> dict[int, RecordDict | str]:
+    """Inverse of :func:`pack_replies`: partition id -> reply content or error text."""
+    lane = content[keys.LANE]
+    out: dict[int, RecordDict | str] = {}
+    for pid, err in zip(lane[keys.LANE_PARTITION_IDS], lane[keys.LANE_ERRORS], strict=True):
+        out[int(pid)] = str(err) if err else RecordDict()
+    for name, record in content.items():
+        if name.startswith(keys.CLIENT_PREFIX) and "/" in name:
+            head, record_name = name.split("/", 1)
+            reply = out[int(head[len(keys.CLIENT_PREFIX) :])]
+            assert isinstance(reply, RecordDict)
+            reply[record_name] = record
+    return out
+
+
+@dataclass
+class LaneStats:
+    """What the last ``send_and_receive`` cost on the wire and in wall time."""
+
+    num_lane_messages: int = 0
+    wall_time_s: float = 0.0
+
+
+class VirtualGrid(Grid):
+    """A Grid of ``num_clients`` virtual nodes multiplexed over the real grid's nodes (lanes).
+
+    Parameters
+    ----------
+    grid
+        The real Grid (Flower's InMemoryGrid in simulation).
+    num_clients
+        Number of virtual clients (partition ids ``0..num_clients-1``).
+    job
+        ConfigRecord with the resolved job config, sent with every lane message so that a
+        ClientApp needs no configuration of its own.
+    cost
+        Relative cost of a client's job (e.g. its number of examples), used to balance lanes.
+    timeout_s
+        Longest wait for lane replies; clients of lanes that did not answer come back as errors.
+    poll_interval_s
+        Sleep between polls for replies (Flower's own Grid sleeps 0.1 s).
+
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        num_clients: int,
+        job: ConfigRecord,
+        cost: Callable[[int], float] = lambda _pid: 1.0,
+        timeout_s: float | None = None,
+        poll_interval_s: float = 0.005,
+    ) -> None:
+        self._grid = grid
+        self._num_clients = num_clients
+        self._job = job
+        self._cost = cost
+        self._timeout_s = timeout_s
+        self._poll_interval_s = poll_interval_s
+        self.stats = LaneStats()
+
+    # --- Grid interface -------------------------------------------------------------------------
+    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.run
+
+    def create_message(  # noqa: D102
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        """Virtual node ids, sorted (so seeded sampling over them is reproducible)."""
+        return [node_id_of(pid) for pid in range(self._num_clients)]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        raise NotImplementedError("VirtualGrid only supports send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        raise NotImplementedError("VirtualGrid only supports send_and_receive")
+
+    def lanes(self) -> list[int]:
+        """Node ids of the real SuperNodes, sorted."""
+        return sorted(self._grid.get_node_ids())
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Send each virtual message via its lane; one reply per message, in message order."""
+        started = time.perf_counter()
+        virtual = list(messages)
+        if not virtual:
+            return []
+        by_pid = {partition_id_of(m.metadata.dst_node_id): m for m in virtual}
+        if len(by_pid) != len(virtual):
+            raise ValueError("VirtualGrid: two messages for the same virtual node in one call")
+        lane_nodes = self.lanes()
+        groups = assign_lanes(list(by_pid), self._cost, len(lane_nodes))
+        lane_msgs = []
+        for node_id, pids in zip(lane_nodes, groups, strict=False):
+            first = by_pid[pids[0]]
+            lane_msgs.append(
+                Message(
+                    pack_lane([by_pid[p] for p in pids], self._job),
+                    node_id,
+                    first.metadata.message_type,
+                    group_id=first.metadata.group_id,
+                )
+            )
+        replies = self._exchange(lane_msgs, timeout if timeout is not None else self._timeout_s)
+        results: dict[int, RecordDict | str] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue  # the lane crashed: its clients are reported below as failed
+            results.update(unpack_replies(reply.content))
+        out = []
+        for msg in virtual:
+            result = results.get(partition_id_of(msg.metadata.dst_node_id))
+            if isinstance(result, RecordDict):
+                out.append(Message(result, reply_to=msg))
+            else:
+                code = CLIENT_ERROR_CODE if isinstance(result, str) else LANE_TIMEOUT_CODE
+                reason = result if isinstance(result, str) else "lane failed or timed out"
+                out.append(Message(Error(code=code, reason=reason), reply_to=msg))
+        self.stats = LaneStats(len(lane_msgs), time.perf_counter() - started)
+        return out
+
+    def _exchange(self, lane_msgs: list[Message], timeout_s: float | None) -> list[Message]:
+        pending = set(self._grid.push_messages(lane_msgs))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(self._poll_interval_s)
+        return replies

@@ -1,0 +1,151 @@
+"""Config checks that turn bad input into one-line ``ConfigError``s before anything runs.
+
+Three layers, cheapest first:
+
+1. :func:`precheck_overrides` reads the command line before Hydra does: an unknown option in a
+   group (``strategy=fedavgg``), an unknown key or a syntax error become one line naming the
+   override and what is accepted (Hydra's own messages span several lines and exit with 1).
+2. :func:`validate` checks the composed config's top-level scalars.
+3. :func:`build` instantiates a group's object; the classes validate their own arguments and
+   raise ``ConfigError`` (Hydra wraps it; we unwrap), and an unknown argument is named.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedsim.errors import ConfigError
+
+__all__ = ["CONF_DIR", "GROUPS", "precheck_overrides", "validate", "build", "compose_config"]
+
+#: The config tree (conf/ beside the fedsim package folder).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: Config groups a user picks options from.
+GROUPS = ("data", "partition", "model", "strategy", "client", "devices", "experiment")
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group (YAML files, subfolders included: ``a/b``)."""
+    root = CONF_DIR / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def precheck_overrides(argv: Sequence[str]) -> None:
+    """Reject bad command-line overrides with one line, before Hydra prints its own report."""
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            "override", " ".join(overrides), f"not valid Hydra syntax ({first})"
+        ) from None
+    single: list[str] = []
+    for override, text in zip(parsed, overrides, strict=True):
+        if override.is_hydra_override():
+            continue
+        key = override.key_or_group
+        values = (
+            [str(v) for v in override.sweep_string_iterator()]
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+            if not override.is_delete()
+            else []
+        )
+        if key in GROUPS:
+            options = group_options(key)
+            for value in values:
+                if value not in options and value != "null":
+                    raise ConfigError(key, value, f"unknown option; accepted: {', '.join(options)}")
+        # Sweeps are checked by their first value (the others share the keys).
+        single.append(f"{text.split('=', 1)[0]}={values[0]}" if values else text)
+    try:
+        compose_config(single)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _compose_error(exc, single) from None
+
+
+def _compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigError:
+    text = " ".join(str(exc).split())
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if f"'{key}'" in text or f"Key '{key.split('.')[-1]}'" in text:
+            value = override.split("=", 1)[1] if "=" in override else ""
+            return ConfigError(
+                key, value, "not a config key of the chosen options (see `fedsim --cfg job`)"
+            )
+    return ConfigError("override", " ".join(overrides), text)
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with overrides, outside of ``@hydra.main``."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _int(cfg: DictConfig, key: str, minimum: int) -> int:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(key, value, f"must be an integer >= {minimum}")
+    return value
+
+
+def _positive(cfg: DictConfig, key: str) -> float:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(key, value, "must be a number > 0")
+    return float(value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the run scalars (the groups' objects check their own arguments in ``build``)."""
+    _int(cfg, "seed", 0)
+    _int(cfg, "num_clients", 1)
+    _int(cfg, "num_rounds", 1)
+    _positive(cfg, "runtime.client_num_cpus")
+    _positive(cfg, "runtime.round_timeout_s")
+    lanes = OmegaConf.select(cfg, "runtime.num_lanes")
+    if lanes is not None:
+        _int(cfg, "runtime.num_lanes", 1)
+
+
+def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
+    """Instantiate ``cfg.<group>``; constructor errors come out as one-line ConfigErrors."""
+    node = cfg[group]
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise _unknown_argument(node, group, exc) from None
+
+
+def _unknown_argument(node: DictConfig, group: str, exc: Exception) -> ConfigError:
+    target = str(node.get("_target_", "?"))
+    try:
+        params = inspect.signature(get_class(target)).parameters
+    except Exception:  # noqa: BLE001 - the target itself cannot be imported
+        return ConfigError(f"{group}._target_", target, "must name an importable class")
+    accepted = [p for p in params if p not in ("self", "args", "kwargs")]
+    for key in node:
+        if key != "_target_" and key not in params and "kwargs" not in params:
+            return ConfigError(f"{group}.{key}", node[key], f"not accepted; accepted: {accepted}")
+    message = " ".join(str(exc.__cause__ or exc).split())
+    return ConfigError(group, target.rsplit(".", 1)[-1], f"could not be built: {message}")

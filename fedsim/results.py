@@ -1,0 +1,90 @@
+"""The sole writer of run folders: ``config.yaml``, ``metrics.jsonl``, ``summary.json``.
+
+A run folder is never reused: starting a run in a folder that already holds ``metrics.jsonl``
+is refused. Rows are appended and flushed as they come, so a crashed run keeps what it did.
+``summary.json`` is written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim.errors import ConfigError
+
+CLIENTS_FILE = "clients.jsonl"  # one row per client-round: device, outcome, latency
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CLIENTS_FILE = "clients.jsonl"  # one row per client-round: device, outcome, latency, bytes
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; a diverged value is recorded as null
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunWriter:
+    """Writes one run folder.
+
+    Parameters
+    ----------
+    run_dir
+        The run's folder (created if missing). It must not already hold a run.
+
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = Path(run_dir)
+
+    def start(self, cfg: DictConfig) -> None:
+        """Claim the folder and save the resolved config."""
+        if (self.run_dir / METRICS_FILE).exists():
+            raise ConfigError(
+                "hydra.run.dir",
+                self.run_dir,
+                "must be a new folder: it already holds a run, which is never overwritten",
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        (self.run_dir / METRICS_FILE).touch()
+
+    def log_row(self, row: Mapping[str, Any], file: str = METRICS_FILE) -> None:
+        """Append one JSON row to ``file`` and flush it to disk."""
+        line = json.dumps({k: _jsonable(v) for k, v in row.items()})
+        with open(self.run_dir / file, "a") as handle:
+            handle.write(line + "\n")
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` atomically."""
+        text = json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2)
+        atomic_write_text(self.run_dir / SUMMARY_FILE, text + "\n")
+
+
+def read_metrics(run_dir: Path | str, file: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """The rows of a run's JSON-lines file."""
+    path = Path(run_dir) / file
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,207 @@
+"""The round loop of the ServerApp: sample, send, aggregate, evaluate, record.
+
+fedsim drives Flower's Message-API strategies itself instead of calling ``Strategy.start``: the
+strategy still decides whom to train (``configure_train``) and how to merge (``aggregate_train``),
+but fedsim owns what happens around each round (seeded sampling, lanes, the run folder, the
+progress line, stopping on divergence). ``Strategy.start`` always begins at round 1 and keeps
+only aggregated metrics (landscape.md A.1.6), which a simulator cannot work with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig
+
+from fedsim import keys
+from fedsim.cohort import VirtualGrid, partition_id_of
+from fedsim.config import build
+from fedsim.evaluation import evaluate
+from fedsim.params import content_nbytes, load_arrays, to_arrays
+from fedsim.progress import RoundProgress, format_sim_time
+from fedsim.results import CLIENTS_FILE, RunWriter
+from fedsim.scheduler import (
+    FAILED,
+    INFEASIBLE,
+    OFFLINE,
+    STRAGGLER,
+    DeviceCost,
+    RoundScheduler,
+    RoundSettlement,
+)
+from fedsim.seeding import derive_seed, python_random_seeded
+from fedsim.worker import job_record
+from fedsim.workload import get_workload
+
+__all__ = ["run_rounds", "RoundRecord"]
+
+log = logging.getLogger("fedsim")
+
+
+@dataclass
+class RoundRecord:
+    """What one synchronous round did, before evaluation."""
+
+    num_sampled: int
+    num_ok: int
+    num_failed: int
+    bytes_down: int
+    bytes_up: int
+    settlement: RoundSettlement
+    train_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _dst_nodes(messages: list[Message]) -> list[int]:
+    return [m.metadata.dst_node_id for m in messages]
+
+
+def train_round(
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    grid: VirtualGrid,
+    scheduler: RoundScheduler,
+    cost_fn: Callable[[int], DeviceCost],
+    seed: int,
+) -> tuple[ArrayRecord, RoundRecord]:
+    """One round of federated training; returns the new global arrays and what it cost."""
+    # Flower samples with random.sample over the (sorted) virtual node ids: seed it by round.
+    with python_random_seeded(derive_seed(seed, "sample", server_round)):
+        messages: list[Message] = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        )
+    costs = {pid: cost_fn(pid) for pid in map(partition_id_of, _dst_nodes(messages))}
+    plan = scheduler.plan(server_round, messages, costs)
+    replies = grid.send_and_receive(plan.to_send)
+    settled = scheduler.settle(plan, replies, costs)
+    new_arrays, metrics = (None, None)
+    if settled.kept:
+        new_arrays, metrics = strategy.aggregate_train(server_round, settled.kept)
+    record = RoundRecord(
+        num_sampled=len(messages),
+        num_ok=len(settled.kept),
+        num_failed=settled.counts[FAILED],
+        # Each device downloads its own copy and uploads its own update (stragglers too).
+        bytes_down=sum(content_nbytes(m.content) for m in plan.to_send),
+        bytes_up=sum(content_nbytes(r.content) for r in replies if not r.has_error()),
+        settlement=settled,
+        train_metrics=dict(metrics) if metrics is not None else {},
+    )
+    return (new_arrays if new_arrays is not None else arrays), record
+
+
+def run_rounds(grid: Grid, cfg: DictConfig, strategy: Strategy, writer: RunWriter) -> dict:
+    """Run ``cfg.num_rounds`` rounds on ``grid``; write every round; return the summary."""
+    seed = int(cfg.seed)
+    workload = get_workload(cfg)
+    model = workload.build_model()
+    arrays = to_arrays(model)
+    behaviour = build(cfg, "client")
+    scheduler = RoundScheduler(
+        build(cfg, "devices"),
+        seed,
+        int(cfg.num_clients),
+        deadline_s=cfg.clock.deadline_s,
+        over_selection=cfg.clock.over_selection,
+    )
+    batch = workload.example_batch(behaviour.batch_size)
+
+    def cost_fn(pid: int) -> DeviceCost:
+        size = workload.num_examples(pid)
+        sized = {k: v[: min(len(v), size)] for k, v in batch.items()}
+        return behaviour.device_cost(model, sized, size)
+
+    vgrid = VirtualGrid(
+        grid,
+        num_clients=int(cfg.num_clients),
+        job=job_record(cfg),
+        cost=lambda pid: float(workload.num_examples(pid)),
+        timeout_s=float(cfg.runtime.round_timeout_s),
+    )
+    test = workload.test_features()
+    progress = RoundProgress(int(cfg.num_rounds), enabled=bool(cfg.runtime.progress))
+    started = time.perf_counter()
+    best_accuracy, best_round, status = -math.inf, 0, "completed"
+    last: dict[str, Any] = {}
+    totals = {keys.BYTES_UP: 0, keys.BYTES_DOWN: 0}
+    energy_total = 0.0
+    for server_round in range(1, int(cfg.num_rounds) + 1):
+        arrays, record = train_round(
+            strategy, server_round, arrays, vgrid, scheduler, cost_fn, seed
+        )
+        settled = record.settlement
+        load_arrays(model, arrays)
+        scores = evaluate(model, test)
+        totals[keys.BYTES_UP] += record.bytes_up
+        totals[keys.BYTES_DOWN] += record.bytes_down
+        energy_total += settled.energy_j
+        row = {
+            keys.ROUND: server_round,
+            keys.PHASE: "train",
+            keys.ACCURACY: scores["accuracy"],
+            keys.LOSS: scores["loss"],
+            keys.MACRO_F1: scores["macro_f1"],
+            keys.NUM_CLIENTS: record.num_ok,
+            keys.NUM_SAMPLED: record.num_sampled,
+            keys.NUM_FAILED: record.num_failed,
+            keys.BYTES_UP: record.bytes_up,
+            keys.BYTES_DOWN: record.bytes_down,
+            keys.TRAIN_LOSS: record.train_metrics.get(keys.TRAIN_LOSS),
+            keys.SIM_TIME_S: scheduler.clock.now_s,
+            keys.ROUND_TIME_S: settled.round_time_s,
+            keys.NUM_STRAGGLERS: settled.counts[STRAGGLER],
+            keys.NUM_OFFLINE: settled.counts[OFFLINE],
+            keys.NUM_INFEASIBLE: settled.counts[INFEASIBLE],
+            keys.ENERGY_J: settled.energy_j,
+            keys.WALL_TIME_S: time.perf_counter() - started,
+        }
+        writer.log_row(row)
+        for client_row in settled.records:
+            writer.log_row(client_row, CLIENTS_FILE)
+        last = row
+        if scores["accuracy"] > best_accuracy:
+            best_accuracy, best_round = scores["accuracy"], server_round
+        progress.update(
+            server_round,
+            scores["accuracy"],
+            scores["loss"],
+            f"sim {format_sim_time(scheduler.clock.now_s)}"
+            + "".join(
+                f"  {name} {settled.counts[name]}"
+                for name in (STRAGGLER, OFFLINE, INFEASIBLE, FAILED)
+                if settled.counts[name]
+            ),
+        )
+        if not math.isfinite(scores["loss"]):
+            status = "diverged"
+            log.error(
+                "round %d: the global model's loss is %s; stopping (metrics so far are saved). "
+                "Lower client.lr.",
+                server_round,
+                scores["loss"],
+            )
+            break
+    summary = {
+        "status": status,
+        "num_rounds": last.get(keys.ROUND, 0),
+        "final_accuracy": last.get(keys.ACCURACY),
+        "final_loss": last.get(keys.LOSS),
+        "final_macro_f1": last.get(keys.MACRO_F1),
+        "best_accuracy": best_accuracy if best_round else None,
+        "best_round": best_round,
+        "bytes_up_total": totals[keys.BYTES_UP],
+        "bytes_down_total": totals[keys.BYTES_DOWN],
+        "sim_time_s": scheduler.clock.now_s,
+        "energy_j_total": energy_total,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    writer.finish(summary)
+    return summary

@@ -1,0 +1,90 @@
+"""What runs inside a Ray worker: one lane message = several virtual clients trained in turn.
+
+The worker keeps the workload (data, features) and one model instance resident across rounds;
+for each virtual client it loads the received tensors, trains, and packs the reply. One client's
+exception is reported as that client's error; the other clients of the lane still answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim import keys
+from fedsim.cohort import pack_replies, unpack_lane
+from fedsim.params import load_arrays, to_arrays
+from fedsim.seeding import derive_seed, torch_generator
+from fedsim.workload import Workload, get_workload
+
+__all__ = ["ClientRuntime", "handle_lane", "job_record"]
+
+
+def job_record(cfg: DictConfig) -> ConfigRecord:
+    """The job description every lane message carries (resolved YAML + its hash)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return ConfigRecord({keys.JOB_YAML: text, keys.JOB_HASH: digest})
+
+
+class ClientRuntime:
+    """Process-resident state of one job in a worker: workload, a model, the behaviour."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.seed = int(cfg.seed)
+        torch.set_num_threads(max(1, int(cfg.runtime.client_num_cpus)))
+        self.workload: Workload = get_workload(cfg)
+        self.model = self.workload.build_model()
+        self.behaviour = instantiate(cfg.client)
+
+    def train_client(self, partition_id: int, content: RecordDict) -> RecordDict:
+        """One client-round: load the received arrays, train locally, return the reply."""
+        config: ConfigRecord = content.get(keys.CONFIG, ConfigRecord())
+        server_round = int(config.get(keys.SERVER_ROUND, 0))
+        load_arrays(self.model, content[keys.ARRAYS])
+        # Dropout and other global-RNG draws, and the batch order, are named by (round, client).
+        torch.manual_seed(derive_seed(self.seed, "train-global", server_round, partition_id))
+        generator = torch_generator(self.seed, "train-batches", server_round, partition_id)
+        outcome = self.behaviour.train(
+            self.model, self.workload.client_data(partition_id), config, generator
+        )
+        metrics = MetricRecord(
+            {
+                keys.NUM_EXAMPLES: outcome.num_examples,
+                keys.TRAIN_LOSS: outcome.mean_loss,
+                keys.TRAIN_STEPS: outcome.num_steps,
+            }
+        )
+        arrays: ArrayRecord = to_arrays(self.model)
+        return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
+
+
+_RUNTIMES: dict[str, ClientRuntime] = {}
+_LOCK = threading.Lock()
+
+
+def _runtime(job: ConfigRecord) -> ClientRuntime:
+    digest = str(job[keys.JOB_HASH])
+    with _LOCK:
+        if digest not in _RUNTIMES:
+            _RUNTIMES.clear()
+            _RUNTIMES[digest] = ClientRuntime(OmegaConf.create(str(job[keys.JOB_YAML])))
+        return _RUNTIMES[digest]
+
+
+def handle_lane(content: RecordDict) -> RecordDict:
+    """Train every virtual client of a lane message; return the packed replies."""
+    job, clients = unpack_lane(content)
+    runtime = _runtime(job)
+    replies: list[tuple[int, RecordDict | str]] = []
+    for partition_id, client_content in clients:
+        try:
+            replies.append((partition_id, runtime.train_client(partition_id, client_content)))
+        except Exception as exc:  # noqa: BLE001 - one client's failure must not sink its lane
+            replies.append((partition_id, f"{type(exc).__name__}: {exc}"))
+    return pack_replies(replies)

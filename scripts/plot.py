@@ -1,0 +1,341 @@
+"""``fedsim-plot``: learning curves (or per-client latency) of the runs under results folders.
+
+Each figure gets a markdown table beside it (same stem, ``.md``), also printed to stdout.
+Loading, grouping and aggregation live in :mod:`fedsim.scripts.runs`; this file only draws.
+
+Examples
+--------
+Accuracy against round and against communicated bytes, one line per configuration::
+
+    fedsim-plot results/sweep --out results/figures/sweep.png
+    fedsim-plot results/a results/b --out fig.png --x round sim_time --metric loss
+
+Per-client latency by device tier, from the runs' ``clients.jsonl``::
+
+    fedsim-plot results/fleet --latency --out results/figures/latency.png
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedsim.errors import EXIT_BAD_INPUT, ConfigError
+from fedsim.scripts.runs import (
+    LATENCY_PARTS,
+    X_AXES,
+    Configuration,
+    Run,
+    TierStats,
+    aggregate_curve,
+    available_metrics,
+    group_runs,
+    load_client_rows,
+    load_runs,
+    markdown_table,
+    summarize,
+    tier_stats,
+)
+
+__all__ = ["build_parser", "main", "plot_curves", "plot_latency", "summary_table"]
+
+PROG = "fedsim-plot"
+DPI = 150
+PANEL_SIZE_IN = (5.5, 4.0)  # width, height of one panel in inches
+LEGEND_ROW_IN = 0.22  # height of one row of a small-font legend in inches
+BAND_ALPHA = 0.2
+MAX_ROUNDS_WITH_MARKERS = 30  # beyond this, markers clutter the line
+BAND_CAPTION = "line: mean over seeds; band: min–max over seeds"
+STD_CAPTION = "mean ± sample std (ddof=1) over seeds"
+# Decimal units (1 MB = 10**6 bytes), largest that keeps the axis maximum >= 1.
+BYTE_UNITS = (("B", 1.0), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
+# Seconds shown in s below 2 min, in min below 2 h, else in h.
+TIME_UNITS = (("s", 1.0, 0.0), ("min", 60.0, 120.0), ("h", 3600.0, 7200.0))
+OUTCOME_COLORS = {"ok": "tab:green", "straggler": "tab:orange", "offline": "tab:gray",
+                  "infeasible": "tab:red"}  # fmt: skip
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr and exit code 2 (argparse prints usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser of ``fedsim-plot``."""
+    parser = _OneLineParser(
+        prog=PROG,
+        description="Plot the runs found under DIRs (folders holding metrics.jsonl and "
+        "config.yaml, at any depth). Runs that differ only by seed form one configuration: a "
+        "line (mean over seeds) with a band (min-max over seeds), labelled by the config keys "
+        "that differ between configurations. Writes FILE.png and a table FILE.md beside it.",
+        epilog="labels: keys whose values differ between configurations; <group>._target_ "
+        "shows as <group>=<ClassName>, other keys as <last part>=<value> (the full dotted key if "
+        "two share a last part); seed, runtime.* and hydra* never count. A single "
+        "configuration is labelled by its strategy class. FILE.md: final and best accuracy as "
+        "mean ± sample std over seeds.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="results folder(s) to search")
+    parser.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="figure path")
+    parser.add_argument(
+        "--x",
+        nargs="+",
+        choices=list(X_AXES),
+        default=["round", "bytes"],
+        help="one panel per x axis: round, cumulative bytes up+down, simulated time "
+        "(default: round bytes)",
+    )
+    parser.add_argument(
+        "--metric", default="accuracy", help="per-round key of metrics.jsonl (default: accuracy)"
+    )
+    parser.add_argument("--title", default=None, help="figure title")
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="instead of curves, plot per-client latency by device tier from clients.jsonl "
+        "(box plot, mean download/compute/upload, outcome counts)",
+    )
+    return parser
+
+
+def _pick_unit(max_value: float, x: str) -> tuple[str, float]:
+    """Return (unit, divisor) for an x axis whose largest value is ``max_value``."""
+    if x == "bytes":
+        unit, scale = BYTE_UNITS[0]
+        for name, size in BYTE_UNITS:
+            if max_value >= size:
+                unit, scale = name, size
+        return unit, scale
+    if x == "sim_time":
+        unit, scale = TIME_UNITS[0][:2]
+        for name, size, threshold in TIME_UNITS:
+            if max_value >= threshold:
+                unit, scale = name, size
+        return unit, scale
+    return "", 1.0
+
+
+def _x_label(x: str, unit: str) -> str:
+    return {
+        "round": "round",
+        "bytes": f"communication, cumulative up + down ({unit})",
+        "sim_time": f"simulated time ({unit})",
+    }[x]
+
+
+def _legend_label(configuration: Configuration) -> str:
+    incomplete = sum(not run.complete for run in configuration.runs)
+    extra = f", {incomplete} incomplete" if incomplete else ""
+    return f"{configuration.label} (n={len(configuration.runs)}{extra})"
+
+
+def _new_figure(num_panels: int, title: str, legend_rows: int = 0) -> tuple[Figure, list[Axes]]:
+    width, height = PANEL_SIZE_IN
+    height += 0.8 + LEGEND_ROW_IN * legend_rows  # title and x label, then a figure legend
+    fig = Figure(figsize=(width * num_panels, height), layout="constrained")
+    FigureCanvasAgg(fig)  # render with Agg whatever the session's default backend is
+    axes = list(np.atleast_1d(fig.subplots(1, num_panels, squeeze=False)[0]))
+    fig.suptitle(title)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig, axes
+
+
+def _save(fig: Figure, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+
+
+def plot_curves(
+    configurations: Sequence[Configuration], metric: str, xs: Sequence[str], out: Path, title: str
+) -> None:
+    """Draw one panel per x axis: per configuration, mean over seeds and a min-max band."""
+    legend_rows = 1 + -(-len(configurations) // len(xs))  # title + ceil(labels / columns)
+    fig, axes = _new_figure(len(xs), title, legend_rows)
+    colors = [f"C{i % 10}" for i in range(len(configurations))]
+    for ax, x in zip(axes, xs, strict=True):
+        curves = [aggregate_curve(c.runs, metric, x) for c in configurations]
+        max_x = max((float(curve.x.max()) for curve in curves if curve.x.size), default=0.0)
+        unit, scale = _pick_unit(max_x, x)
+        for configuration, curve, color in zip(configurations, curves, colors, strict=True):
+            marker = "o" if curve.rounds.size <= MAX_ROUNDS_WITH_MARKERS else None
+            x_scaled = curve.x / scale
+            ax.plot(
+                x_scaled,
+                curve.mean,
+                color=color,
+                marker=marker,
+                markersize=3,
+                label=_legend_label(configuration),
+            )
+            ax.fill_between(x_scaled, curve.low, curve.high, color=color, alpha=BAND_ALPHA, lw=0)
+        if x == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(_x_label(x, unit))
+        ax.set_ylabel(metric)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(len(labels), len(xs)),  # about one label per panel width
+        title=BAND_CAPTION,
+        fontsize="small",
+        title_fontsize="small",
+    )
+    _save(fig, out)
+
+
+def _pm(mean_std: tuple[float, float]) -> str:
+    mean, std = mean_std
+    if np.isnan(mean):
+        return "–"
+    return f"{mean:.4f}" if np.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _time_text(seconds: float) -> str:
+    unit, scale = _pick_unit(seconds, "sim_time")
+    return f"{seconds / scale:.1f} {unit}"
+
+
+def summary_table(configurations: Sequence[Configuration]) -> str:
+    """Return the markdown table: one row per configuration, accuracy mean ± std over seeds."""
+    summaries = [summarize(c) for c in configurations]
+    with_sim_time = any(s.final_sim_time_s is not None for s in summaries)
+    header = ["configuration", "seeds", "final accuracy", "best accuracy", "rounds"]
+    header += ["final sim time"] if with_sim_time else []
+    rows = []
+    for s in summaries:
+        seeds = (
+            f"{s.num_runs} ({s.num_incomplete} incomplete)" if s.num_incomplete else str(s.num_runs)
+        )
+        low, high = s.rounds
+        row = [s.label, seeds, _pm(s.final_accuracy), _pm(s.best_accuracy)]
+        row.append(str(high) if low == high else f"{low}–{high}")
+        if with_sim_time:
+            sim = s.final_sim_time_s
+            row.append("–" if sim is None else _time_text(sim))
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def plot_latency(stats: Sequence[TierStats], out: Path, title: str) -> None:
+    """Draw latency per tier (box), mean latency parts (stacked bars), outcomes (stacked bars)."""
+    fig, (box_ax, parts_ax, outcome_ax) = _new_figure(3, title)
+    tiers = [s.tier for s in stats]
+    positions = np.arange(1, len(stats) + 1)
+    box_ax.boxplot(
+        [s.latency_s for s in stats], positions=positions, widths=0.5, flierprops={"markersize": 2}
+    )
+    box_ax.set_xticks(positions, [f"{s.tier}\n(n={s.latency_s.size})" for s in stats])
+    box_ax.set_xlabel("device tier (n = client-rounds with a latency)")
+    box_ax.set_ylabel("latency per client-round (s)")
+    box_ax.set_title("latency by tier", fontsize="medium")
+    bottom = np.zeros(len(stats))
+    for i, part in enumerate(LATENCY_PARTS):
+        heights = np.array([s.mean_parts_s[part] for s in stats])
+        parts_ax.bar(tiers, heights, bottom=bottom, label=part.removesuffix("_s"), color=f"C{i}")
+        bottom += heights
+    parts_ax.set_xlabel("device tier")
+    parts_ax.set_ylabel("mean time per client-round (s)")
+    parts_ax.set_title("where the time goes", fontsize="medium")
+    parts_ax.legend(loc="best", fontsize="small")
+    outcomes = list(dict.fromkeys(o for s in stats for o in s.outcomes))
+    bottom = np.zeros(len(stats))
+    for i, outcome in enumerate(outcomes):
+        counts = np.array([s.outcomes.get(outcome, 0) for s in stats], dtype=float)
+        color = OUTCOME_COLORS.get(outcome, f"C{i}")
+        outcome_ax.bar(tiers, counts, bottom=bottom, label=outcome, color=color)
+        bottom += counts
+    outcome_ax.set_xlabel("device tier")
+    outcome_ax.set_ylabel("client-rounds")
+    outcome_ax.set_title("outcomes", fontsize="medium")
+    outcome_ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    _save(fig, out)
+
+
+def latency_table(stats: Sequence[TierStats]) -> str:
+    """Return the markdown table of per-tier latency (seconds) and outcome counts."""
+    outcomes = list(dict.fromkeys(o for s in stats for o in s.outcomes))
+    header = ["tier", "client-rounds", "median latency (s)", "p90 latency (s)"]
+    header += [f"mean {p}" for p in LATENCY_PARTS] + outcomes
+    rows = []
+    for s in stats:
+        has = s.latency_s.size > 0
+        median = f"{np.median(s.latency_s):.2f}" if has else "–"
+        p90 = f"{np.percentile(s.latency_s, 90):.2f}" if has else "–"
+        row = [s.tier, str(s.num_rows), median, p90]
+        row += [f"{s.mean_parts_s[p]:.2f}" for p in LATENCY_PARTS]
+        row += [str(s.outcomes.get(o, 0)) for o in outcomes]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def _check_inputs(runs: Sequence[Run], metric: str, xs: Sequence[str]) -> None:
+    metrics = available_metrics(runs)
+    if metric not in metrics:
+        raise ConfigError("--metric", metric, f"must be one of: {', '.join(metrics)}")
+    if "sim_time" in xs:
+        lacking = [run for run in runs if not run.values("sim_time_s")]
+        if lacking:
+            raise ConfigError(
+                "--x",
+                "sim_time",
+                f"{len(lacking)} of {len(runs)} runs have no sim_time_s "
+                f"(e.g. {lacking[0].path}); run with a device fleet (devices=<fleet>)",
+            )
+
+
+def _run(args: argparse.Namespace) -> tuple[str, str]:
+    """Load, draw and write; return (markdown table, caption)."""
+    runs = load_runs(args.dirs)
+    if args.latency:
+        rows = load_client_rows(runs)
+        num_runs = len({row["run"] for row in rows})
+        title = args.title or f"per-client latency by device tier ({num_runs} run(s))"
+        stats = tier_stats(rows)
+        plot_latency(stats, args.out, title)
+        return latency_table(stats), "Pooled over all client-rounds of all runs."
+    _check_inputs(runs, args.metric, args.x)
+    configurations = group_runs(runs)
+    title = args.title or (
+        f"{args.metric}: {len(configurations)} configuration(s), {len(runs)} run(s)"
+    )
+    plot_curves(configurations, args.metric, args.x, args.out, title)
+    return summary_table(configurations), f"Accuracy: {STD_CAPTION}. In the figure, {BAND_CAPTION}."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fedsim-plot``; return the exit code (0, or 2 for bad input)."""
+    args = build_parser().parse_args(argv)
+    if not args.out.suffix:
+        args.out = args.out.with_suffix(".png")
+    try:
+        formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+        if args.out.suffix.lstrip(".").lower() not in formats:
+            raise ConfigError("--out", args.out, f"must end in .{', .'.join(formats)}")
+        table, caption = _run(args)
+    except ConfigError as err:
+        print(f"{PROG}: error: {err.one_line()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    table_path = args.out.with_suffix(".md")
+    table_path.write_text(f"{table}\n{caption} Figure: `{args.out.name}`.\n")
+    print(table)
+    print(f"wrote {args.out}")
+    print(f"wrote {table_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

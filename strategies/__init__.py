@@ -1,0 +1,1 @@
+"""Server strategies beyond Flower's built-ins: one file per strategy."""

@@ -1,0 +1,319 @@
+"""fedsim-plot and its loading helpers, on real run folders written to tmp_path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedsim.scripts.plot import main
+from fedsim.scripts.runs import (
+    aggregate_curve,
+    group_runs,
+    label_configurations,
+    load_client_rows,
+    load_runs,
+    summarize,
+    tier_stats,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SEEDS = (0, 1, 2)
+# Final accuracy per seed; round 2 peaks 0.05 above it (best), round 1 is 0.5 for everyone.
+# FedAvg  final 0.70 0.72 0.74 -> mean 0.72, sample std sqrt((0.02²+0+0.02²)/2) = 0.02
+#         best  0.75 0.77 0.79 -> mean 0.77 ± 0.02
+# FedProx final 0.80 0.83 0.86 -> mean 0.83, sample std sqrt((0.03²+0+0.03²)/2) = 0.03
+#         best  0.85 0.88 0.91 -> mean 0.88 ± 0.03
+FINALS = {"FedAvg": (0.70, 0.72, 0.74), "FedProx": (0.80, 0.83, 0.86)}
+BYTES_UP, BYTES_DOWN = 1_000_000, 2_000_000  # per round: 3 MB, so 9 MB after round 3
+
+
+def make_config(strategy: str, seed: int, **strategy_kwargs: Any) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "num_clients": 10,
+        "num_rounds": 3,
+        "experiment": None,
+        "data": {"_target_": "fedsim.data.SyntheticData", "num_classes": 4},
+        "partition": {"_target_": "fedsim.data.DirichletPartition", "alpha": 0.5},
+        "model": {"_target_": "fedsim.models.SmallMLP", "hidden": [32, 16]},
+        "strategy": {"_target_": f"flwr.serverapp.strategy.{strategy}", **strategy_kwargs},
+        "client": {"_target_": "fedsim.clients.local_training.LocalTraining", "epochs": 1},
+        "devices": {"_target_": "fedsim.devices.NoDevices"},
+        # runtime differs per run (engine settings): it must not split configurations.
+        "runtime": {"num_cpus": 1 + seed, "ray_address": f"local-{seed}"},
+    }
+
+
+def write_run(
+    folder: Path,
+    config: dict[str, Any],
+    final: float,
+    *,
+    summary: bool = True,
+    sim_time: bool = False,
+) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    accuracies = [0.5, final + 0.05, final]
+    rows: list[dict[str, Any]] = [{"phase": "warm_start", "round": 0, "accuracy": 0.99}]
+    for rnd, acc in enumerate(accuracies, start=1):
+        row = {
+            "round": rnd,
+            "accuracy": acc,
+            "loss": 1.0 - acc,
+            "macro_f1": acc - 0.1,
+            "num_clients": 5,
+            "bytes_up": BYTES_UP,
+            "bytes_down": BYTES_DOWN,
+            "wall_time_s": 2.0 * rnd,
+        }
+        if sim_time:
+            row["sim_time_s"] = 60.0 * rnd
+        rows.append(row)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary:
+        best = max(accuracies)
+        summary_data = {"final_accuracy": final, "best_accuracy": best, "num_rounds": 3}
+        (folder / "summary.json").write_text(json.dumps(summary_data))
+    return folder
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    """2 strategies x 3 seeds, nested at different depths like a Hydra multirun."""
+    root = tmp_path / "sweep"
+    for strategy, finals in FINALS.items():
+        kwargs = {"proximal_mu": 0.1} if strategy == "FedProx" else {}
+        for seed, final in zip(SEEDS, finals, strict=True):
+            write_run(
+                root / strategy / "day1" / str(seed), make_config(strategy, seed, **kwargs), final
+            )
+    return root
+
+
+def test_group_runs_two_configurations_three_seeds(sweep: Path) -> None:
+    configurations = group_runs(load_runs([sweep]))
+    assert [len(c.runs) for c in configurations] == [3, 3]
+    assert configurations[0].label == "strategy=FedAvg"
+    assert configurations[1].label == "strategy=FedProx, proximal_mu=0.1"
+
+
+def test_summarize_mean_and_sample_std(sweep: Path) -> None:
+    fedavg, fedprox = (summarize(c) for c in group_runs(load_runs([sweep])))
+    assert fedavg.final_accuracy == pytest.approx((0.72, 0.02))
+    assert fedavg.best_accuracy == pytest.approx((0.77, 0.02))
+    assert fedprox.final_accuracy == pytest.approx((0.83, 0.03))
+    assert fedprox.best_accuracy == pytest.approx((0.88, 0.03))
+    assert fedavg.rounds == (3, 3) and fedavg.num_incomplete == 0
+
+
+def test_aggregate_curve_aligns_rounds_and_cumulates_bytes(sweep: Path) -> None:
+    fedavg = group_runs(load_runs([sweep]))[0]
+    curve = aggregate_curve(fedavg.runs, "accuracy", "bytes")
+    assert curve.rounds.tolist() == [1, 2, 3]  # the warm_start row (round 0) is not a round
+    assert curve.x.tolist() == [3e6, 6e6, 9e6]  # cumulative 1 MB up + 2 MB down per round
+    assert curve.mean[-1] == pytest.approx(0.72)
+    assert (curve.low[-1], curve.high[-1]) == pytest.approx((0.70, 0.74))
+    assert curve.num_runs.tolist() == [3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("configs", "expected"),
+    [
+        # a kwarg only one config has is omitted from the other's label
+        (
+            [
+                {"strategy._target_": "a.FedAvg"},
+                {"strategy._target_": "a.FedProx", "strategy.proximal_mu": 0.1},
+            ],
+            ["strategy=FedAvg", "strategy=FedProx, proximal_mu=0.1"],
+        ),
+        # same class: only the differing kwarg is named, the class is left out
+        (
+            [
+                {"strategy._target_": "a.FedProx", "strategy.proximal_mu": 0.1},
+                {"strategy._target_": "a.FedProx", "strategy.proximal_mu": 1.0},
+            ],
+            ["proximal_mu=0.1", "proximal_mu=1"],
+        ),
+        # two differing keys share a last part: the full dotted key disambiguates
+        (
+            [
+                {"data.alpha": 0.1, "partition.alpha": 0.5},
+                {"data.alpha": 1.0, "partition.alpha": 5.0},
+            ],
+            ["data.alpha=0.1, partition.alpha=0.5", "data.alpha=1, partition.alpha=5"],
+        ),
+        # a config whose label would be empty shows the key as unset
+        ([{"x": 1}, {"x": 1, "extra": 2}], ["extra=unset", "extra=2"]),
+        # a single configuration is named by its strategy class
+        ([{"strategy._target_": "flwr.serverapp.strategy.FedAvg"}], ["FedAvg"]),
+    ],
+)
+def test_label_configurations_names_differences(
+    configs: list[dict[str, Any]], expected: list[str]
+) -> None:
+    assert label_configurations(configs) == expected
+
+
+def test_main_writes_png_and_table(sweep: Path, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "figs" / "new" / "sweep.png"  # parent folders do not exist yet
+    assert main([str(sweep), "--out", str(out), "--title", "test sweep"]) == 0
+    header = out.read_bytes()[:8]
+    assert header == PNG_MAGIC and out.stat().st_size > 1000
+    table = out.with_suffix(".md").read_text()
+    assert "| strategy=FedAvg | 3 | 0.7200 ± 0.0200 | 0.7700 ± 0.0200 | 3 |" in table
+    assert (
+        "| strategy=FedProx, proximal_mu=0.1 | 3 | 0.8300 ± 0.0300 | 0.8800 ± 0.0300 | 3 |" in table
+    )
+    stdout = capsys.readouterr().out
+    assert "0.8300 ± 0.0300" in stdout and f"wrote {out}" in stdout
+
+
+def test_main_incomplete_run_and_sim_time(tmp_path: Path) -> None:
+    # seed 1 crashed before summary.json: final/best come from metrics.jsonl, flagged incomplete
+    for seed, final in zip(SEEDS, FINALS["FedAvg"], strict=True):
+        write_run(
+            tmp_path / "runs" / str(seed),
+            make_config("FedAvg", seed),
+            final,
+            summary=seed != 1,
+            sim_time=True,
+        )
+    with (tmp_path / "runs" / "1" / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"round": 4, "accur')  # killed mid-write: the partial line is dropped
+    out = tmp_path / "sim.png"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--x", "round", "sim_time"]) == 0
+    table = out.with_suffix(".md").read_text()
+    # single configuration -> labelled by class; sim_time 180 s -> shown as 3.0 min
+    assert (
+        "| FedAvg | 3 (1 incomplete) | 0.7200 ± 0.0200 | 0.7700 ± 0.0200 | 3 | 3.0 min |" in table
+    )
+
+
+def test_console_script_subprocess(sweep: Path, tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "fedsim-plot"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fedsim.scripts.plot"]
+    out = tmp_path / "cli.png"
+    done = subprocess.run(
+        [*command, str(sweep), "--out", str(out)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert "strategy=FedProx" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--x", "sim_time"], "run with a device fleet"),
+        (["--metric", "perplexity"], "--metric=perplexity: must be one of: accuracy, bytes_down"),
+        (["--latency"], "clients.jsonl=missing"),
+        (["--out", "x.txt"], "--out=x.txt: must end in"),
+    ],
+)
+def test_main_bad_input_exits_2_with_one_line(
+    sweep: Path, tmp_path: Path, capsys: Any, extra: list[str], message: str
+) -> None:
+    assert main([str(sweep), "--out", str(tmp_path / "x.png"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_main_bad_argument_exits_2_with_one_line(sweep: Path, tmp_path: Path, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main([str(sweep), "--out", str(tmp_path / "x.png"), "--x", "epochs"])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2
+    assert err.count("\n") == 1 and "invalid choice: 'epochs'" in err
+
+
+def test_main_no_runs_names_the_dirs(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "fedsim.scripts.plot", str(empty), "--out", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and str(empty) in done.stderr
+    assert "no run folder found" in done.stderr
+
+
+def test_latency_plot_from_clients_jsonl(sweep: Path, tmp_path: Path) -> None:
+    run = sweep / "FedAvg" / "day1" / "0"
+    # low: latencies 10, 20, 30 (+1 offline, no latency); high: 1, 2 -> low (slower) comes first
+    rows = [
+        {
+            "tier": "high",
+            "latency_s": 1.0,
+            "download_s": 0.2,
+            "compute_s": 0.6,
+            "upload_s": 0.2,
+            "outcome": "ok",
+        },
+        {
+            "tier": "high",
+            "latency_s": 2.0,
+            "download_s": 0.4,
+            "compute_s": 1.2,
+            "upload_s": 0.4,
+            "outcome": "ok",
+        },
+        {
+            "tier": "low",
+            "latency_s": 10.0,
+            "download_s": 2.0,
+            "compute_s": 6.0,
+            "upload_s": 2.0,
+            "outcome": "ok",
+        },
+        {
+            "tier": "low",
+            "latency_s": 20.0,
+            "download_s": 4.0,
+            "compute_s": 12.0,
+            "upload_s": 4.0,
+            "outcome": "ok",
+        },
+        {
+            "tier": "low",
+            "latency_s": 30.0,
+            "download_s": 6.0,
+            "compute_s": 18.0,
+            "upload_s": 6.0,
+            "outcome": "straggler",
+        },
+        {"tier": "low", "latency_s": None, "outcome": "offline"},
+    ]
+    common = {
+        "round": 1,
+        "partition_id": 0,
+        "train_flops": 1e9,
+        "bytes_up": 1,
+        "bytes_down": 1,
+        "energy_j": 1.0,
+    }
+    (run / "clients.jsonl").write_text("".join(json.dumps({**common, **r}) + "\n" for r in rows))
+
+    low, high = tier_stats(load_client_rows(load_runs([sweep])))
+    assert (low.tier, high.tier) == ("low", "high")
+    assert low.num_rows == 4 and low.latency_s.tolist() == [10.0, 20.0, 30.0]
+    assert low.mean_parts_s["compute_s"] == pytest.approx(12.0)  # (6 + 12 + 18) / 3
+    assert low.outcomes == {"ok": 2, "straggler": 1, "offline": 1, "infeasible": 0}
+
+    out = tmp_path / "latency.png"
+    assert main([str(sweep), "--latency", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 1000
+    table = out.with_suffix(".md").read_text()
+    # median 20; p90 of 10, 20, 30 interpolates 20 + 0.8 * (30 - 20) = 28
+    assert "| low | 4 | 20.00 | 28.00 | 4.00 | 12.00 | 4.00 | 2 | 1 | 1 | 0 |" in table

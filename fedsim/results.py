@@ -19,7 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim.errors import ConfigError
 
-CLIENTS_FILE = "clients.jsonl"  # one row per client-round: device, outcome, latency
+__all__ = [
+    "RunWriter",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "SUMMARY_FILE",
+    "CLIENTS_FILE",
+    "read_metrics",
+    "atomic_write_text",
+]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

@@ -114,6 +114,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_int(value: Any, low: int = 1, high: float = float("inf")) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def _check_test_fraction(test_fraction: float) -> None:
     if not (_is_number(test_fraction) and 0.0 < test_fraction < 1.0):
         raise ConfigError("data.test_fraction", test_fraction, "must be a number in (0, 1)")
@@ -281,7 +285,7 @@ class ChatterbotData:
                 languages,
                 f"must be '{ALL_LANGUAGES}' or a list drawn from: {', '.join(available)}",
             )
-        if isinstance(min_examples_per_class, bool) or min_examples_per_class < 1:
+        if not _is_int(min_examples_per_class):
             raise ConfigError(
                 "data.min_examples_per_class", min_examples_per_class, "must be an integer >= 1"
             )
@@ -527,7 +531,7 @@ def _check_partition_arg(
                 key, value, "must be a number > 0 (or a list of them, one per client)"
             )
     if name in _POSITIVE_INT_ARGS and not (value is None and params[name].default is None):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        if not _is_int(value):
             raise ConfigError(key, value, "must be an integer >= 1")
     annotation = params[name].annotation
     if typing.get_origin(annotation) is typing.Literal and value not in typing.get_args(annotation):
@@ -570,11 +574,7 @@ def build_partitioner(partition_cfg: DictConfig, num_partitions: int) -> Partiti
             _check_partition_arg(str(name), value, params, cls)
     injected = {}
     if "num_partitions" in params:
-        if (
-            isinstance(num_partitions, bool)
-            or not isinstance(num_partitions, int)
-            or num_partitions < 1
-        ):
+        if not _is_int(num_partitions):
             raise ConfigError("num_clients", num_partitions, "must be an integer >= 1")
         injected["num_partitions"] = num_partitions
     try:
@@ -632,6 +632,9 @@ def partition_train(
 ) -> list[np.ndarray]:
     """Assign the training split to ``partitioner`` and return each client's row indices.
 
+    The partitioner is given a slim copy of ``splits.train``: its ``partition_by`` column (if
+    any) plus the row number, which maps indices back after a partitioner sorts its copy.
+
     Parameters
     ----------
     splits
@@ -648,11 +651,7 @@ def partition_train(
 
     """
     num_rows = len(splits.train)
-    if (
-        isinstance(num_clients, bool)
-        or not isinstance(num_clients, int)
-        or not 1 <= num_clients <= num_rows
-    ):
+    if not _is_int(num_clients, 1, num_rows):
         raise ConfigError(
             "num_clients",
             num_clients,
@@ -664,9 +663,8 @@ def partition_train(
         raise ConfigError(
             "partition.partition_by", partition_by, f"must be a column of the data: {columns}"
         )
-    # The row column maps indices back: ShardPartitioner sorts its copy of the dataset by label.
-    # It sees only the column it partitions by: every flwr horizontal partitioner reads no
-    # other, and building a Dataset per partition then skips copying image/text features.
+    # Slim: every flwr horizontal partitioner reads only `partition_by`, and load_partition then
+    # builds each partition's Dataset without copying image/text features.
     row_numbers = np.arange(num_rows, dtype=np.int64)
     if partition_by is None:
         partitioner.dataset = datasets.Dataset.from_dict({_ROW: row_numbers})

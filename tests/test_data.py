@@ -224,9 +224,14 @@ def test_partitioner_disjoint_covering_and_seeded(name: str, overrides: dict) ->
     assert held_images(1, parts) != held_images(2, partition_digits(name, 2, 10, **overrides))
 
 
-def test_pathological_two_classes_per_client() -> None:
+@pytest.mark.parametrize(("name", "most_labels"), [("pathological", 2), ("shard", 4)])
+def test_label_skew_per_client(name: str, most_labels: int) -> None:
+    # pathological: exactly 2 classes each; shard: 2 shards of 71 label-sorted rows, each
+    # spanning at most 2 of the ~144-row classes. Indices wrongly left in sorted order would
+    # give ~10 labels per client.
     labels = np.array(digits(1).train["label"][:])
-    assert [len(set(labels[p])) for p in partition_digits("pathological", 1, 10)] == [2] * 10
+    num_labels = [len(set(labels[p])) for p in partition_digits(name, 1, 10)]
+    assert max(num_labels) <= most_labels and (name == "shard" or min(num_labels) == 2)
 
 
 def test_partition_same_in_fresh_process() -> None:
@@ -279,10 +284,7 @@ ERROR_CASES: dict[str, tuple[str, Callable[[Path], Callable[[], object]]]] = {
         lambda _: lambda: ChatterbotData(min_examples_per_class=10**6).load(),
     ),
     "missing_file": ("data.path", lambda tmp: lambda: HFData(path=str(tmp / "x.csv")).load()),
-    "unknown_extension": (
-        "data.path",
-        hf_text_file,
-    ),
+    "unknown_extension": ("data.path", hf_text_file),
     "hub_offline": ("data.path", lambda _: lambda: HFData(path="nobody/no-such-dataset").load()),
     "missing_text_column": ("data.text_column", lambda tmp: hf_in(tmp, text_column="body")),
     "missing_label_column": ("data.label_column", lambda tmp: hf_in(tmp)),  # no column "label"

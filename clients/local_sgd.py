@@ -8,27 +8,16 @@ FedProx), the FedProx proximal term (mu / 2) * ||w - w_global||^2 is added to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from flwr.app import ConfigRecord
 
 from fedsim import keys
+from fedsim.clients.base import TrainOutcome
 from fedsim.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.errors import ConfigError
 from fedsim.scheduler import DeviceCost
 
-__all__ = ["LocalSGD", "TrainOutcome"]
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    """What one client-round of local training did."""
-
-    num_examples: int
-    num_steps: int
-    mean_loss: float  # mean training loss over the steps taken
-    batch_shape: int  # examples in a full batch (the cost model counts FLOPs per batch)
+__all__ = ["LocalSGD"]
 
 
 def _is_int(value: object, minimum: int) -> bool:
@@ -145,9 +134,4 @@ class LocalSGD:
                 optimizer.step()
                 steps += 1
                 loss_sum += float(loss.detach())
-        return TrainOutcome(
-            num_examples=n,
-            num_steps=steps,
-            mean_loss=loss_sum / max(steps, 1),
-            batch_shape=min(self.batch_size, n),
-        )
+        return TrainOutcome(num_examples=n, num_steps=steps, mean_loss=loss_sum / max(steps, 1))

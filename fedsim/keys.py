@@ -22,6 +22,7 @@ CLIENT_PREFIX = "p"  # "p<partition id>/<record name>": one client's reply recor
 # --- client metrics (MetricRecord of a reply) ----------------------------------------------------
 TRAIN_LOSS = "train_loss"
 TRAIN_STEPS = "train_steps"
+EXTRA_UPLOAD_BYTES = "extra_upload_bytes"  # device uploads besides the returned tensors
 
 # --- metrics.jsonl columns -----------------------------------------------------------------------
 ROUND = "round"

@@ -76,6 +76,12 @@ class RoundSettlement:
     energy_j: float = 0.0
 
 
+def _extra_upload_bytes(reply: Message) -> int:
+    """Bytes the device uploaded besides its tensors (e.g. activations), as it reported them."""
+    metrics = reply.content.get(keys.METRICS)
+    return int(metrics.get(keys.EXTRA_UPLOAD_BYTES, 0)) if metrics is not None else 0
+
+
 class RoundScheduler:
     """Applies a device fleet and a synchronous clock to the rounds of one run.
 
@@ -165,7 +171,7 @@ class RoundScheduler:
             work = ClientWork(
                 train_flops=cost.train_flops,
                 bytes_down=row["bytes_down"],
-                bytes_up=content_nbytes(reply.content),
+                bytes_up=content_nbytes(reply.content) + _extra_upload_bytes(reply),
                 peak_memory_bytes=cost.peak_memory_bytes,
                 server_flops=cost.server_flops,
             )

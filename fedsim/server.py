@@ -91,7 +91,7 @@ def train_round(
         num_failed=settled.counts[FAILED],
         # Each device downloads its own copy and uploads its own update (stragglers too).
         bytes_down=sum(content_nbytes(m.content) for m in plan.to_send),
-        bytes_up=sum(content_nbytes(r.content) for r in replies if not r.has_error()),
+        bytes_up=sum(row.get("bytes_up", 0) for row in settled.records),
         settlement=settled,
         train_metrics=dict(metrics) if metrics is not None else {},
     )

@@ -58,6 +58,8 @@ class ClientRuntime:
                 keys.NUM_EXAMPLES: outcome.num_examples,
                 keys.TRAIN_LOSS: outcome.mean_loss,
                 keys.TRAIN_STEPS: outcome.num_steps,
+                keys.EXTRA_UPLOAD_BYTES: outcome.extra_upload_bytes,
+                **outcome.metrics,
             }
         )
         arrays: ArrayRecord = to_arrays(self.model)

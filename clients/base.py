@@ -1,0 +1,57 @@
+"""The contract between the one ClientApp and a client behaviour (``conf/client/*.yaml``).
+
+A behaviour is a small class whose constructor arguments are its YAML keys. The worker calls
+``train`` once per client-round on the process-resident model and the client's features; the
+server calls ``device_cost`` to charge the device (and the server, for methods that offload
+work) on the simulated clock. Nothing else is required: methods compose by wrapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from flwr.app import ConfigRecord
+
+from fedsim.scheduler import DeviceCost
+
+__all__ = ["ClientBehaviour", "TrainOutcome", "DeviceCost"]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one client-round of local training did.
+
+    ``extra_upload_bytes`` counts what the device sent besides the returned tensors, measured on
+    the real payload (e.g. quantized activations in side-tuning); the clock charges it to the
+    uplink. ``metrics`` are extra per-client numbers (float) the reply carries.
+    """
+
+    num_examples: int
+    num_steps: int
+    mean_loss: float
+    extra_upload_bytes: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ClientBehaviour(Protocol):
+    """What the ClientApp and the scheduler need from a client behaviour."""
+
+    batch_size: int  # examples per step: the cost model counts FLOPs on a batch of this size
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        data: dict[str, torch.Tensor],
+        config: ConfigRecord,
+        generator: torch.Generator,
+    ) -> TrainOutcome:
+        """Train ``model`` in place on one client's features; batches drawn with ``generator``."""
+        ...
+
+    def device_cost(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_examples: int
+    ) -> DeviceCost:
+        """FLOPs (device and server) and device peak memory of one client-round."""
+        ...

@@ -1,6 +1,9 @@
 """The contract between the one ClientApp and a client behaviour (``conf/client/*.yaml``).
 
-A behaviour is a small class whose constructor arguments are its YAML keys. The worker calls
+A behaviour is a small class whose constructor arguments are its YAML keys. ``wrap_factory``
+lets it decide what the model and its features are (e.g. a side network over cached frozen
+hidden states, or a peft-wrapped classifier); every process builds the model through it. The
+worker calls
 ``train`` once per client-round on the process-resident model and the client's features; the
 server calls ``device_cost`` to charge the device (and the server, for methods that offload
 work) on the simulated clock. Nothing else is required: methods compose by wrapping.
@@ -14,9 +17,10 @@ from typing import Protocol
 import torch
 from flwr.app import ConfigRecord
 
+from fedsim.models import ModelFactory
 from fedsim.scheduler import DeviceCost
 
-__all__ = ["ClientBehaviour", "TrainOutcome", "DeviceCost"]
+__all__ = ["ClientBehaviour", "TrainOutcome", "DeviceCost", "ModelFactory"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class ClientBehaviour(Protocol):
     """What the ClientApp and the scheduler need from a client behaviour."""
 
     batch_size: int  # examples per step: the cost model counts FLOPs on a batch of this size
+
+    def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
+        """The model factory this behaviour trains with (``factory`` itself for plain SGD)."""
+        ...
 
     def train(
         self,

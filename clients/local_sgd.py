@@ -15,6 +15,7 @@ from fedsim import keys
 from fedsim.clients.base import TrainOutcome
 from fedsim.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.errors import ConfigError
+from fedsim.models import ModelFactory
 from fedsim.scheduler import DeviceCost
 
 __all__ = ["LocalSGD"]
@@ -75,6 +76,10 @@ class LocalSGD:
         self.weight_decay = weight_decay
         self.max_steps = max_steps
         self._per_batch: dict[int, tuple[int, int]] = {}  # batch size -> (FLOPs, peak bytes)
+
+    def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
+        """Plain SGD trains the model as the model group builds it."""
+        return factory
 
     def device_cost(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_examples: int

@@ -45,6 +45,8 @@ def backend_config(cfg: DictConfig) -> dict:
     init_args: dict = {"logging_level": "ERROR", "include_dashboard": False}
     if cfg.runtime.ray_address:
         init_args = {"address": str(cfg.runtime.ray_address), "logging_level": "ERROR"}
+    # Worker output stays in the workers: a client's exception travels back in its reply.
+    init_args["log_to_driver"] = False
     return {
         "client_resources": {
             "num_cpus": float(cfg.runtime.client_num_cpus),

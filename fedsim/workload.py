@@ -1,8 +1,8 @@
 """What a job trains on: data splits, client partitions, features and the model, built once.
 
-A workload is a pure function of the config's ``data``, ``partition``, ``model``, ``seed`` and
-``num_clients``. Every process (the server and each Ray worker) builds it once and keeps it
-resident, keyed by that part of the config: no per-client or per-round rebuilds.
+A workload is a pure function of the config's ``data``, ``partition``, ``model``, ``client``,
+``seed`` and ``num_clients``. Every process (the server and each Ray worker) builds it once and
+keeps it resident, keyed by that part of the config: no per-client or per-round rebuilds.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fedsim.seeding import derive_seed
 
 __all__ = ["Workload", "get_workload", "workload_key"]
 
-_WORKLOAD_KEYS = ("data", "partition", "model", "seed", "num_clients")
+_WORKLOAD_KEYS = ("data", "partition", "model", "client", "seed", "num_clients")
 
 
 def workload_key(cfg: DictConfig) -> str:
@@ -52,7 +52,9 @@ class Workload:
             seed=int(cfg.seed),
             splits=splits,
             partitions=partitions,
-            model_factory=instantiate(cfg.model),
+            # The client behaviour decides what is trained (e.g. a side network over cached
+            # backbone features, or a LoRA-wrapped classifier) and on which features.
+            model_factory=instantiate(cfg.client).wrap_factory(instantiate(cfg.model)),
         )
 
     @property

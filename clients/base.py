@@ -15,12 +15,29 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.models import ModelFactory
 from fedsim.scheduler import DeviceCost
 
-__all__ = ["ClientBehaviour", "TrainOutcome", "DeviceCost", "ModelFactory"]
+__all__ = ["ClientBehaviour", "TrainContext", "TrainOutcome", "DeviceCost", "ModelFactory"]
+
+
+@dataclass
+class TrainContext:
+    """Everything a client-round knows besides the model and the data.
+
+    ``state`` is the client's persistent state (soft targets, control variates, cache entries):
+    the behaviour reads and updates it in place. It lives with the server between rounds
+    (any worker may train any client), travels with the client's message, and is kept only
+    when the client's update is used (a dropped straggler's round did not happen for it).
+    """
+
+    partition_id: int
+    server_round: int
+    config: ConfigRecord  # what the strategy sent (e.g. ``proximal-mu``)
+    generator: torch.Generator  # named by (seed, round, client): batch order and sampling
+    state: RecordDict = field(default_factory=RecordDict)
 
 
 @dataclass(frozen=True)
@@ -49,13 +66,9 @@ class ClientBehaviour(Protocol):
         ...
 
     def train(
-        self,
-        model: torch.nn.Module,
-        data: dict[str, torch.Tensor],
-        config: ConfigRecord,
-        generator: torch.Generator,
+        self, model: torch.nn.Module, data: dict[str, torch.Tensor], ctx: TrainContext
     ) -> TrainOutcome:
-        """Train ``model`` in place on one client's features; batches drawn with ``generator``."""
+        """Train ``model`` in place on one client's features."""
         ...
 
     def device_cost(

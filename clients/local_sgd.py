@@ -9,10 +9,9 @@ FedProx), the FedProx proximal term (mu / 2) * ||w - w_global||^2 is added to th
 from __future__ import annotations
 
 import torch
-from flwr.app import ConfigRecord
 
 from fedsim import keys
-from fedsim.clients.base import TrainOutcome
+from fedsim.clients.base import TrainContext, TrainOutcome
 from fedsim.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.errors import ConfigError
 from fedsim.models import ModelFactory
@@ -104,25 +103,21 @@ class LocalSGD:
         return DeviceCost(train_flops=round(flops * examples / size), peak_memory_bytes=memory)
 
     def train(
-        self,
-        model: torch.nn.Module,
-        data: dict[str, torch.Tensor],
-        config: ConfigRecord,
-        generator: torch.Generator,
+        self, model: torch.nn.Module, data: dict[str, torch.Tensor], ctx: TrainContext
     ) -> TrainOutcome:
-        """Train ``model`` in place on ``data``; batches are shuffled with ``generator``."""
+        """Train ``model`` in place on ``data``; batches are shuffled with ``ctx.generator``."""
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
             params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-        mu = float(config.get(keys.PROXIMAL_MU, 0.0))
+        mu = float(ctx.config.get(keys.PROXIMAL_MU, 0.0))
         global_params = [p.detach().clone() for p in params] if mu > 0 else []
         labels_all = data["label"]
         n = len(labels_all)
         model.train()
         steps, loss_sum = 0, 0.0
         for _ in range(self.local_epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=ctx.generator)
             for start in range(0, n, self.batch_size):
                 if self.max_steps is not None and steps >= self.max_steps:
                     break

@@ -18,7 +18,7 @@ The pack/unpack functions are pure and tested without Ray.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -71,10 +71,15 @@ def assign_lanes(
     return [sorted(lane) for lane in lanes if lane]
 
 
-def pack_lane(messages: Sequence[Message], job: ConfigRecord) -> RecordDict:
+def pack_lane(
+    messages: Sequence[Message],
+    job: ConfigRecord,
+    states: Mapping[int, RecordDict] | None = None,
+) -> RecordDict:
     """One lane message's content carrying ``messages`` (all to distinct virtual nodes).
 
-    Content objects shared by several messages are stored once (``c<k>/<name>``).
+    Content objects shared by several messages are stored once (``c<k>/<name>``); each client's
+    persistent state, if any, rides along as ``s<partition id>/<name>``.
     """
     content_index: dict[int, int] = {}
     packed = RecordDict({keys.JOB: job})
@@ -86,31 +91,49 @@ def pack_lane(messages: Sequence[Message], job: ConfigRecord) -> RecordDict:
             k = content_index[id(msg.content)] = len(content_index)
             for name, record in msg.content.items():
                 packed[f"{keys.CONTENT_PREFIX}{k}/{name}"] = record
-        partition_ids.append(partition_id_of(msg.metadata.dst_node_id))
+        pid = partition_id_of(msg.metadata.dst_node_id)
+        partition_ids.append(pid)
         indices.append(k)
+        for name, record in (states or {}).get(pid, RecordDict()).items():
+            packed[f"{keys.STATE_PREFIX}{pid}/{name}"] = record
     packed[keys.LANE] = ConfigRecord(
         {keys.LANE_PARTITION_IDS: partition_ids, keys.LANE_CONTENT_INDEX: indices}
     )
     return packed
 
 
-def unpack_lane(content: RecordDict) -> tuple[ConfigRecord, list[tuple[int, RecordDict]]]:
-    """Inverse of :func:`pack_lane`: the job record and (partition id, content) per client."""
-    lane = content[keys.LANE]
-    by_index: dict[int, RecordDict] = {}
+def _split_prefixed(content: RecordDict, prefix: str) -> dict[int, RecordDict]:
+    """Records named ``<prefix><int>/<name>`` grouped by the int."""
+    out: dict[int, RecordDict] = {}
     for name, record in content.items():
-        if name.startswith(keys.CONTENT_PREFIX) and "/" in name:
-            head, record_name = name.split("/", 1)
-            by_index.setdefault(int(head[len(keys.CONTENT_PREFIX) :]), RecordDict())[
-                record_name
-            ] = record
+        head, sep, record_name = name.partition("/")
+        if sep and head.startswith(prefix) and head[len(prefix) :].isdigit():
+            out.setdefault(int(head[len(prefix) :]), RecordDict())[record_name] = record
+    return out
+
+
+def unpack_lane(
+    content: RecordDict,
+) -> tuple[ConfigRecord, list[tuple[int, RecordDict, RecordDict]]]:
+    """Inverse of :func:`pack_lane`: the job record and (partition id, content, state) per client.
+
+    A client without state gets an empty RecordDict.
+    """
+    lane = content[keys.LANE]
+    by_index = _split_prefixed(content, keys.CONTENT_PREFIX)
+    states = _split_prefixed(content, keys.STATE_PREFIX)
     pids = [int(p) for p in lane[keys.LANE_PARTITION_IDS]]
     idx = [int(k) for k in lane[keys.LANE_CONTENT_INDEX]]
-    return content[keys.JOB], [(pid, by_index[k]) for pid, k in zip(pids, idx, strict=True)]
+    return content[keys.JOB], [
+        (pid, by_index[k], states.get(pid, RecordDict())) for pid, k in zip(pids, idx, strict=True)
+    ]
 
 
-def pack_replies(replies: Sequence[tuple[int, RecordDict | str]]) -> RecordDict:
-    """One lane reply: per client either its reply content or an error text."""
+def pack_replies(
+    replies: Sequence[tuple[int, RecordDict | str]],
+    states: Mapping[int, RecordDict] | None = None,
+) -> RecordDict:
+    """One lane reply: per client its reply content or an error text, plus its new state."""
     packed = RecordDict()
     pids: list[int] = []
     errors: list[str] = []
@@ -122,23 +145,22 @@ def pack_replies(replies: Sequence[tuple[int, RecordDict | str]]) -> RecordDict:
         errors.append("")
         for name, record in reply.items():
             packed[f"{keys.CLIENT_PREFIX}{pid}/{name}"] = record
+        for name, record in (states or {}).get(pid, RecordDict()).items():
+            packed[f"{keys.STATE_PREFIX}{pid}/{name}"] = record
     packed[keys.LANE] = ConfigRecord({keys.LANE_PARTITION_IDS: pids, keys.LANE_ERRORS: errors})
     return packed
 
 
-def unpack_replies(content: RecordDict) -> dict[int, RecordDict | str]:
-    """Inverse of :func:`pack_replies`: partition id -> reply content or error text."""
+def unpack_replies(
+    content: RecordDict,
+) -> tuple[dict[int, RecordDict | str], dict[int, RecordDict]]:
+    """Inverse of :func:`pack_replies`: per partition id the reply (or error), and new states."""
     lane = content[keys.LANE]
+    bodies = _split_prefixed(content, keys.CLIENT_PREFIX)
     out: dict[int, RecordDict | str] = {}
     for pid, err in zip(lane[keys.LANE_PARTITION_IDS], lane[keys.LANE_ERRORS], strict=True):
-        out[int(pid)] = str(err) if err else RecordDict()
-    for name, record in content.items():
-        if name.startswith(keys.CLIENT_PREFIX) and "/" in name:
-            head, record_name = name.split("/", 1)
-            reply = out[int(head[len(keys.CLIENT_PREFIX) :])]
-            assert isinstance(reply, RecordDict)
-            reply[record_name] = record
-    return out
+        out[int(pid)] = str(err) if err else bodies.get(int(pid), RecordDict())
+    return out, _split_prefixed(content, keys.STATE_PREFIX)
 
 
 @dataclass
@@ -223,6 +245,20 @@ class VirtualGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         """Send each virtual message via its lane; one reply per message, in message order."""
+        return self.exchange(messages, timeout=timeout)[0]
+
+    def exchange(
+        self,
+        messages: Iterable[Message],
+        states: Mapping[int, RecordDict] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[list[Message], dict[int, RecordDict]]:
+        """Like ``send_and_receive``, carrying each client's state there and its new state back.
+
+        Returns the replies (in message order) and the new state of each client that returned
+        one. States never reach the strategy: its replies hold only what the client sent it.
+        """
         started = time.perf_counter()
         virtual = list(messages)
         if not virtual:
@@ -237,7 +273,7 @@ class VirtualGrid(Grid):
             first = by_pid[pids[0]]
             lane_msgs.append(
                 Message(
-                    pack_lane([by_pid[p] for p in pids], self._job),
+                    pack_lane([by_pid[p] for p in pids], self._job, states),
                     node_id,
                     first.metadata.message_type,
                     group_id=first.metadata.group_id,
@@ -245,10 +281,13 @@ class VirtualGrid(Grid):
             )
         replies = self._exchange(lane_msgs, timeout if timeout is not None else self._timeout_s)
         results: dict[int, RecordDict | str] = {}
+        new_states: dict[int, RecordDict] = {}
         for reply in replies:
             if reply.has_error():
                 continue  # the lane crashed: its clients are reported below as failed
-            results.update(unpack_replies(reply.content))
+            bodies, lane_states = unpack_replies(reply.content)
+            results.update(bodies)
+            new_states.update(lane_states)
         out = []
         for msg in virtual:
             result = results.get(partition_id_of(msg.metadata.dst_node_id))
@@ -259,7 +298,7 @@ class VirtualGrid(Grid):
                 reason = result if isinstance(result, str) else "lane failed or timed out"
                 out.append(Message(Error(code=code, reason=reason), reply_to=msg))
         self.stats = LaneStats(len(lane_msgs), time.perf_counter() - started)
-        return out
+        return out, new_states
 
     def _exchange(self, lane_msgs: list[Message], timeout_s: float | None) -> list[Message]:
         pending = set(self._grid.push_messages(lane_msgs))

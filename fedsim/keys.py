@@ -18,6 +18,7 @@ LANE_CONTENT_INDEX = "content-index"  # per client: which deduplicated content i
 LANE_ERRORS = "errors"  # per client in a reply: "" or the error text
 CONTENT_PREFIX = "c"  # "c<k>/<record name>": k-th distinct content sent in a lane message
 CLIENT_PREFIX = "p"  # "p<partition id>/<record name>": one client's reply records
+STATE_PREFIX = "s"  # "s<partition id>/<record name>": one client's persistent state
 
 # --- client metrics (MetricRecord of a reply) ----------------------------------------------------
 TRAIN_LOSS = "train_loss"

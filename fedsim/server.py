@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
@@ -71,8 +71,12 @@ def train_round(
     scheduler: RoundScheduler,
     cost_fn: Callable[[int], DeviceCost],
     seed: int,
+    states: dict[int, RecordDict],
 ) -> tuple[ArrayRecord, RoundRecord]:
-    """One round of federated training; returns the new global arrays and what it cost."""
+    """One round of federated training; returns the new global arrays and what it cost.
+
+    ``states`` (partition id -> persistent client state) is updated in place.
+    """
     # Flower samples with random.sample over the (sorted) virtual node ids: seed it by round.
     with python_random_seeded(derive_seed(seed, "sample", server_round)):
         messages: list[Message] = list(
@@ -80,8 +84,12 @@ def train_round(
         )
     costs = {pid: cost_fn(pid) for pid in map(partition_id_of, _dst_nodes(messages))}
     plan = scheduler.plan(server_round, messages, costs)
-    replies = grid.send_and_receive(plan.to_send)
+    replies, new_states = grid.exchange(plan.to_send, states)
     settled = scheduler.settle(plan, replies, costs)
+    for reply in settled.kept:  # a dropped straggler's round did not happen for its state
+        pid = partition_id_of(reply.metadata.src_node_id)
+        if pid in new_states:
+            states[pid] = new_states[pid]
     new_arrays, metrics = (None, None)
     if settled.kept:
         new_arrays, metrics = strategy.aggregate_train(server_round, settled.kept)
@@ -127,6 +135,7 @@ def run_rounds(grid: Grid, cfg: DictConfig, strategy: Strategy, writer: RunWrite
         timeout_s=float(cfg.runtime.round_timeout_s),
     )
     test = workload.test_features()
+    client_states: dict[int, RecordDict] = {}  # persistent client state, by partition id
     progress = RoundProgress(int(cfg.num_rounds), enabled=bool(cfg.runtime.progress))
     started = time.perf_counter()
     best_accuracy, best_round, status = -math.inf, 0, "completed"
@@ -135,7 +144,7 @@ def run_rounds(grid: Grid, cfg: DictConfig, strategy: Strategy, writer: RunWrite
     energy_total = 0.0
     for server_round in range(1, int(cfg.num_rounds) + 1):
         arrays, record = train_round(
-            strategy, server_round, arrays, vgrid, scheduler, cost_fn, seed
+            strategy, server_round, arrays, vgrid, scheduler, cost_fn, seed, client_states
         )
         settled = record.settlement
         load_arrays(model, arrays)

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
+from fedsim.clients.base import TrainContext
 from fedsim.cohort import pack_replies, unpack_lane
 from fedsim.params import load_arrays, to_arrays
 from fedsim.seeding import derive_seed, torch_generator
@@ -42,17 +43,26 @@ class ClientRuntime:
         self.model = self.workload.build_model()
         self.behaviour = instantiate(cfg.client)
 
-    def train_client(self, partition_id: int, content: RecordDict) -> RecordDict:
-        """One client-round: load the received arrays, train locally, return the reply."""
+    def train_client(
+        self, partition_id: int, content: RecordDict, state: RecordDict
+    ) -> RecordDict:
+        """One client-round: load the received arrays, train locally, return the reply.
+
+        ``state`` (the client's persistent state) is updated in place by the behaviour.
+        """
         config: ConfigRecord = content.get(keys.CONFIG, ConfigRecord())
         server_round = int(config.get(keys.SERVER_ROUND, 0))
         load_arrays(self.model, content[keys.ARRAYS])
         # Dropout and other global-RNG draws, and the batch order, are named by (round, client).
         torch.manual_seed(derive_seed(self.seed, "train-global", server_round, partition_id))
-        generator = torch_generator(self.seed, "train-batches", server_round, partition_id)
-        outcome = self.behaviour.train(
-            self.model, self.workload.client_data(partition_id), config, generator
+        ctx = TrainContext(
+            partition_id=partition_id,
+            server_round=server_round,
+            config=config,
+            generator=torch_generator(self.seed, "train-batches", server_round, partition_id),
+            state=state,
         )
+        outcome = self.behaviour.train(self.model, self.workload.client_data(partition_id), ctx)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: outcome.num_examples,
@@ -84,9 +94,13 @@ def handle_lane(content: RecordDict) -> RecordDict:
     job, clients = unpack_lane(content)
     runtime = _runtime(job)
     replies: list[tuple[int, RecordDict | str]] = []
-    for partition_id, client_content in clients:
+    states: dict[int, RecordDict] = {}
+    for partition_id, client_content, state in clients:
         try:
-            replies.append((partition_id, runtime.train_client(partition_id, client_content)))
+            reply = runtime.train_client(partition_id, client_content, state)
         except Exception as exc:  # noqa: BLE001 - one client's failure must not sink its lane
             replies.append((partition_id, f"{type(exc).__name__}: {exc}"))
-    return pack_replies(replies)
+            continue
+        replies.append((partition_id, reply))
+        states[partition_id] = state
+    return pack_replies(replies, states)

@@ -34,25 +34,33 @@ def test_pack_lane_stores_shared_content_once() -> None:
     )
     own = RecordDict({"arrays": ArrayRecord([np.zeros(2, dtype=np.float32)])})
     job = ConfigRecord({keys.JOB_HASH: "h"})
-    packed = pack_lane([_msg(shared, 3), _msg(shared, 7), _msg(own, 9)], job)
-    # two distinct contents -> c0/arrays, c0/config, c1/arrays (+ job + lane)
+    state7 = RecordDict({"soft": ArrayRecord([np.full(4, 0.25, dtype=np.float32)])})
+    packed = pack_lane([_msg(shared, 3), _msg(shared, 7), _msg(own, 9)], job, {7: state7})
+    # two distinct contents -> c0/arrays, c0/config, c1/arrays (+ job + lane); one state
     assert sorted(k for k in packed if k.startswith("c")) == ["c0/arrays", "c0/config", "c1/arrays"]
+    assert [k for k in packed if k.startswith("s")] == ["s7/soft"]
     job_back, clients = unpack_lane(packed)
     assert job_back[keys.JOB_HASH] == "h"
-    assert [pid for pid, _ in clients] == [3, 7, 9]
+    assert [pid for pid, _, _ in clients] == [3, 7, 9]
     assert clients[0][1] is clients[1][1]  # shared content comes back shared
     np.testing.assert_array_equal(clients[2][1]["arrays"].to_numpy_ndarrays()[0], np.zeros(2))
     assert clients[0][1]["config"]["a"] == 1
+    assert len(clients[0][2]) == 0  # no state for client 3
+    np.testing.assert_array_equal(clients[1][2]["soft"].to_numpy_ndarrays()[0], [0.25] * 4)
 
 
 def test_replies_round_trip_with_errors() -> None:
     ok = RecordDict({"arrays": ArrayRecord([np.full(2, 5.0, dtype=np.float32)]),
                      "metrics": MetricRecord({"num-examples": 4})})
-    out = unpack_replies(pack_replies([(2, ok), (5, "RuntimeError: boom")]))
+    state = RecordDict({"c_i": ArrayRecord([np.ones(2, dtype=np.float32)])})
+    out, states = unpack_replies(pack_replies([(2, ok), (5, "RuntimeError: boom")], {2: state}))
     assert out[5] == "RuntimeError: boom"
     assert isinstance(out[2], RecordDict)
     assert out[2]["metrics"]["num-examples"] == 4
     np.testing.assert_array_equal(out[2]["arrays"].to_numpy_ndarrays()[0], [5.0, 5.0])
+    # the state is returned apart: the strategy must see exactly one ArrayRecord per reply
+    assert list(out[2].array_records) == ["arrays"]
+    assert list(states) == [2] and list(states[2]) == ["c_i"]
 
 
 @pytest.mark.parametrize(

@@ -113,11 +113,20 @@ def _positive(cfg: DictConfig, key: str) -> float:
 
 def validate(cfg: DictConfig) -> None:
     """Check the run scalars (the groups' objects check their own arguments in ``build``)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(missing[0], "???", "is required: set it on the command line")
     _int(cfg, "seed", 0)
     _int(cfg, "num_clients", 1)
     _int(cfg, "num_rounds", 1)
     _positive(cfg, "runtime.client_num_cpus")
     _positive(cfg, "runtime.round_timeout_s")
+    deadline = OmegaConf.select(cfg, "clock.deadline_s")
+    if deadline is not None:
+        _positive(cfg, "clock.deadline_s")
+    over = OmegaConf.select(cfg, "clock.over_selection")
+    if isinstance(over, bool) or not isinstance(over, int | float) or over < 1:
+        raise ConfigError("clock.over_selection", over, "must be a number >= 1")
     lanes = OmegaConf.select(cfg, "runtime.num_lanes")
     if lanes is not None:
         _int(cfg, "runtime.num_lanes", 1)

@@ -97,6 +97,7 @@ def simulate(cfg: DictConfig, run_dir: Path | str) -> dict:
     workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
     workload.build_model()
     strategy = build(cfg, "strategy")
+    build(cfg, "devices")  # the fleet checks its profiles and shares
     build(cfg, "client")  # the workers build it too; check its arguments here, once
     _check_sampling(cfg, strategy)
     writer = RunWriter(run_dir)

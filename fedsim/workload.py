@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fedsim.config import build
 from fedsim.data import DataSplits, build_partitioner, partition_train
 from fedsim.seeding import derive_seed
 
@@ -45,7 +45,7 @@ class Workload:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Workload:
         """Load data, partition it over ``cfg.num_clients`` clients, prepare the model factory."""
-        splits: DataSplits = instantiate(cfg.data).load()
+        splits: DataSplits = build(cfg, "data").load()
         partitioner = build_partitioner(cfg.partition, int(cfg.num_clients))
         partitions = partition_train(splits, partitioner, int(cfg.num_clients))
         return cls(
@@ -54,7 +54,7 @@ class Workload:
             partitions=partitions,
             # The client behaviour decides what is trained (e.g. a side network over cached
             # backbone features, or a LoRA-wrapped classifier) and on which features.
-            model_factory=instantiate(cfg.client).wrap_factory(instantiate(cfg.model)),
+            model_factory=build(cfg, "client").wrap_factory(build(cfg, "model")),
         )
 
     @property

@@ -234,11 +234,18 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 
 def comparable_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Flattened config without the keys that never separate configurations."""
+    """Flattened config without the keys that never separate configurations.
+
+    Besides ``seed`` itself, a ``<group>.seed`` equal to the run seed is the run seed resolved
+    through ``${seed}`` (data split, partitioner): it separates seeds, not configurations.
+    """
+    run_seed = config.get("seed")
     return {
         key: value
         for key, value in flatten_config(config).items()
-        if key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES)
+        if key not in IGNORED_KEYS
+        and not key.startswith(IGNORED_PREFIXES)
+        and not (key.endswith(".seed") and value == run_seed)
     }
 
 

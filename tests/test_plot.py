@@ -39,12 +39,17 @@ def make_config(strategy: str, seed: int, **strategy_kwargs: Any) -> dict[str, A
         "num_clients": 10,
         "num_rounds": 3,
         "experiment": None,
-        "data": {"_target_": "fedsim.data.DigitsData", "test_fraction": 0.2},
-        "partition": {"_target_": "flwr_datasets.partitioner.DirichletPartitioner", "alpha": 0.5},
-        "model": {"_target_": "fedsim.models.SmallMLP", "hidden": [32, 16]},
+        # As fedsim saves it: `${seed}` resolved into the data split and the partitioner.
+        "data": {"_target_": "fedsim.data.DigitsData", "test_fraction": 0.2, "seed": seed},
+        "partition": {
+            "_target_": "flwr_datasets.partitioner.DirichletPartitioner",
+            "alpha": 0.5,
+            "seed": seed,
+        },
+        "model": {"_target_": "fedsim.models.SmallCNN", "hidden_size": 128},
         "strategy": {"_target_": f"flwr.serverapp.strategy.{strategy}", **strategy_kwargs},
-        "client": {"_target_": "fedsim.clients.local_training.LocalTraining", "epochs": 1},
-        "devices": {"_target_": "fedsim.devices.NoDevices"},
+        "client": {"_target_": "fedsim.clients.local_sgd.LocalSGD", "local_epochs": 1},
+        "devices": {"_target_": "fedsim.devices.Fleet", "server_gflops": 10000.0},
         # runtime differs per run (engine settings): it must not split configurations.
         "runtime": {"num_cpus": 1 + seed, "ray_address": f"local-{seed}"},
     }

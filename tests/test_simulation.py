@@ -62,3 +62,27 @@ def test_learning_happens_on_digits(tmp_path: Path) -> None:
     # 10 digit classes: chance is 0.1; ten FedAvg rounds of a small CNN must do far better
     assert summary["final_accuracy"] > 0.6
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_multirun_sweep_then_plot(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [*FEDSIM, "--multirun", "strategy=fedavg,fedprox", "seed=0,1", "num_clients=6",
+         "num_rounds=2", "strategy.fraction_train=0.5", "runtime.progress=false",
+         f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep.rglob("metrics.jsonl"))
+    assert len(runs) == 4  # 2 strategies x 2 seeds, each its own folder
+    out = tmp_path / "plots" / "curves.png"
+    plot = subprocess.run(
+        [sys.executable, "-m", "fedsim.scripts.plot", str(sweep), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert plot.returncode == 0, plot.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = out.with_suffix(".md").read_text()
+    # one row per strategy, each over the 2 seeds
+    assert "| strategy=FedAvg | 2 |" in table
+    assert "| strategy=FedProx, proximal_mu=0.1 | 2 |" in table

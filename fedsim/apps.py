@@ -9,7 +9,9 @@ overrides come from the ``overrides`` run-config key in pyproject.toml).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import shlex
+import warnings
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -25,6 +27,12 @@ from fedsim.worker import handle_lane
 __all__ = ["client_app", "server_app", "make_server_app"]
 
 client_app = ClientApp()
+
+
+def quiet_flower() -> None:
+    """Keep Flower's per-round INFO logs and deprecation notices out of the progress display."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="flwr")
 
 
 @client_app.train()
@@ -55,6 +63,7 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: compose the config from run-config overrides and run."""
     from fedsim.config import build, compose_config, validate
 
+    quiet_flower()
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     cfg = compose_config(overrides)
     validate(cfg)

@@ -8,9 +8,7 @@ here, and the same ServerApp/ClientApp also run under ``flwr run .`` (see fedsim
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -24,7 +22,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from flwr.serverapp import ServerApp  # noqa: E402
 
-from fedsim.apps import client_app, make_server_app  # noqa: E402
+from fedsim.apps import client_app, make_server_app, quiet_flower  # noqa: E402
 from fedsim.config import build, validate  # noqa: E402
 from fedsim.results import RunWriter  # noqa: E402
 from fedsim.workload import get_workload  # noqa: E402
@@ -67,17 +65,11 @@ def _cluster_cpus(cfg: DictConfig) -> float | None:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def _quiet_flower() -> None:
-    """Keep Flower's per-round INFO logs and the deprecation notice out of the progress display."""
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="flwr")
-
-
 def run_flower(server_app: ServerApp, lanes: int, config: dict) -> None:
     """Run ``server_app`` and fedsim's ClientApp on Flower's simulation engine (Ray backend)."""
     from flwr.simulation import run_simulation
 
-    _quiet_flower()
+    quiet_flower()
     run_simulation(
         server_app=server_app,
         client_app=client_app,
@@ -93,7 +85,7 @@ def simulate(cfg: DictConfig, run_dir: Path | str) -> dict:
     Every check that can fail on bad input runs before the run folder is claimed.
     """
     validate(cfg)
-    _quiet_flower()
+    quiet_flower()
     workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
     workload.build_model()
     strategy = build(cfg, "strategy")

@@ -86,3 +86,17 @@ def test_multirun_sweep_then_plot(tmp_path: Path) -> None:
     # one row per strategy, each over the 2 seeds
     assert "| strategy=FedAvg | 2 |" in table
     assert "| strategy=FedProx, proximal_mu=0.1 | 2 |" in table
+
+
+def test_flwr_run_gives_the_same_metrics_as_the_fedsim_engine(tmp_path: Path) -> None:
+    overrides = "num_clients=6 num_rounds=2 runtime.progress=false"
+    proc = subprocess.run(
+        ["make", "-s", "flwr-run", f"OVERRIDES={overrides}", f"RESULTS_DIR={tmp_path / 'flwr'}"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (flwr_run,) = [p.parent for p in (tmp_path / "flwr").rglob("metrics.jsonl")]
+    simulate(compose_config(overrides.split()), tmp_path / "engine")
+    assert _strip_wall_clock(read_metrics(flwr_run)) == _strip_wall_clock(
+        read_metrics(tmp_path / "engine")
+    )

@@ -29,6 +29,10 @@ def _run(cfg: DictConfig) -> None:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Hydra made it; a refused run leaves no folder behind
         _fail(error)
+    _report(summary, run_dir)
+
+
+def _report(summary: dict, run_dir: Path) -> None:
     print(
         f"[fedsim] done: final accuracy {summary['final_accuracy']:.4f}, "
         f"best {summary['best_accuracy']:.4f} (round {summary['best_round']}), "
@@ -37,12 +41,41 @@ def _run(cfg: DictConfig) -> None:
     )
 
 
+def _resume(argument: str, others: list[str]) -> None:
+    """``fedsim resume=RUN_DIR [runtime.*=...]``: continue a run from its checkpoint.
+
+    The run folder's saved config is the config (only ``runtime.*``, how it runs, may change);
+    Hydra is not involved, so no new folder is made.
+    """
+    from omegaconf import OmegaConf
+
+    from fedsim.results import CONFIG_FILE
+    from fedsim.simulation import simulate
+
+    run_dir = Path(argument.split("=", 1)[1]).expanduser()
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError("resume", run_dir, f"must be a run folder (holding {CONFIG_FILE})")
+    for override in others:
+        if not override.startswith("runtime."):
+            raise ConfigError(
+                "resume", override, "only runtime.* settings can change when resuming a run"
+            )
+    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+    cfg.merge_with_dotlist(others)
+    _report(simulate(cfg, run_dir, resume=True), run_dir)
+
+
 def main() -> None:
     """Console entry point: reject bad overrides in one line, then hand over to Hydra."""
     from fedsim.config import precheck_overrides
 
+    argv = sys.argv[1:]
+    resume = [a for a in argv if a.startswith("resume=")]
     try:
-        precheck_overrides(sys.argv[1:])
+        if resume:
+            _resume(resume[0], [a for a in argv if a not in resume])
+            return
+        precheck_overrides(argv)
     except ConfigError as error:
         _fail(error)
     _run()

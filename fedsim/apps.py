@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
+from fedsim.checkpoint import RunState
 from fedsim.results import RunWriter
 from fedsim.server import run_rounds
 from fedsim.worker import handle_lane
@@ -42,14 +43,18 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def make_server_app(
-    cfg: DictConfig, strategy: Strategy, writer: RunWriter, summary: dict
+    cfg: DictConfig,
+    strategy: Strategy,
+    writer: RunWriter,
+    summary: dict,
+    resume: RunState | None = None,
 ) -> ServerApp:
-    """A ServerApp that runs ``cfg``'s rounds and fills ``summary`` when done."""
+    """A ServerApp that runs ``cfg``'s rounds (after ``resume``) and fills ``summary``."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary.update(run_rounds(grid, cfg, strategy, writer))
+        summary.update(run_rounds(grid, cfg, strategy, writer, resume))
 
     return app
 

@@ -12,7 +12,9 @@ Three layers, cheapest first:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedsim.errors import ConfigError
 
-__all__ = ["CONF_DIR", "GROUPS", "precheck_overrides", "validate", "build", "compose_config"]
+__all__ = [
+    "CONF_DIR",
+    "GROUPS",
+    "precheck_overrides",
+    "validate",
+    "build",
+    "compose_config",
+    "config_hash",
+]
 
 #: The config tree (conf/ beside the fedsim package folder).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -119,6 +129,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "seed", 0)
     _int(cfg, "num_clients", 1)
     _int(cfg, "num_rounds", 1)
+    _int(cfg, "checkpoint_every", 0)
     _positive(cfg, "runtime.client_num_cpus")
     _positive(cfg, "runtime.round_timeout_s")
     deadline = OmegaConf.select(cfg, "clock.deadline_s")
@@ -130,6 +141,13 @@ def validate(cfg: DictConfig) -> None:
     lanes = OmegaConf.select(cfg, "runtime.num_lanes")
     if lanes is not None:
         _int(cfg, "runtime.num_lanes", 1)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of what a run computes: the resolved config less ``runtime`` (how it runs)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("runtime", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:

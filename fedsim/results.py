@@ -80,6 +80,23 @@ class RunWriter:
         atomic_write_text(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
         (self.run_dir / METRICS_FILE).touch()
 
+    def reopen(self, server_round: int) -> None:
+        """Continue a run from its checkpoint after ``server_round``.
+
+        Rows of later rounds (written after the checkpoint, before the run died) are dropped:
+        the resumed run computes them again, identically. Each file is rewritten atomically.
+        """
+        for name in (METRICS_FILE, CLIENTS_FILE):
+            path = self.run_dir / name
+            if path.exists():
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and _row_round(line) <= server_round
+                ]
+                atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        (self.run_dir / SUMMARY_FILE).unlink(missing_ok=True)
+
     def log_row(self, row: Mapping[str, Any], file: str = METRICS_FILE) -> None:
         """Append one JSON row to ``file`` and flush it to disk."""
         line = json.dumps({k: _jsonable(v) for k, v in row.items()})
@@ -90,6 +107,14 @@ class RunWriter:
         """Write ``summary.json`` atomically."""
         text = json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2)
         atomic_write_text(self.run_dir / SUMMARY_FILE, text + "\n")
+
+
+def _row_round(line: str) -> float:
+    """The round of a JSON row; a torn last line (the run died mid-write) counts as later."""
+    try:
+        return float(json.loads(line).get("round", 0))
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def read_metrics(run_dir: Path | str, file: str = METRICS_FILE) -> list[dict[str, Any]]:

@@ -16,14 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
 from fedsim import keys
+from fedsim.checkpoint import RunState, save_checkpoint
 from fedsim.cohort import VirtualGrid, partition_id_of
-from fedsim.config import build
+from fedsim.config import build, config_hash
+from fedsim.devices import SimClock
 from fedsim.evaluation import evaluate
 from fedsim.params import content_nbytes, load_arrays, to_arrays
 from fedsim.progress import RoundProgress, format_sim_time
@@ -106,111 +109,171 @@ def train_round(
     return (new_arrays if new_arrays is not None else arrays), record
 
 
-def run_rounds(grid: Grid, cfg: DictConfig, strategy: Strategy, writer: RunWriter) -> dict:
-    """Run ``cfg.num_rounds`` rounds on ``grid``; write every round; return the summary."""
-    seed = int(cfg.seed)
-    workload = get_workload(cfg)
-    model = workload.build_model()
-    arrays = to_arrays(model)
-    behaviour = build(cfg, "client")
-    scheduler = RoundScheduler(
-        build(cfg, "devices"),
-        seed,
-        int(cfg.num_clients),
-        deadline_s=cfg.clock.deadline_s,
-        over_selection=cfg.clock.over_selection,
-    )
-    batch = workload.example_batch(behaviour.batch_size)
+@dataclass
+class Federation:
+    """What the round loop works with: built once per run from the config."""
 
-    def cost_fn(pid: int) -> DeviceCost:
-        size = workload.num_examples(pid)
-        sized = {k: v[: min(len(v), size)] for k, v in batch.items()}
-        return behaviour.device_cost(model, sized, size)
+    cfg: DictConfig
+    strategy: Strategy
+    model: torch.nn.Module  # the server's copy of the global model (evaluation, cost model)
+    behaviour: Any
+    scheduler: RoundScheduler
+    grid: VirtualGrid
+    test: dict[str, torch.Tensor]
+    cost_fn: Callable[[int], DeviceCost]
 
-    vgrid = VirtualGrid(
-        grid,
-        num_clients=int(cfg.num_clients),
-        job=job_record(cfg),
-        cost=lambda pid: float(workload.num_examples(pid)),
-        timeout_s=float(cfg.runtime.round_timeout_s),
-    )
-    test = workload.test_features()
-    client_states: dict[int, RecordDict] = {}  # persistent client state, by partition id
-    progress = RoundProgress(int(cfg.num_rounds), enabled=bool(cfg.runtime.progress))
-    started = time.perf_counter()
-    best_accuracy, best_round, status = -math.inf, 0, "completed"
-    last: dict[str, Any] = {}
-    totals = {keys.BYTES_UP: 0, keys.BYTES_DOWN: 0}
-    energy_total = 0.0
-    for server_round in range(1, int(cfg.num_rounds) + 1):
-        arrays, record = train_round(
-            strategy, server_round, arrays, vgrid, scheduler, cost_fn, seed, client_states
+    @classmethod
+    def build(cls, grid: Grid, cfg: DictConfig, strategy: Strategy) -> Federation:
+        """Workload, model, client behaviour, device scheduler and lanes of ``cfg``."""
+        workload = get_workload(cfg)
+        model = workload.build_model()
+        behaviour = build(cfg, "client")
+        batch = workload.example_batch(behaviour.batch_size)
+
+        def cost_fn(pid: int) -> DeviceCost:
+            size = workload.num_examples(pid)
+            sized = {k: v[: min(len(v), size)] for k, v in batch.items()}
+            return behaviour.device_cost(model, sized, size)
+
+        return cls(
+            cfg=cfg,
+            strategy=strategy,
+            model=model,
+            behaviour=behaviour,
+            scheduler=RoundScheduler(
+                build(cfg, "devices"),
+                int(cfg.seed),
+                int(cfg.num_clients),
+                deadline_s=cfg.clock.deadline_s,
+                over_selection=cfg.clock.over_selection,
+            ),
+            grid=VirtualGrid(
+                grid,
+                num_clients=int(cfg.num_clients),
+                job=job_record(cfg),
+                cost=lambda pid: float(workload.num_examples(pid)),
+                timeout_s=float(cfg.runtime.round_timeout_s),
+            ),
+            test=workload.test_features(),
+            cost_fn=cost_fn,
         )
-        settled = record.settlement
-        load_arrays(model, arrays)
-        scores = evaluate(model, test)
-        totals[keys.BYTES_UP] += record.bytes_up
-        totals[keys.BYTES_DOWN] += record.bytes_down
-        energy_total += settled.energy_j
-        row = {
-            keys.ROUND: server_round,
-            keys.PHASE: "train",
-            keys.ACCURACY: scores["accuracy"],
-            keys.LOSS: scores["loss"],
-            keys.MACRO_F1: scores["macro_f1"],
-            keys.NUM_CLIENTS: record.num_ok,
-            keys.NUM_SAMPLED: record.num_sampled,
-            keys.NUM_FAILED: record.num_failed,
-            keys.BYTES_UP: record.bytes_up,
-            keys.BYTES_DOWN: record.bytes_down,
-            keys.TRAIN_LOSS: record.train_metrics.get(keys.TRAIN_LOSS),
-            keys.SIM_TIME_S: scheduler.clock.now_s,
-            keys.ROUND_TIME_S: settled.round_time_s,
-            keys.NUM_STRAGGLERS: settled.counts[STRAGGLER],
-            keys.NUM_OFFLINE: settled.counts[OFFLINE],
-            keys.NUM_INFEASIBLE: settled.counts[INFEASIBLE],
-            keys.ENERGY_J: settled.energy_j,
-            keys.WALL_TIME_S: time.perf_counter() - started,
-        }
+
+
+def initial_state(fed: Federation) -> RunState:
+    """The loop state before round 1."""
+    totals: dict[str, Any] = {
+        "bytes_up_total": 0,
+        "bytes_down_total": 0,
+        "energy_j_total": 0.0,
+        "best_accuracy": None,
+        "best_round": 0,
+        "num_rounds": 0,
+        "final_accuracy": None,
+        "final_loss": None,
+        "final_macro_f1": None,
+        keys.WALL_TIME_S: 0.0,
+    }
+    return RunState(0, to_arrays(fed.model), {}, 0.0, totals)
+
+
+def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dict, RoundSettlement]:
+    """Train, aggregate and evaluate one round; advance ``state``; return the metrics row."""
+    arrays, record = train_round(
+        fed.strategy,
+        server_round,
+        state.arrays,
+        fed.grid,
+        fed.scheduler,
+        fed.cost_fn,
+        int(fed.cfg.seed),
+        state.client_states,
+    )
+    settled = record.settlement
+    load_arrays(fed.model, arrays)
+    scores = evaluate(fed.model, fed.test)
+    state.arrays, state.server_round = arrays, server_round
+    state.sim_time_s = fed.scheduler.clock.now_s
+    totals = state.totals
+    totals["bytes_up_total"] += record.bytes_up
+    totals["bytes_down_total"] += record.bytes_down
+    totals["energy_j_total"] += settled.energy_j
+    if totals["best_accuracy"] is None or scores["accuracy"] > totals["best_accuracy"]:
+        totals["best_accuracy"], totals["best_round"] = scores["accuracy"], server_round
+    totals.update(
+        num_rounds=server_round,
+        final_accuracy=scores["accuracy"],
+        final_loss=scores["loss"],
+        final_macro_f1=scores["macro_f1"],
+    )
+    row = {
+        keys.ROUND: server_round,
+        keys.PHASE: "train",
+        keys.ACCURACY: scores["accuracy"],
+        keys.LOSS: scores["loss"],
+        keys.MACRO_F1: scores["macro_f1"],
+        keys.NUM_CLIENTS: record.num_ok,
+        keys.NUM_SAMPLED: record.num_sampled,
+        keys.NUM_FAILED: record.num_failed,
+        keys.BYTES_UP: record.bytes_up,
+        keys.BYTES_DOWN: record.bytes_down,
+        keys.TRAIN_LOSS: record.train_metrics.get(keys.TRAIN_LOSS),
+        keys.SIM_TIME_S: state.sim_time_s,
+        keys.ROUND_TIME_S: settled.round_time_s,
+        keys.NUM_STRAGGLERS: settled.counts[STRAGGLER],
+        keys.NUM_OFFLINE: settled.counts[OFFLINE],
+        keys.NUM_INFEASIBLE: settled.counts[INFEASIBLE],
+        keys.ENERGY_J: settled.energy_j,
+    }
+    return row, settled
+
+
+def run_rounds(
+    grid: Grid,
+    cfg: DictConfig,
+    strategy: Strategy,
+    writer: RunWriter,
+    resume: RunState | None = None,
+) -> dict:
+    """Run rounds up to ``cfg.num_rounds`` (after ``resume``'s round); return the summary.
+
+    Every round's rows are appended to the run folder as they come; every
+    ``cfg.checkpoint_every`` rounds (and after the last) the state is checkpointed.
+    """
+    fed = Federation.build(grid, cfg, strategy)
+    state = resume if resume is not None else initial_state(fed)
+    fed.scheduler.clock = SimClock(state.sim_time_s)
+    num_rounds, every = int(cfg.num_rounds), int(cfg.checkpoint_every)
+    progress = RoundProgress(num_rounds, enabled=bool(cfg.runtime.progress))
+    started = time.perf_counter() - float(state.totals[keys.WALL_TIME_S])
+    status = "completed"
+    for server_round in range(state.server_round + 1, num_rounds + 1):
+        row, settled = play_round(fed, state, server_round)
+        state.totals[keys.WALL_TIME_S] = row[keys.WALL_TIME_S] = time.perf_counter() - started
         writer.log_row(row)
         for client_row in settled.records:
             writer.log_row(client_row, CLIENTS_FILE)
-        last = row
-        if scores["accuracy"] > best_accuracy:
-            best_accuracy, best_round = scores["accuracy"], server_round
         progress.update(
             server_round,
-            scores["accuracy"],
-            scores["loss"],
-            f"sim {format_sim_time(scheduler.clock.now_s)}"
+            row[keys.ACCURACY],
+            row[keys.LOSS],
+            f"sim {format_sim_time(state.sim_time_s)}"
             + "".join(
                 f"  {name} {settled.counts[name]}"
                 for name in (STRAGGLER, OFFLINE, INFEASIBLE, FAILED)
                 if settled.counts[name]
             ),
         )
-        if not math.isfinite(scores["loss"]):
+        if not math.isfinite(row[keys.LOSS]):
             status = "diverged"
             log.error(
                 "round %d: the global model's loss is %s; stopping (metrics so far are saved). "
                 "Lower client.lr.",
                 server_round,
-                scores["loss"],
+                row[keys.LOSS],
             )
             break
-    summary = {
-        "status": status,
-        "num_rounds": last.get(keys.ROUND, 0),
-        "final_accuracy": last.get(keys.ACCURACY),
-        "final_loss": last.get(keys.LOSS),
-        "final_macro_f1": last.get(keys.MACRO_F1),
-        "best_accuracy": best_accuracy if best_round else None,
-        "best_round": best_round,
-        "bytes_up_total": totals[keys.BYTES_UP],
-        "bytes_down_total": totals[keys.BYTES_DOWN],
-        "sim_time_s": scheduler.clock.now_s,
-        "energy_j_total": energy_total,
-        "wall_time_s": time.perf_counter() - started,
-    }
+        if every and (server_round % every == 0 or server_round == num_rounds):
+            save_checkpoint(writer.run_dir, state, strategy, config_hash(cfg))
+    summary = {"status": status, **state.totals, "sim_time_s": state.sim_time_s}
     writer.finish(summary)
     return summary

@@ -23,7 +23,8 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 from flwr.serverapp import ServerApp  # noqa: E402
 
 from fedsim.apps import client_app, make_server_app, quiet_flower  # noqa: E402
-from fedsim.config import build, validate  # noqa: E402
+from fedsim.checkpoint import load_checkpoint  # noqa: E402
+from fedsim.config import build, config_hash, validate  # noqa: E402
 from fedsim.results import RunWriter  # noqa: E402
 from fedsim.workload import get_workload  # noqa: E402
 
@@ -79,10 +80,11 @@ def run_flower(server_app: ServerApp, lanes: int, config: dict) -> None:
     )
 
 
-def simulate(cfg: DictConfig, run_dir: Path | str) -> dict:
+def simulate(cfg: DictConfig, run_dir: Path | str, resume: bool = False) -> dict:
     """Validate ``cfg``, run the federation, write ``run_dir``; return the run summary.
 
-    Every check that can fail on bad input runs before the run folder is claimed.
+    Every check that can fail on bad input runs before the run folder is claimed. With
+    ``resume``, the run continues in ``run_dir`` from its checkpoint.
     """
     validate(cfg)
     quiet_flower()
@@ -93,10 +95,16 @@ def simulate(cfg: DictConfig, run_dir: Path | str) -> dict:
     build(cfg, "client")  # the workers build it too; check its arguments here, once
     _check_sampling(cfg, strategy)
     writer = RunWriter(run_dir)
-    writer.start(cfg)
+    state = None
+    if resume:
+        state = load_checkpoint(run_dir, strategy, config_hash(cfg))
+        writer.reopen(state.server_round)
+    else:
+        writer.start(cfg)
     summary: dict = {}
     lanes = num_lanes(cfg, _cluster_cpus(cfg))
-    run_flower(make_server_app(cfg, strategy, writer, summary), lanes, backend_config(cfg))
+    app = make_server_app(cfg, strategy, writer, summary, state)
+    run_flower(app, lanes, backend_config(cfg))
     if not summary:
         raise RuntimeError("the simulation ended without a summary; see the log above")
     return summary

@@ -31,8 +31,12 @@ client_app = ClientApp()
 
 
 def quiet_flower() -> None:
-    """Keep Flower's per-round INFO logs and deprecation notices out of the progress display."""
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    """Keep Flower's logs out of the progress display.
+
+    fedsim reports what Flower would log: a failed client or lost lane is counted per round
+    (``num_failed``), its reason kept in ``clients.jsonl``; an engine failure raises.
+    """
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="flwr")
 
 

@@ -166,6 +166,7 @@ class RoundScheduler:
             row = plan.records[pid]
             if reply.has_error():
                 row["outcome"] = FAILED
+                row["error"] = " ".join(reply.error.reason.split())[:300]
                 continue
             cost = costs[pid]
             work = ClientWork(

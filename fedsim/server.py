@@ -263,6 +263,14 @@ def run_rounds(
                 if settled.counts[name]
             ),
         )
+        if settled.counts[FAILED]:
+            reasons = sorted({r["error"] for r in settled.records if r["outcome"] == FAILED})
+            log.warning(
+                "round %d: %d client(s) failed: %s",
+                server_round,
+                settled.counts[FAILED],
+                "; ".join(reason[:120] for reason in reasons[:3]),
+            )
         if not math.isfinite(row[keys.LOSS]):
             status = "diverged"
             log.error(

@@ -50,6 +50,9 @@ def backend_config(cfg: DictConfig) -> dict:
         "client_resources": {
             "num_cpus": float(cfg.runtime.client_num_cpus),
             "num_gpus": float(cfg.runtime.client_num_gpus),
+            # Flower passes these to ClientAppActor.options(): Ray restarts a crashed worker
+            # (Flower itself would keep handing messages to the dead actor).
+            "max_restarts": -1,
         },
         "init_args": init_args,
     }
@@ -92,6 +95,7 @@ def simulate(cfg: DictConfig, run_dir: Path | str, resume: bool = False) -> dict
     workload.build_model()
     strategy = build(cfg, "strategy")
     build(cfg, "devices")  # the fleet checks its profiles and shares
+    build(cfg, "faults")
     build(cfg, "client")  # the workers build it too; check its arguments here, once
     _check_sampling(cfg, strategy)
     writer = RunWriter(run_dir)

@@ -42,6 +42,7 @@ class ClientRuntime:
         self.workload: Workload = get_workload(cfg)
         self.model = self.workload.build_model()
         self.behaviour = instantiate(cfg.client)
+        self.faults = instantiate(cfg.faults)
 
     def train_client(
         self, partition_id: int, content: RecordDict, state: RecordDict
@@ -52,6 +53,7 @@ class ClientRuntime:
         """
         config: ConfigRecord = content.get(keys.CONFIG, ConfigRecord())
         server_round = int(config.get(keys.SERVER_ROUND, 0))
+        self.faults.strike(self.seed, server_round, partition_id)
         load_arrays(self.model, content[keys.ARRAYS])
         # Dropout and other global-RNG draws, and the batch order, are named by (round, client).
         torch.manual_seed(derive_seed(self.seed, "train-global", server_round, partition_id))

@@ -49,6 +49,7 @@ def _resume(argument: str, others: list[str]) -> None:
     """
     from omegaconf import OmegaConf
 
+    from fedsim.checkpoint import read_checkpoint
     from fedsim.results import CONFIG_FILE
     from fedsim.simulation import simulate
 
@@ -60,15 +61,33 @@ def _resume(argument: str, others: list[str]) -> None:
             raise ConfigError(
                 "resume", override, "only runtime.* settings can change when resuming a run"
             )
+    read_checkpoint(run_dir)  # missing or corrupt: say so before loading anything
     cfg = OmegaConf.load(run_dir / CONFIG_FILE)
     cfg.merge_with_dotlist(others)
     _report(simulate(cfg, run_dir, resume=True), run_dir)
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr to fedsim's lines: library warnings and progress bars are not for users."""
+    import warnings
+
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", UserWarning)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def main() -> None:
     """Console entry point: reject bad overrides in one line, then hand over to Hydra."""
     from fedsim.config import precheck_overrides
 
+    _quiet_libraries()
     argv = sys.argv[1:]
     resume = [a for a in argv if a.startswith("resume=")]
     try:

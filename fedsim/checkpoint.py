@@ -24,12 +24,19 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from fedsim.errors import ConfigError
 
-__all__ = ["RunState", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FILE", "FORMAT"]
+__all__ = [
+    "RunState",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "CHECKPOINT_FILE",
+    "FORMAT",
+]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedsim-checkpoint/1"
@@ -169,6 +176,22 @@ def save_checkpoint(
     return path
 
 
+def read_checkpoint(run_dir: Path | str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The metadata and tensors of a run's checkpoint, or a one-line ConfigError."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError("resume", run_dir, f"has no {CHECKPOINT_FILE}; nothing to resume")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            header = handle.metadata() or {}
+        return json.loads(header["fedsim"]), load_file(str(path))
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise ConfigError(
+            "resume", path, f"checkpoint is corrupt or unreadable ({reason})"
+        ) from None
+
+
 def load_checkpoint(
     run_dir: Path | str, strategy: object, config_hash: str
 ) -> RunState:
@@ -181,20 +204,7 @@ def load_checkpoint(
 
     """
     path = Path(run_dir) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise ConfigError("resume", run_dir, f"has no {CHECKPOINT_FILE}; nothing to resume")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
-            header = handle.metadata() or {}
-        meta = json.loads(header["fedsim"])
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:120]
-        raise ConfigError(
-            "resume", path, f"checkpoint is corrupt or unreadable ({reason})"
-        ) from None
+    meta, tensors = read_checkpoint(run_dir)
     if meta.get("format") != FORMAT:
         raise ConfigError(
             "resume", path, f"checkpoint format {meta.get('format')!r}, expected {FORMAT}"

@@ -423,9 +423,16 @@ class HFData:
                     "must be null for a local file (one split; test_fraction is held out)",
                 )
             data_files = {self.split: str(file)}
-            return {
-                self.split: datasets.load_dataset(builder, data_files=data_files, split=self.split)
-            }
+            try:
+                loaded_file = datasets.load_dataset(
+                    builder, data_files=data_files, split=self.split
+                )
+            except Exception as exc:  # a corrupt or mis-typed file: one line, not a traceback
+                reason = " ".join(str(exc).split())[:160]
+                raise ConfigError(
+                    "data.path", self.path, f"could not be read as {builder} ({reason})"
+                ) from None
+            return {self.split: loaded_file}
         try:
             loaded = datasets.load_dataset(self.path)
         except Exception as exc:  # any hub/network/cache failure is the same user error

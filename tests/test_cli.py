@@ -1,5 +1,6 @@
 """Bad input on the command line: exit code 2, one line naming key/value/accepted, no folder."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,26 @@ import pytest
 FEDSIM = [sys.executable, "-m", "fedsim"]
 
 
+def _files(tmp_path: Path) -> None:
+    """Bad files the table refers to as {tmp}/...: garbage data, a run with a bad checkpoint."""
+    (tmp_path / "garbage.csv").write_bytes(b"\x00\xff\xfe binary \x00\x00\n\x89PNG\r\n")
+    (tmp_path / "nolabel.csv").write_text("text,other\nhello,1\nworld,2\n")
+    for name, checkpoint in (("corrupt_ckpt", b"\x00" * 40), ("no_ckpt", None)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text("seed: 0\nnum_rounds: 2\n")
+        if checkpoint is not None:
+            (run / "checkpoint.safetensors").write_bytes(checkpoint)
+
+
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     run_dir = tmp_path / "run"
+    _files(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    extra = [] if any(a.startswith("resume=") for a in args) else [
+        f"hydra.run.dir={run_dir}", "runtime.progress=false"]
     return subprocess.run(
-        [*FEDSIM, *args, f"hydra.run.dir={run_dir}", "runtime.progress=false"],
+        [*FEDSIM, *args, *extra],
         capture_output=True, text=True, timeout=180,
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
@@ -36,6 +53,26 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         (["strategy.min_available_nodes=99"], "strategy.min_available_nodes=99", "<= num_clients"),
         (["num_clientz=3"], "num_clientz", "not a config key"),
         (["clock.deadline_s=-2"], "clock.deadline_s=-2", "> 0"),
+        (["clock.over_selection=0.5"], "clock.over_selection=0.5", ">= 1"),
+        (["seed=-1"], "seed=-1", "integer >= 0"),
+        (["num_rounds=2.5"], "num_rounds=2.5", "integer >= 1"),
+        (["checkpoint_every=-1"], "checkpoint_every=-1", "integer >= 0"),
+        (["runtime.client_num_cpus=0"], "runtime.client_num_cpus=0", "> 0"),
+        (["data.test_fraction=1.5"], "data.test_fraction=1.5", "(0, 1)"),
+        (["faults.exception_prob=2"], "faults.exception_prob=2", "[0, 1]"),
+        (["devices=phones_mixed", "devices.shares=[0.5,0.2,0.2]"], "devices.shares", "sum to 1"),
+        (["devices=uniform", "devices.server_gflops=-1"], "devices.server_gflops=-1", "> 0"),
+        (["partition=shard", "num_clients=1000"], "num_clients", "shard"),
+        (["data=chatterbot", "model=text_classifier", "model.backbone=/no/such/model"],
+         "model.backbone=/no/such/model", "minilm"),
+        (["data=hf", "data.path={tmp}/garbage.csv", "model=text_classifier"], "data.path=", ""),
+        (["data=hf", "data.path={tmp}/nolabel.csv", "model=text_classifier"],
+         "data.label_column=label", "other"),
+        (["data=hf", "data.path={tmp}/notes.txt"], "data.path={tmp}/notes.txt", ""),
+        (["resume={tmp}/nothing_here"], "resume={tmp}/nothing_here", "run folder"),
+        (["resume={tmp}/no_ckpt"], "resume={tmp}/no_ckpt", "nothing to resume"),
+        (["resume={tmp}/corrupt_ckpt"], "resume=", "corrupt"),
+        (["resume={tmp}/no_ckpt", "strategy=fedprox"], "resume=strategy=fedprox", "runtime."),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_folder(args, key, accepted, tmp_path) -> None:
@@ -44,6 +81,7 @@ def test_bad_input_exits_2_with_one_line_and_no_folder(args, key, accepted, tmp_
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("fedsim: error: ")
+    key = key.replace("{tmp}", str(tmp_path))
     assert key in lines[0] and accepted in lines[0], lines[0]
     assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
 
@@ -63,3 +101,15 @@ def test_cfg_job_prints_the_composed_config(tmp_path) -> None:
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "flwr.serverapp.strategy.FedProx" in proc.stdout and "proximal_mu" in proc.stdout
+
+
+def test_diverging_learning_rate_stops_cleanly_with_metrics_saved(tmp_path) -> None:
+    proc = _run(["num_clients=4", "num_rounds=5", "strategy.fraction_train=1.0", "client.lr=1e9"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopping (metrics so far are saved)" in proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert summary["status"] == "diverged" and summary["num_rounds"] == len(rows) < 5
+    assert rows[-1]["loss"] is None  # NaN/inf is recorded as null: JSON has no NaN

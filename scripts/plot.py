@@ -1,7 +1,8 @@
 """``fedsim-plot``: learning curves (or per-client latency) of the runs under results folders.
 
 Each figure gets a markdown table beside it (same stem, ``.md``), also printed to stdout.
-Loading, grouping and aggregation live in :mod:`fedsim.scripts.runs`; this file only draws.
+Loading, grouping and aggregation live in :mod:`fedsim.scripts.runs` (per-client rows in
+:mod:`fedsim.scripts.clients_stats`); this file only draws and formats.
 
 Examples
 --------
@@ -9,6 +10,10 @@ Accuracy against round and against communicated bytes, one line per configuratio
 
     fedsim-plot results/sweep --out results/figures/sweep.png
     fedsim-plot results/a results/b --out fig.png --x round sim_time --metric loss
+
+Add, per configuration, the simulated time, rounds and traffic to first reach 80% accuracy::
+
+    fedsim-plot results/sweeps/devices --out fig.png --x round sim_time --target 0.8
 
 Per-client latency by device tier, from the runs' ``clients.jsonl``::
 
@@ -31,20 +36,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
+from fedsim.scripts.clients_stats import LATENCY_PARTS, TierStats, load_client_rows, tier_stats
 from fedsim.scripts.runs import (
-    LATENCY_PARTS,
     X_AXES,
     Configuration,
     Run,
-    TierStats,
+    TargetSummary,
     aggregate_curve,
     available_metrics,
     group_runs,
-    load_client_rows,
     load_runs,
     markdown_table,
     summarize,
-    tier_stats,
+    summarize_target,
 )
 
 __all__ = ["build_parser", "main", "plot_curves", "plot_latency", "summary_table"]
@@ -62,7 +66,18 @@ BYTE_UNITS = (("B", 1.0), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
 # Seconds shown in s below 2 min, in min below 2 h, else in h.
 TIME_UNITS = (("s", 1.0, 0.0), ("min", 60.0, 120.0), ("h", 3600.0, 7200.0))
 OUTCOME_COLORS = {"ok": "tab:green", "straggler": "tab:orange", "offline": "tab:gray",
-                  "infeasible": "tab:red"}  # fmt: skip
+                  "infeasible": "tab:red", "failed": "tab:purple"}  # fmt: skip
+# Table columns for runs.TOTAL_KEYS: a run's sum over rounds, mean over seeds.
+TOTAL_COLUMNS = {"num_stragglers": "stragglers", "num_offline": "offline",
+                 "num_infeasible": "infeasible", "num_failed": "failed",
+                 "energy_j": "energy (J)"}  # fmt: skip
+TOTALS_CAPTION = (
+    "Stragglers, offline, infeasible, failed, energy: sum over a run's rounds, mean over seeds"
+)
+TARGET_CAPTION = (
+    "Columns '… to {target:g}': at the first round with accuracy ≥ {target:g} (sim time and "
+    "traffic cumulative through it), mean ± sample std over the seeds that reached it"
+)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -84,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "shows as <group>=<ClassName>, other keys as <last part>=<value> (the full dotted key if "
         "two share a last part); seed, runtime.* and hydra* never count. A single "
         "configuration is labelled by its strategy class. FILE.md: final and best accuracy as "
-        "mean ± sample std over seeds.",
+        "mean ± sample std over seeds; with a device fleet, totals of stragglers, offline, "
+        "infeasible and failed client-rounds and of device energy (sum over rounds, mean over "
+        "seeds); with --target, the cost to reach it.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="results folder(s) to search")
     parser.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="figure path")
@@ -100,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric", default="accuracy", help="per-round key of metrics.jsonl (default: accuracy)"
     )
     parser.add_argument("--title", default=None, help="figure title")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        metavar="ACC",
+        help="target accuracy in (0, 1]: the table adds, per configuration, how many seeds "
+        "reached it and the simulated time, rounds and cumulative bytes up+down to the first "
+        "round at or above it (mean ± std over those seeds); a dashed line marks it when "
+        "--metric is accuracy",
+    )
     parser.add_argument(
         "--latency",
         action="store_true",
@@ -158,9 +185,17 @@ def _save(fig: Figure, out: Path) -> None:
 
 
 def plot_curves(
-    configurations: Sequence[Configuration], metric: str, xs: Sequence[str], out: Path, title: str
+    configurations: Sequence[Configuration],
+    metric: str,
+    xs: Sequence[str],
+    out: Path,
+    title: str,
+    target: float | None = None,
 ) -> None:
-    """Draw one panel per x axis: per configuration, mean over seeds and a min-max band."""
+    """Draw one panel per x axis: per configuration, mean over seeds and a min-max band.
+
+    ``target`` (a value of ``metric``) is drawn as a dashed horizontal line.
+    """
     legend_rows = 1 + -(-len(configurations) // len(xs))  # title + ceil(labels / columns)
     fig, axes = _new_figure(len(xs), title, legend_rows)
     colors = [f"C{i % 10}" for i in range(len(configurations))]
@@ -180,6 +215,8 @@ def plot_curves(
                 label=_legend_label(configuration),
             )
             ax.fill_between(x_scaled, curve.low, curve.high, color=color, alpha=BAND_ALPHA, lw=0)
+        if target is not None:
+            ax.axhline(target, color="gray", linestyle="--", linewidth=1)
         if x == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(_x_label(x, unit))
@@ -209,14 +246,45 @@ def _time_text(seconds: float) -> str:
     return f"{seconds / scale:.1f} {unit}"
 
 
-def summary_table(configurations: Sequence[Configuration]) -> str:
-    """Return the markdown table: one row per configuration, accuracy mean ± std over seeds."""
+def _three_digits(mean_std: tuple[float, float], scale: float = 1.0, unit: str = "") -> str:
+    """``mean ± std`` divided by ``scale``: 3 significant digits of the mean, at least 1 decimal."""
+    mean, std = (value / scale for value in mean_std)
+    if np.isnan(mean):
+        return "–"
+    decimals = max(1, 2 - int(np.floor(np.log10(abs(mean))))) if mean else 1
+    text = f"{mean:.{decimals}f}" if np.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+    return f"{text} {unit}".rstrip()
+
+
+def _target_cells(target: TargetSummary, with_sim_time: bool) -> list[str]:
+    """Cells: seeds reached, [sim time], rounds, traffic to the target (units from the means)."""
+    cells = [f"{target.num_reached}/{target.num_runs}"]
+    if with_sim_time:
+        unit, scale = _pick_unit(target.sim_time_s[0], "sim_time")
+        cells.append(_three_digits(target.sim_time_s, scale, unit))
+    unit, scale = _pick_unit(target.bytes[0], "bytes")
+    cells += [_three_digits(target.rounds), _three_digits(target.bytes, scale, unit)]
+    return cells
+
+
+def summary_table(configurations: Sequence[Configuration], target: float | None = None) -> str:
+    """Return the markdown table: one row per configuration, accuracy mean ± std over seeds.
+
+    Columns are added for a final simulated time, the totals of :data:`TOTAL_COLUMNS` when some
+    run reports them, and the cost to reach ``target`` accuracy when it is given.
+    """
     summaries = [summarize(c) for c in configurations]
     with_sim_time = any(s.final_sim_time_s is not None for s in summaries)
+    totals = [key for key in TOTAL_COLUMNS if any(key in s.totals for s in summaries)]
     header = ["configuration", "seeds", "final accuracy", "best accuracy", "rounds"]
     header += ["final sim time"] if with_sim_time else []
+    if target is not None:
+        header += [f"seeds reaching {target:g}"]
+        header += [f"sim time to {target:g}"] if with_sim_time else []
+        header += [f"rounds to {target:g}", f"traffic to {target:g}"]
+    header += [TOTAL_COLUMNS[key] for key in totals]
     rows = []
-    for s in summaries:
+    for configuration, s in zip(configurations, summaries, strict=True):
         seeds = (
             f"{s.num_runs} ({s.num_incomplete} incomplete)" if s.num_incomplete else str(s.num_runs)
         )
@@ -226,8 +294,17 @@ def summary_table(configurations: Sequence[Configuration]) -> str:
         if with_sim_time:
             sim = s.final_sim_time_s
             row.append("–" if sim is None else _time_text(sim))
+        if target is not None:
+            row += _target_cells(summarize_target(configuration.runs, target), with_sim_time)
+        row += [_total_text(key, s.totals.get(key)) for key in totals]
         rows.append(row)
     return markdown_table(header, rows)
+
+
+def _total_text(key: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    return _three_digits((value, np.nan)) if key == "energy_j" else f"{value:.1f}"
 
 
 def plot_latency(stats: Sequence[TierStats], out: Path, title: str) -> None:
@@ -273,19 +350,25 @@ def latency_table(stats: Sequence[TierStats]) -> str:
     rows = []
     for s in stats:
         has = s.latency_s.size > 0
-        median = f"{np.median(s.latency_s):.2f}" if has else "–"
-        p90 = f"{np.percentile(s.latency_s, 90):.2f}" if has else "–"
+        median = _three_digits((float(np.median(s.latency_s)), np.nan)) if has else "–"
+        p90 = _three_digits((float(np.percentile(s.latency_s, 90)), np.nan)) if has else "–"
         row = [s.tier, str(s.num_rows), median, p90]
-        row += [f"{s.mean_parts_s[p]:.2f}" for p in LATENCY_PARTS]
+        row += [_three_digits((s.mean_parts_s[p], np.nan)) for p in LATENCY_PARTS]
         row += [str(s.outcomes.get(o, 0)) for o in outcomes]
         rows.append(row)
     return markdown_table(header, rows)
 
 
-def _check_inputs(runs: Sequence[Run], metric: str, xs: Sequence[str]) -> None:
+def _check_inputs(
+    runs: Sequence[Run], metric: str, xs: Sequence[str], target: float | None
+) -> None:
     metrics = available_metrics(runs)
     if metric not in metrics:
         raise ConfigError("--metric", metric, f"must be one of: {', '.join(metrics)}")
+    if target is not None and not 0.0 < target <= 1.0:  # also refuses nan
+        raise ConfigError("--target", target, "must be an accuracy in (0, 1]")
+    if target is not None and "accuracy" not in metrics:
+        raise ConfigError("--target", target, "needs runs whose metrics.jsonl has accuracy")
     if "sim_time" in xs:
         lacking = [run for run in runs if not run.values("sim_time_s")]
         if lacking:
@@ -299,6 +382,8 @@ def _check_inputs(runs: Sequence[Run], metric: str, xs: Sequence[str]) -> None:
 
 def _run(args: argparse.Namespace) -> tuple[str, str]:
     """Load, draw and write; return (markdown table, caption)."""
+    if args.latency and args.target is not None:
+        raise ConfigError("--target", args.target, "applies to learning curves, not --latency")
     runs = load_runs(args.dirs)
     if args.latency:
         rows = load_client_rows(runs)
@@ -307,13 +392,21 @@ def _run(args: argparse.Namespace) -> tuple[str, str]:
         stats = tier_stats(rows)
         plot_latency(stats, args.out, title)
         return latency_table(stats), "Pooled over all client-rounds of all runs."
-    _check_inputs(runs, args.metric, args.x)
+    _check_inputs(runs, args.metric, args.x, args.target)
     configurations = group_runs(runs)
     title = args.title or (
         f"{args.metric}: {len(configurations)} configuration(s), {len(runs)} run(s)"
     )
-    plot_curves(configurations, args.metric, args.x, args.out, title)
-    return summary_table(configurations), f"Accuracy: {STD_CAPTION}. In the figure, {BAND_CAPTION}."
+    line = args.target if args.metric == "accuracy" else None
+    plot_curves(configurations, args.metric, args.x, args.out, title, target=line)
+    table = summary_table(configurations, target=args.target)
+    captions = [f"Accuracy: {STD_CAPTION}"]
+    captions += [TARGET_CAPTION.format(target=args.target)] if args.target is not None else []
+    captions += [TOTALS_CAPTION] if any(summarize(c).totals for c in configurations) else []
+    captions += [f"In the figure, {BAND_CAPTION}"]
+    if line is not None:
+        captions[-1] += f"; dashed: accuracy {line:g}"
+    return table, ". ".join(captions) + "."
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,9 @@ A *run folder* is any folder holding ``metrics.jsonl`` and ``config.yaml`` (writ
 Runs form one *configuration* when their flattened configs are equal once ``seed``,
 ``runtime.*`` and ``hydra*`` keys are dropped. Labels name what differs between
 configurations (see :func:`label_configurations`).
+
+:func:`summarize` and :func:`summarize_target` reduce a configuration's runs to a table row.
+Per-client rows (``clients.jsonl``) are read by :mod:`fedsim.scripts.clients_stats`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +27,31 @@ import yaml
 from fedsim.errors import ConfigError
 
 __all__ = [
+    "CLIENTS_FILE",
     "Configuration",
     "ConfigSummary",
     "Curve",
+    "Reach",
     "Run",
-    "TierStats",
+    "TOTAL_KEYS",
+    "TargetSummary",
     "X_AXES",
     "aggregate_curve",
     "available_metrics",
     "comparable_config",
     "find_run_dirs",
+    "first_reach",
     "flatten_config",
     "group_runs",
+    "is_finite",
     "label_configurations",
-    "load_client_rows",
     "load_run",
     "load_runs",
     "markdown_table",
     "mean_std",
+    "read_jsonl",
     "summarize",
-    "tier_stats",
+    "summarize_target",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,6 +65,9 @@ IGNORED_KEYS = ("seed",)
 IGNORED_PREFIXES = ("runtime.", "hydra")
 # x axes a curve can be aligned on -> the per-row metrics key it is built from.
 X_AXES = {"round": "round", "bytes": "bytes_up+bytes_down", "sim_time": "sim_time_s"}
+# Per-round counters of the device simulation (fedsim.server writes them to metrics.jsonl): a run's
+# total is their sum over its rounds; the table shows the mean of those totals over seeds.
+TOTAL_KEYS = ("num_stragglers", "num_offline", "num_infeasible", "num_failed", "energy_j")
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,12 +105,12 @@ class Run:
 
     def values(self, key: str) -> list[float]:
         """Finite values of a per-round metric, in round order (missing rounds skipped)."""
-        return [float(row[key]) for row in self.rows if _is_finite(row.get(key))]
+        return [float(row[key]) for row in self.rows if is_finite(row.get(key))]
 
     @property
     def final_accuracy(self) -> float:
         """``summary.final_accuracy``, else the last round's accuracy (nan if none)."""
-        if _is_finite(self.summary.get("final_accuracy")):
+        if is_finite(self.summary.get("final_accuracy")):
             return float(self.summary["final_accuracy"])
         values = self.values("accuracy")
         return values[-1] if values else math.nan
@@ -107,7 +118,7 @@ class Run:
     @property
     def best_accuracy(self) -> float:
         """``summary.best_accuracy``, else the best round's accuracy (nan if none)."""
-        if _is_finite(self.summary.get("best_accuracy")):
+        if is_finite(self.summary.get("best_accuracy")):
             return float(self.summary["best_accuracy"])
         values = self.values("accuracy")
         return max(values) if values else math.nan
@@ -151,9 +162,37 @@ class ConfigSummary:
     best_accuracy: tuple[float, float]  # (mean, std)
     rounds: tuple[int, int]  # (min, max) completed rounds over runs
     final_sim_time_s: float | None  # mean over runs that report sim_time_s
+    # TOTAL_KEYS some run reports -> mean over those runs of the run's total (sum over rounds)
+    totals: dict[str, float] = field(default_factory=dict)
 
 
-def _is_finite(value: Any) -> bool:
+@dataclass(frozen=True)
+class Reach:
+    """Where one run first reaches a target accuracy: all values are through that round."""
+
+    round: int
+    sim_time_s: float | None  # cumulative simulated seconds; None without a device fleet
+    bytes: int  # cumulative bytes up + down
+
+
+@dataclass(frozen=True)
+class TargetSummary:
+    """Cost to a target accuracy; (mean, sample std) over the seeds that reached it.
+
+    Means are nan when no seed reached the target (``sim_time_s`` also without a device fleet);
+    stds are nan for fewer than two seeds.
+    """
+
+    target: float
+    num_reached: int
+    num_runs: int
+    sim_time_s: tuple[float, float]
+    rounds: tuple[float, float]
+    bytes: tuple[float, float]
+
+
+def is_finite(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (a JSON null, bool or text is not)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -181,7 +220,7 @@ def find_run_dirs(dirs: Sequence[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """JSON lines of a file; a truncated last line (a run killed mid-write) is dropped."""
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     rows: list[dict[str, Any]] = []
@@ -201,7 +240,7 @@ def load_run(path: str | Path) -> Run:
     config = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
     rows = [
         row
-        for row in _read_jsonl(path / METRICS_FILE)
+        for row in read_jsonl(path / METRICS_FILE)
         if row.get("phase", TRAIN_PHASE) == TRAIN_PHASE and "round" in row
     ]
     rows.sort(key=lambda row: int(row["round"]))
@@ -250,6 +289,8 @@ def comparable_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _format_value(value: Any) -> str:
+    if value is None:
+        return "null"  # as YAML and Hydra overrides spell it (clock.deadline_s=null)
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -317,9 +358,14 @@ def available_metrics(runs: Iterable[Run]) -> list[str]:
         for run in runs
         for row in run.rows
         for key, value in row.items()
-        if key != "round" and _is_finite(value)
+        if key != "round" and is_finite(value)
     }
     return sorted(keys)
+
+
+def _cumulative_bytes(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Bytes up + down through each row; rows hold the bytes moved in their own round."""
+    return np.cumsum([row.get("bytes_up", 0) + row.get("bytes_down", 0) for row in rows]).tolist()
 
 
 def _run_x(run: Run, x: str) -> dict[int, float]:
@@ -327,8 +373,7 @@ def _run_x(run: Run, x: str) -> dict[int, float]:
     if x == "round":
         return {int(row["round"]): float(row["round"]) for row in run.rows}
     if x == "bytes":
-        # Rows hold the bytes moved in that round; the axis is cumulative traffic.
-        totals = np.cumsum([row.get("bytes_up", 0) + row.get("bytes_down", 0) for row in run.rows])
+        totals = _cumulative_bytes(run.rows)
         return {int(row["round"]): float(t) for row, t in zip(run.rows, totals, strict=True)}
     if x == "sim_time":
         return {int(r["round"]): float(r["sim_time_s"]) for r in run.rows if "sim_time_s" in r}
@@ -341,7 +386,7 @@ def aggregate_curve(runs: Sequence[Run], metric: str, x: str = "round") -> Curve
     for run in runs:
         xs = _run_x(run, x)
         ys = {
-            int(row["round"]): float(row[metric]) for row in run.rows if _is_finite(row.get(metric))
+            int(row["round"]): float(row[metric]) for row in run.rows if is_finite(row.get(metric))
         }
         per_run.append({r: (xs[r], ys[r]) for r in ys if r in xs})
     rounds = sorted({r for points in per_run for r in points})
@@ -375,10 +420,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(configuration: Configuration) -> ConfigSummary:
-    """Summarize final and best accuracy over seeds, completed rounds, final simulated time."""
+    """Summarize accuracy over seeds, completed rounds, final simulated time, run totals."""
     runs = configuration.runs
     sim_times = [run.values("sim_time_s")[-1] for run in runs if run.values("sim_time_s")]
     rounds = [run.num_rounds for run in runs]
+    totals = {}
+    for key in TOTAL_KEYS:
+        per_run = [sum(run.values(key)) for run in runs if run.values(key)]  # runs reporting key
+        if per_run:
+            totals[key] = float(np.mean(per_run))
     return ConfigSummary(
         label=configuration.label,
         num_runs=len(runs),
@@ -387,6 +437,41 @@ def summarize(configuration: Configuration) -> ConfigSummary:
         best_accuracy=mean_std([run.best_accuracy for run in runs]),
         rounds=(min(rounds), max(rounds)),
         final_sim_time_s=float(np.mean(sim_times)) if sim_times else None,
+        totals=totals,
+    )
+
+
+def first_reach(
+    rows: Sequence[Mapping[str, Any]], target: float, metric: str = "accuracy"
+) -> Reach | None:
+    """First round (rows in round order) whose ``metric`` is >= ``target``; None if none is.
+
+    Bytes and simulated time count everything up to the end of that round, stragglers' uploads
+    included (they were sent); a later dip below the target does not undo the reach.
+    """
+    for row, total_bytes in zip(rows, _cumulative_bytes(rows), strict=True):
+        value = row.get(metric)
+        if is_finite(value) and value >= target:
+            sim_time = row.get("sim_time_s")
+            sim_time_s = float(sim_time) if is_finite(sim_time) else None
+            return Reach(int(row["round"]), sim_time_s, int(total_bytes))
+    return None
+
+
+def summarize_target(runs: Sequence[Run], target: float, metric: str = "accuracy") -> TargetSummary:
+    """Simulated time, rounds and bytes to first reach ``target``, over the seeds that did.
+
+    A seed that never reached it (or stopped early) counts in ``num_runs`` only: the means are
+    over the reaching seeds, so read them together with ``num_reached``.
+    """
+    reaches = [reach for run in runs if (reach := first_reach(run.rows, target, metric))]
+    return TargetSummary(
+        target=target,
+        num_reached=len(reaches),
+        num_runs=len(runs),
+        sim_time_s=mean_std([r.sim_time_s for r in reaches if r.sim_time_s is not None]),
+        rounds=mean_std([float(r.round) for r in reaches]),
+        bytes=mean_std([float(r.bytes) for r in reaches]),
     )
 
 
@@ -399,67 +484,3 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = [line(header), "|" + "|".join("---" for _ in header) + "|"]
     lines.extend(line(row) for row in rows)
     return "\n".join(lines) + "\n"
-
-
-# --- per-client rows (device simulation) ------------------------------------------------------
-OUTCOMES = ("ok", "straggler", "offline", "infeasible")
-LATENCY_PARTS = ("download_s", "compute_s", "upload_s")
-
-
-@dataclass(frozen=True)
-class TierStats:
-    """Per-client latency of one device tier, pooled over client-rounds of all runs."""
-
-    tier: str
-    num_rows: int  # client-rounds, every outcome
-    latency_s: np.ndarray  # (k,) finite latencies of the client-rounds that have one
-    mean_parts_s: dict[str, float]  # LATENCY_PARTS -> mean seconds over those k rows
-    outcomes: dict[str, int]  # outcome -> client-rounds (OUTCOMES first, then any other)
-
-
-def load_client_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
-    """Rows of every run's ``clients.jsonl``, each with ``run`` set to the run folder.
-
-    Raises
-    ------
-    ConfigError
-        If no run has a ``clients.jsonl`` with a row in it.
-
-    """
-    runs = list(runs)
-    rows = [
-        {**row, "run": str(run.path)}
-        for run in runs
-        if run.clients_path is not None
-        for row in _read_jsonl(run.clients_path)
-    ]
-    if not rows:
-        raise ConfigError(
-            CLIENTS_FILE,
-            "missing",
-            f"none of {len(runs)} runs has client rows; run with a device fleet "
-            "(devices=<fleet>) to record per-client latency",
-        )
-    return rows
-
-
-def tier_stats(rows: Iterable[Mapping[str, Any]]) -> list[TierStats]:
-    """Latency and outcome counts per tier, slowest tier (highest median latency) first."""
-    by_tier: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        by_tier.setdefault(str(row.get("tier", "unknown")), []).append(row)
-    stats = []
-    for tier, tier_rows in by_tier.items():
-        timed = [row for row in tier_rows if _is_finite(row.get("latency_s"))]
-        outcomes = {name: 0 for name in OUTCOMES}
-        for row in tier_rows:
-            outcome = str(row.get("outcome", "ok"))
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        parts = {
-            part: float(np.mean([row[part] for row in timed if _is_finite(row.get(part))] or [0.0]))
-            for part in LATENCY_PARTS
-        }
-        latency = np.array([float(row["latency_s"]) for row in timed])
-        stats.append(TierStats(tier, len(tier_rows), latency, parts, outcomes))
-    median = {s.tier: float(np.median(s.latency_s)) if s.latency_s.size else -1.0 for s in stats}
-    return sorted(stats, key=lambda s: (-median[s.tier], s.tier))

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from fedsim.scripts.clients_stats import OUTCOMES, load_client_rows, tier_stats
 from fedsim.scripts.plot import main
 from fedsim.scripts.runs import (
+    Reach,
     aggregate_curve,
+    first_reach,
     group_runs,
     label_configurations,
-    load_client_rows,
     load_runs,
     summarize,
-    tier_stats,
+    summarize_target,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,10 +66,13 @@ def write_run(
     *,
     summary: bool = True,
     sim_time: bool = False,
+    accuracies: Sequence[float] | None = None,
+    per_round: dict[str, Sequence[float]] | None = None,
 ) -> Path:
+    """Write a run folder; ``per_round`` adds metrics.jsonl keys, one value per round."""
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    accuracies = [0.5, final + 0.05, final]
+    accuracies = accuracies or [0.5, final + 0.05, final]
     rows: list[dict[str, Any]] = [{"phase": "warm_start", "round": 0, "accuracy": 0.99}]
     for rnd, acc in enumerate(accuracies, start=1):
         row = {
@@ -80,11 +87,12 @@ def write_run(
         }
         if sim_time:
             row["sim_time_s"] = 60.0 * rnd
+        row.update({key: values[rnd - 1] for key, values in (per_round or {}).items()})
         rows.append(row)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if summary:
         best = max(accuracies)
-        summary_data = {"final_accuracy": final, "best_accuracy": best, "num_rounds": 3}
+        summary_data = {"final_accuracy": final, "best_accuracy": best, "num_rounds": len(rows) - 1}
         (folder / "summary.json").write_text(json.dumps(summary_data))
     return folder
 
@@ -128,6 +136,135 @@ def test_aggregate_curve_aligns_rounds_and_cumulates_bytes(sweep: Path) -> None:
     assert curve.num_runs.tolist() == [3, 3, 3]
 
 
+# Four rounds, each moving 1 MB up + 2 MB down, ending at 60 / 150 / 200 / 260 simulated s.
+REACH_ROWS = [
+    {"round": r, "accuracy": a, "sim_time_s": t, "bytes_up": 1_000_000, "bytes_down": 2_000_000}
+    for r, a, t in [(1, 0.5, 60.0), (2, 0.75, 150.0), (3, 0.72, 200.0), (4, 0.81, 260.0)]
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (0.5, Reach(round=1, sim_time_s=60.0, bytes=3_000_000)),  # >= counts: 0.5 reaches 0.5
+        (0.7, Reach(round=2, sim_time_s=150.0, bytes=6_000_000)),  # 2 rounds x 3 MB
+        (0.8, Reach(round=4, sim_time_s=260.0, bytes=12_000_000)),  # the dip in round 3 is kept
+        (0.9, None),  # never reached
+    ],
+)
+def test_first_reach_first_round_at_or_above_target(target: float, expected: Reach | None) -> None:
+    assert first_reach(REACH_ROWS, target) == expected
+
+
+def test_first_reach_without_sim_time_or_with_missing_accuracy() -> None:
+    rows = [{"round": 1, "bytes_up": 5}, {"round": 2, "accuracy": 0.9, "bytes_down": 7}]
+    # round 1 has no accuracy (skipped) but its bytes count: 5 + 7 = 12; no fleet -> no sim time
+    assert first_reach(rows, 0.8) == Reach(round=2, sim_time_s=None, bytes=12)
+
+
+# Three seeds against target 0.8 (sim time 60 s per round, 3 MB per round):
+#   seed 0: 0.5 0.7  0.85 -> round 3, 180 s, 9 MB
+#   seed 1: 0.6 0.82 0.85 -> round 2, 120 s, 6 MB
+#   seed 2: 0.5 0.6  0.7  -> never
+# over the 2 seeds that reached: rounds mean 2.5, sample std sqrt((0.5² + 0.5²) / 1) = 0.7071;
+# time 150 ± 42.43 s (60 x the rounds); bytes 7.5e6 ± 2.1213e6 (3e6 x the rounds).
+TARGET_ACCURACIES = {0: (0.5, 0.7, 0.85), 1: (0.6, 0.82, 0.85), 2: (0.5, 0.6, 0.7)}
+# Per-round device counters by seed; run totals (sum over 3 rounds), then mean over seeds:
+#   stragglers = seed each round -> 0, 3, 6 -> 3.0;  offline 1 each round -> 3, 3, 3 -> 3.0
+#   failed: only seed 2, round 1  -> 0, 0, 1 -> 0.333;  infeasible 0 -> 0.0
+#   energy 10 J x (seed + 1) each round -> 30, 60, 90 -> 60.0 J
+DEVICE_COUNTERS = {
+    seed: {
+        "num_stragglers": [seed] * 3,
+        "num_offline": [1] * 3,
+        "num_infeasible": [0] * 3,
+        "num_failed": [1 if seed == 2 else 0, 0, 0],
+        "energy_j": [10.0 * (seed + 1)] * 3,
+    }
+    for seed in SEEDS
+}
+
+
+@pytest.fixture()
+def device_runs(tmp_path: Path) -> Path:
+    root = tmp_path / "device"
+    for seed, accuracies in TARGET_ACCURACIES.items():
+        write_run(
+            root / str(seed),
+            make_config("FedAvg", seed),
+            accuracies[-1],
+            sim_time=True,
+            accuracies=accuracies,
+            per_round=DEVICE_COUNTERS[seed],
+        )
+    return root
+
+
+def test_summarize_target_over_seeds_that_reached(device_runs: Path) -> None:
+    (configuration,) = group_runs(load_runs([device_runs]))
+    reach = summarize_target(configuration.runs, 0.8)
+    assert (reach.num_reached, reach.num_runs) == (2, 3)
+    assert reach.rounds == pytest.approx((2.5, 0.7071), abs=1e-4)
+    assert reach.sim_time_s == pytest.approx((150.0, 42.4264), abs=1e-4)
+    assert reach.bytes == pytest.approx((7.5e6, 2.1213e6), rel=1e-4)
+    nobody = summarize_target(configuration.runs, 0.95)
+    assert nobody.num_reached == 0 and all(math.isnan(v) for v in nobody.rounds)
+
+
+def test_summarize_totals_sum_rounds_then_mean_seeds(device_runs: Path) -> None:
+    (configuration,) = group_runs(load_runs([device_runs]))
+    totals = summarize(configuration).totals
+    assert totals == pytest.approx(
+        {
+            "num_stragglers": 3.0,
+            "num_offline": 3.0,
+            "num_infeasible": 0.0,
+            "num_failed": 1 / 3,
+            "energy_j": 60.0,
+        }
+    )
+
+
+def test_summarize_no_device_counters_no_totals(sweep: Path) -> None:
+    assert all(not summarize(c).totals for c in group_runs(load_runs([sweep])))
+
+
+def test_main_target_and_totals_columns(device_runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "target.png"
+    argv = [str(device_runs), "--out", str(out), "--x", "round", "sim_time", "--target", "0.8"]
+    assert main(argv) == 0
+    header, _, row = out.with_suffix(".md").read_text().splitlines()[:3]
+    assert header.endswith(
+        "| final sim time | seeds reaching 0.8 | sim time to 0.8 | rounds to 0.8 | traffic to 0.8 "
+        "| stragglers | offline | infeasible | failed | energy (J) |"
+    )
+    # 150 ± 42.43 s shows in min (>= 2 min): 2.50 ± 0.71; 7.5e6 ± 2.12e6 B -> MB; totals above
+    assert row.endswith(
+        "| 3.0 min | 2/3 | 2.50 ± 0.71 min | 2.50 ± 0.71 | 7.50 ± 2.12 MB "
+        "| 3.0 | 3.0 | 0.0 | 0.3 | 60.0 |"
+    )
+    caption = out.with_suffix(".md").read_text()
+    assert "first round with accuracy ≥ 0.8" in caption and "sum over a run's rounds" in caption
+
+
+def test_main_target_without_device_fleet_has_no_sim_time(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "target.png"
+    assert main([str(sweep), "--out", str(out), "--target", "0.76"]) == 0
+    table = out.with_suffix(".md").read_text()
+    assert "sim time to" not in table and "stragglers" not in table
+    # round 2 peaks at final + 0.05: FedAvg 0.75 0.77 0.79 -> 2 of 3 seeds reach 0.76 there;
+    # FedProx 0.85 0.88 0.91 -> all 3. Both after 2 rounds x 3 MB = 6 MB (3 significant digits).
+    assert "| 2/3 | 2.00 ± 0.00 | 6.00 ± 0.00 MB |" in table
+    assert "| 3/3 | 2.00 ± 0.00 | 6.00 ± 0.00 MB |" in table
+
+
+def test_main_target_nobody_reached_shows_dashes(device_runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "target.png"
+    assert main([str(device_runs), "--out", str(out), "--target", "0.95"]) == 0
+    row = out.with_suffix(".md").read_text().splitlines()[2]
+    assert "| 0/3 | – | – | – |" in row  # sim time, rounds, traffic
+
+
 @pytest.mark.parametrize(
     ("configs", "expected"),
     [
@@ -154,6 +291,11 @@ def test_aggregate_curve_aligns_rounds_and_cumulates_bytes(sweep: Path) -> None:
                 {"data.alpha": 1.0, "partition.alpha": 5.0},
             ],
             ["data.alpha=0.1, partition.alpha=0.5", "data.alpha=1, partition.alpha=5"],
+        ),
+        # None is spelled as in YAML and Hydra overrides
+        (
+            [{"clock.deadline_s": None}, {"clock.deadline_s": 0.3}],
+            ["deadline_s=null", "deadline_s=0.3"],
         ),
         # a config whose label would be empty shows the key as unset
         ([{"x": 1}, {"x": 1, "extra": 2}], ["extra=unset", "extra=2"]),
@@ -221,6 +363,9 @@ def test_console_script_subprocess(sweep: Path, tmp_path: Path) -> None:
         (["--metric", "perplexity"], "--metric=perplexity: must be one of: accuracy, bytes_down"),
         (["--latency"], "clients.jsonl=missing"),
         (["--out", "x.txt"], "--out=x.txt: must end in"),
+        (["--target", "80"], "--target=80.0: must be an accuracy in (0, 1]"),
+        (["--target", "nan"], "--target=nan: must be an accuracy in (0, 1]"),
+        (["--latency", "--target", "0.8"], "applies to learning curves, not --latency"),
     ],
 )
 def test_main_bad_input_exits_2_with_one_line(
@@ -299,6 +444,7 @@ def test_latency_plot_from_clients_jsonl(sweep: Path, tmp_path: Path) -> None:
             "outcome": "straggler",
         },
         {"tier": "low", "latency_s": None, "outcome": "offline"},
+        {"tier": "high", "latency_s": None, "outcome": "failed"},
     ]
     common = {
         "round": 1,
@@ -314,11 +460,16 @@ def test_latency_plot_from_clients_jsonl(sweep: Path, tmp_path: Path) -> None:
     assert (low.tier, high.tier) == ("low", "high")
     assert low.num_rows == 4 and low.latency_s.tolist() == [10.0, 20.0, 30.0]
     assert low.mean_parts_s["compute_s"] == pytest.approx(12.0)  # (6 + 12 + 18) / 3
-    assert low.outcomes == {"ok": 2, "straggler": 1, "offline": 1, "infeasible": 0}
+    assert low.outcomes == {"ok": 2, "straggler": 1, "offline": 1, "infeasible": 0, "failed": 0}
+    assert high.num_rows == 3 and high.outcomes["failed"] == 1
+    assert OUTCOMES[-1] == "failed"
 
     out = tmp_path / "latency.png"
     assert main([str(sweep), "--latency", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 1000
     table = out.with_suffix(".md").read_text()
-    # median 20; p90 of 10, 20, 30 interpolates 20 + 0.8 * (30 - 20) = 28
-    assert "| low | 4 | 20.00 | 28.00 | 4.00 | 12.00 | 4.00 | 2 | 1 | 1 | 0 |" in table
+    # Three significant digits. low: median 20; p90 of 10, 20, 30 interpolates
+    # 20 + 0.8 * (30 - 20) = 28. high: median 1.5, p90 1 + 0.9 * (2 - 1) = 1.9, parts (0.2 + 0.4)
+    # / 2 = 0.3, (0.6 + 1.2) / 2 = 0.9. Outcome columns: ok, straggler, offline, infeasible, failed.
+    assert "| low | 4 | 20.0 | 28.0 | 4.00 | 12.0 | 4.00 | 2 | 1 | 1 | 0 | 0 |" in table
+    assert "| high | 3 | 1.50 | 1.90 | 0.300 | 0.900 | 0.300 | 2 | 0 | 0 | 0 | 1 |" in table

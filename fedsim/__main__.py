@@ -30,11 +30,20 @@ def _run(cfg: DictConfig) -> None:
             run_dir.rmdir()  # Hydra made it; a refused run leaves no folder behind
         _fail(error)
     _report(summary, run_dir)
+    if summary["status"] == "failed":
+        sys.exit(EXIT_RUN_FAILED)
+
+
+EXIT_RUN_FAILED = 1  # the engine lost every client for runtime.max_failed_rounds rounds
 
 
 def _report(summary: dict, run_dir: Path) -> None:
+    status = "done" if summary["status"] == "completed" else summary["status"]
+    if summary["final_accuracy"] is None:
+        print(f"[fedsim] {status}: no round finished\n[fedsim] results: {run_dir}", file=sys.stderr)
+        return
     print(
-        f"[fedsim] done: final accuracy {summary['final_accuracy']:.4f}, "
+        f"[fedsim] {status}: final accuracy {summary['final_accuracy']:.4f}, "
         f"best {summary['best_accuracy']:.4f} (round {summary['best_round']}), "
         f"{summary['wall_time_s']:.1f} s\n[fedsim] results: {run_dir}",
         file=sys.stderr,
@@ -64,7 +73,10 @@ def _resume(argument: str, others: list[str]) -> None:
     read_checkpoint(run_dir)  # missing or corrupt: say so before loading anything
     cfg = OmegaConf.load(run_dir / CONFIG_FILE)
     cfg.merge_with_dotlist(others)
-    _report(simulate(cfg, run_dir, resume=True), run_dir)
+    summary = simulate(cfg, run_dir, resume=True)
+    _report(summary, run_dir)
+    if summary["status"] == "failed":
+        sys.exit(EXIT_RUN_FAILED)
 
 
 def _quiet_libraries() -> None:

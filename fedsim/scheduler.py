@@ -135,6 +135,7 @@ class RoundScheduler:
                 "partition_id": pid,
                 "device": profile.name,
                 "tier": profile.tier,
+                "channel_good": state.channel_good,
                 "compute_gflops": state.compute_gflops,
                 "uplink_mbps": state.uplink_mbps,
                 "downlink_mbps": state.downlink_mbps,

@@ -246,6 +246,8 @@ def run_rounds(
     progress = RoundProgress(num_rounds, enabled=bool(cfg.runtime.progress))
     started = time.perf_counter() - float(state.totals[keys.WALL_TIME_S])
     status = "completed"
+    max_failed = int(cfg.runtime.max_failed_rounds)
+    failed_streak = 0  # consecutive rounds in which every client sent work failed
     for server_round in range(state.server_round + 1, num_rounds + 1):
         row, settled = play_round(fed, state, server_round)
         state.totals[keys.WALL_TIME_S] = row[keys.WALL_TIME_S] = time.perf_counter() - started
@@ -271,6 +273,19 @@ def run_rounds(
                 settled.counts[FAILED],
                 "; ".join(reason[:120] for reason in reasons[:3]),
             )
+        all_failed = settled.counts[FAILED] > 0 and settled.counts[FAILED] == len(
+            [r for r in settled.records if r["outcome"] not in (OFFLINE, INFEASIBLE)]
+        )
+        failed_streak = failed_streak + 1 if all_failed else 0
+        if max_failed and failed_streak >= max_failed:
+            status = "failed"
+            log.error(
+                "rounds %d-%d: every client failed; stopping (metrics so far are saved). "
+                "The engine may have lost its workers; see clients.jsonl for the reasons.",
+                server_round - failed_streak + 1,
+                server_round,
+            )
+            break
         if not math.isfinite(row[keys.LOSS]):
             status = "diverged"
             log.error(

@@ -79,3 +79,13 @@ def test_killed_worker_is_restarted_and_later_rounds_train(tmp_path: Path) -> No
     # a round after the first kill still trains clients: the worker came back
     first_kill = min(r["round"] for r in killers)
     assert any(m["num_clients"] > 0 for m in metrics if m["round"] > first_kill)
+
+
+@pytest.mark.slow
+def test_a_run_whose_every_client_keeps_failing_stops_as_failed(tmp_path: Path) -> None:
+    cfg = compose_config([*TINY, "num_rounds=10", "faults.exception_prob=1.0",
+                          "runtime.max_failed_rounds=3"])
+    summary = simulate(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert summary["status"] == "failed"
+    assert len(rows) == 3 and all(r["num_clients"] == 0 for r in rows)  # stopped after 3

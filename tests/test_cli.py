@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 
 FEDSIM = [sys.executable, "-m", "fedsim"]
@@ -14,6 +15,13 @@ def _files(tmp_path: Path) -> None:
     """Bad files the table refers to as {tmp}/...: garbage data, a run with a bad checkpoint."""
     (tmp_path / "garbage.csv").write_bytes(b"\x00\xff\xfe binary \x00\x00\n\x89PNG\r\n")
     (tmp_path / "nolabel.csv").write_text("text,other\nhello,1\nworld,2\n")
+    # A ClassLabel column holding -1 (GLUE's "no label" in test splits): outside 0..K-1.
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    datasets.Dataset.from_dict(
+        {"text": ["good", "bad", "meh", "fine"], "label": [1, 0, -1, 1]}, features=features
+    ).to_parquet(str(tmp_path / "unlabelled.parquet"))
     for name, checkpoint in (("corrupt_ckpt", b"\x00" * 40), ("no_ckpt", None)):
         run = tmp_path / name
         run.mkdir()
@@ -69,6 +77,8 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         (["data=hf", "data.path={tmp}/nolabel.csv", "model=text_classifier"],
          "data.label_column=label", "other"),
         (["data=hf", "data.path={tmp}/notes.txt"], "data.path={tmp}/notes.txt", ""),
+        (["data=hf", "data.path={tmp}/unlabelled.parquet", "model=text_classifier"],
+         "data.label_column=label", "label in every row, not -1"),
         (["resume={tmp}/nothing_here"], "resume={tmp}/nothing_here", "run folder"),
         (["resume={tmp}/no_ckpt"], "resume={tmp}/no_ckpt", "nothing to resume"),
         (["resume={tmp}/corrupt_ckpt"], "resume=", "corrupt"),

@@ -114,7 +114,8 @@ def quantize(x: torch.Tensor, bits: int, scheme: Scheme = "per_token") -> Quanti
     qmax = 2 ** (bits - 1) - 1
     x32 = x.detach().float()
     scale = _scale(x32, qmax, scheme)
-    codes = torch.round(x32 / scale.float()).clamp(-qmax, qmax).to(torch.int8)
+    # |x / s| <= qmax up to the float16 rounding of s: the clamp guards int8 against 128.
+    codes = (x32 / scale.float()).round_().clamp_(-qmax, qmax).to(torch.int8)
     data = codes if bits == 8 else _pack_nibbles(codes)
     return QuantizedTensor(data, scale, bits, last_dim)
 

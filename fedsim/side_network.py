@@ -138,8 +138,14 @@ def label_permutation(seed: int | None, num_classes: int) -> torch.Tensor:
 class GatedAdapterChain(nn.Module):
     """PAE's gated bottleneck adapter chain over K tapped layers (equations in the docstring)."""
 
-    def __init__(self, num_layers: int, hidden_size: int, bottleneck: int,
-                 gate_temperature: float, gate_init: float) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        bottleneck: int,
+        gate_temperature: float,
+        gate_init: float,
+    ) -> None:
         super().__init__()
         self.gate_temperature = gate_temperature
         self.alpha = nn.Parameter(torch.full((max(num_layers - 1, 0),), float(gate_init)))
@@ -196,12 +202,17 @@ class SideTunedModel(nn.Module):
         self.layers = select_layers(int(config.num_hidden_layers), spec.num_taps)
         self.pivot = resolve_pivot(spec.pivot_rule, base.pooling) if spec.pivot_token else None
         width = int(config.hidden_size)
-        self.side = GatedAdapterChain(len(self.layers), width,
-                                      max(1, width // spec.reduction_factor),
-                                      spec.gate_temperature, spec.gate_init)
+        self.side = GatedAdapterChain(
+            len(self.layers),
+            width,
+            max(1, width // spec.reduction_factor),
+            spec.gate_temperature,
+            spec.gate_init,
+        )
         self.head = base.head  # trainable, same seeded init as the classifier's
-        self.register_buffer("label_perm", label_permutation(spec.label_key_seed, num_classes),
-                             persistent=False)
+        self.register_buffer(
+            "label_perm", label_permutation(spec.label_key_seed, num_classes), persistent=False
+        )
 
     def train(self, mode: bool = True) -> SideTunedModel:
         """Set training mode; the frozen backbone stays in eval mode (no dropout)."""
@@ -210,11 +221,13 @@ class SideTunedModel(nn.Module):
         return self
 
     @torch.no_grad()
-    def device_activations(self, input_ids: torch.Tensor,
-                           attention_mask: torch.Tensor) -> torch.Tensor:
+    def device_activations(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The device's forward pass: (B, K, T', d) float32 at the tapped layers and tokens."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            output_hidden_states=True)
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )
         hidden = torch.stack([out.hidden_states[i] for i in self.layers], dim=1)
         return select_tokens(hidden, attention_mask, self.pivot).float()
 
@@ -243,8 +256,12 @@ class SideTunedModel(nn.Module):
         """Head label space -> true label order (the device applies its key)."""
         return logits[:, self.label_perm]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                taps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        taps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (B, C) in true label order, as the device would see them at inference."""
         if taps is None:
             taps = self.device_activations(input_ids, attention_mask)
@@ -275,8 +292,11 @@ class SideTuningFactory:
         if not isinstance(inner, TextClassifier):
             from fedsim.errors import ConfigError
 
-            raise ConfigError("model", type(inner).__name__,
-                              "side-tuning needs model=text_classifier (a transformers backbone)")
+            raise ConfigError(
+                "model",
+                type(inner).__name__,
+                "side-tuning needs model=text_classifier (a transformers backbone)",
+            )
         self.inner = inner
         self.spec = spec
         self._digest: str | None = None
@@ -302,21 +322,26 @@ class SideTuningFactory:
         if probe.pivot is None:
             features[TAPS_KEY] = tapped
         else:  # one vector per layer, computed in chunks from the (possibly memmapped) stack
-            features[TAPS_KEY] = torch.cat([
-                select_tokens(tapped[i : i + _FEATURIZE_BATCH].float(),
-                              mask[i : i + _FEATURIZE_BATCH], probe.pivot).to(stack.dtype)
-                for i in range(0, len(mask), _FEATURIZE_BATCH)
-            ])
+            features[TAPS_KEY] = torch.cat(
+                [
+                    select_tokens(
+                        tapped[i : i + _FEATURIZE_BATCH].float(),
+                        mask[i : i + _FEATURIZE_BATCH],
+                        probe.pivot,
+                    ).to(stack.dtype)
+                    for i in range(0, len(mask), _FEATURIZE_BATCH)
+                ]
+            )
         return features
 
-    def _hidden_stack(self, backbone: PreTrainedModel,
-                      features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _hidden_stack(
+        self, backbone: PreTrainedModel, features: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """All L+1 hidden states (N, L+1, T, d), from the disk cache or computed once."""
         torch_dtype, np_dtype = _DTYPES[self.spec.feature_dtype]
         ids, mask = features["input_ids"], features["attention_mask"]
         config = backbone.config
-        shape = (len(ids), int(config.num_hidden_layers) + 1, ids.shape[1],
-                 int(config.hidden_size))
+        shape = (len(ids), int(config.num_hidden_layers) + 1, ids.shape[1], int(config.hidden_size))
         if self.spec.feature_cache_dir is None:
             out = torch.empty(shape, dtype=torch_dtype)
             self._fill(backbone, ids, mask, out)
@@ -342,19 +367,22 @@ class SideTuningFactory:
 
     @staticmethod
     @torch.no_grad()
-    def _fill(backbone: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor,
-              out: torch.Tensor) -> None:
+    def _fill(
+        backbone: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, out: torch.Tensor
+    ) -> None:
         """Write the stacked hidden states of every row into ``out`` (N, L+1, T, d)."""
         for start in range(0, len(ids), _FEATURIZE_BATCH):
             rows = slice(start, start + _FEATURIZE_BATCH)
-            hidden = backbone(input_ids=ids[rows], attention_mask=mask[rows],
-                              output_hidden_states=True).hidden_states
+            hidden = backbone(
+                input_ids=ids[rows], attention_mask=mask[rows], output_hidden_states=True
+            ).hidden_states
             out[rows] = torch.stack(hidden, dim=1).to(out.dtype)
 
 
 # --------------------------------------------------------------------------- device memory
-def estimate_forward_memory_bytes(backbone: nn.Module, batch_size: int, seq_len: int,
-                                  payload_floats: int) -> int:
+def estimate_forward_memory_bytes(
+    backbone: nn.Module, batch_size: int, seq_len: int, payload_floats: int
+) -> int:
     """Peak bytes of the device's forward-only step (float32), an analytic estimate.
 
     = all parameters
@@ -368,8 +396,9 @@ def estimate_forward_memory_bytes(backbone: nn.Module, batch_size: int, seq_len:
     config = backbone.config  # type: ignore[union-attr]
     width, layers = int(config.hidden_size), int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
-    ffn = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-              or 4 * width)
+    ffn = int(
+        getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
+    )
     params = sum(p.numel() * p.element_size() for p in backbone.parameters())
     tokens = batch_size * seq_len
     hidden_kept = (layers + 1) * tokens * width

@@ -25,6 +25,10 @@ NEEDS: dict[tuple[str, str], list[str]] = {
     ("data", "chatterbot"): ["model=text_classifier", "model.max_length=16"],
     ("data", "hf"): [f"data.path={{tmp}}/{HF_CSV}", "model=text_classifier", "model.max_length=16"],
     ("model", "text_classifier"): ["data=chatterbot", "model.max_length=16"],
+    # Side-tuning and the peft baselines fine-tune the text backbone.
+    **{("client", name): [*TEXT, "client.max_steps=2"]
+       for name in ("side_tuning", "pae_side_tuning", "lora", "ia3", "full_ft")},
+    ("experiment", "mobile_side_tuning"): ["model.max_length=16", "client.max_steps=2"],
     ("partition", "natural"): [
         *TEXT, "data.languages=all", f"num_clients={len(chatterbot_languages())}",
         "strategy.fraction_train=0.1",

@@ -1,0 +1,173 @@
+"""On-device fine-tuning baselines through peft: LoRA, IA3, and full fine-tuning.
+
+The device trains the whole classifier graph itself (forward *and* backward through the
+backbone), with AdamW, for ``local_epochs`` passes; only the trainable tensors go on the wire:
+the adapter tensors plus the classifier head (LoRA: Hu et al. 2021, arXiv 2106.09685; IA3: Liu et
+al. 2022, arXiv 2205.05638), or every tensor for full fine-tuning. peft's own defaults pick the
+adapted modules per architecture (``target_modules: null``): BERT's query/value (LoRA) and
+key/value/FFN-output (IA3), GPT-2's c_attn, Llama's q/v_proj. ``method: full`` adds no adapter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fedsim.clients.base import TrainContext, TrainOutcome
+from fedsim.devices import count_train_flops, estimate_train_memory_bytes
+from fedsim.errors import ConfigError
+from fedsim.models import ModelFactory, TextClassifier, TextClassifierModel
+from fedsim.scheduler import DeviceCost
+
+__all__ = ["PeftFactory", "PeftTuning"]
+
+_METHODS = ("lora", "ia3", "full")
+
+
+def _peft_config(method: str, adapter: Mapping[str, Any]) -> Any:
+    """The peft config object for ``method`` (None for full fine-tuning)."""
+    import peft
+
+    classes = {"lora": peft.LoraConfig, "ia3": peft.IA3Config}
+    if method == "full":
+        if adapter:
+            raise ConfigError("client.adapter", dict(adapter), "must be empty for method=full")
+        return None
+    try:
+        return classes[method](**adapter)
+    except TypeError as error:
+        raise ConfigError(
+            "client.adapter", dict(adapter), f"not a {method} config: {error}"
+        ) from None
+
+
+class PeftFactory:
+    """Wraps a :class:`~fedsim.models.TextClassifier`: its backbone gets a peft adapter."""
+
+    def __init__(self, inner: TextClassifier, method: str, adapter: Mapping[str, Any]) -> None:
+        if not isinstance(inner, TextClassifier):
+            raise ConfigError(
+                "model",
+                type(inner).__name__,
+                "peft clients need model=text_classifier (a transformers backbone)",
+            )
+        self.inner, self.method, self.adapter = inner, method, dict(adapter)
+        _peft_config(method, self.adapter)  # fail at instantiation, not in a worker
+
+    def build(self, num_classes: int) -> TextClassifierModel:
+        """The classifier with a peft-wrapped backbone; adapter inits use the caller's seed."""
+        import peft
+
+        model = self.inner.build(num_classes)
+        config = _peft_config(self.method, self.adapter)
+        if config is not None:
+            with warnings.catch_warnings():  # peft 0.21 calls a name transformers 5 deprecated
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                model.backbone = peft.get_peft_model(model.backbone, config)  # freezes the base
+        return model
+
+    def featurize(self, ds: Any) -> dict[str, torch.Tensor]:
+        """The classifier's token ids, attention mask and labels."""
+        return self.inner.featurize(ds)
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+class PeftTuning:
+    """Local AdamW training of a peft-adapted (or fully trainable) classifier on the device.
+
+    Parameters
+    ----------
+    method
+        ``lora``, ``ia3`` or ``full``.
+    adapter
+        Keyword arguments of ``peft.LoraConfig`` / ``peft.IA3Config`` (empty for ``full``).
+    local_epochs, batch_size, lr, weight_decay, max_steps
+        Local AdamW training per round; the optimizer state is fresh every round.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str = "lora",
+        adapter: Mapping[str, Any] | None = None,
+        local_epochs: int = 2,
+        batch_size: int = 16,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        max_steps: int | None = None,
+    ) -> None:
+        if method not in _METHODS:
+            raise ConfigError("client.method", method, f"must be one of {list(_METHODS)}")
+        for key, value, ok, accepted in (
+            ("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1"),
+            ("batch_size", batch_size, _is_int(batch_size, 1), "an integer >= 1"),
+            ("lr", lr, isinstance(lr, int | float) and lr > 0, "a number > 0"),
+            (
+                "weight_decay",
+                weight_decay,
+                isinstance(weight_decay, int | float) and weight_decay >= 0,
+                "a number >= 0",
+            ),
+            ("max_steps", max_steps, max_steps is None or _is_int(max_steps, 1), "null or >= 1"),
+        ):
+            if not ok:
+                raise ConfigError(f"client.{key}", value, f"must be {accepted}")
+        if isinstance(adapter, DictConfig):  # Hydra hands nested YAML over as a DictConfig
+            adapter = OmegaConf.to_container(adapter, resolve=True)  # type: ignore[assignment]
+        self.method, self.adapter = method, dict(adapter or {})
+        self.local_epochs, self.batch_size, self.lr = local_epochs, batch_size, float(lr)
+        self.weight_decay, self.max_steps = float(weight_decay), max_steps
+        self._per_batch: dict[int, tuple[int, int]] = {}  # batch size -> (FLOPs, peak bytes)
+
+    def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
+        """The classifier with the adapter applied to its backbone."""
+        return PeftFactory(factory, self.method, self.adapter)  # type: ignore[arg-type]
+
+    def train(
+        self, model: nn.Module, data: dict[str, torch.Tensor], ctx: TrainContext
+    ) -> TrainOutcome:
+        """Train ``model`` in place with AdamW; batches shuffled with ``ctx.generator``."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        labels, n = data["label"], len(data["label"])
+        model.train()
+        steps, loss_sum = 0, 0.0
+        for _ in range(self.local_epochs):
+            order = torch.randperm(n, generator=ctx.generator)
+            for start in range(0, n, self.batch_size):
+                if self.max_steps is not None and steps >= self.max_steps:
+                    break
+                idx = order[start : start + self.batch_size]
+                inputs = {k: v[idx] for k, v in data.items() if k != "label"}
+                loss = nn.functional.cross_entropy(model(**inputs), labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += float(loss.detach())
+        return TrainOutcome(num_examples=n, num_steps=steps, mean_loss=loss_sum / max(steps, 1))
+
+    def device_cost(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], num_examples: int
+    ) -> DeviceCost:
+        """Training FLOPs and peak memory (AdamW: two states per trainable parameter)."""
+        size = len(batch["label"])
+        if size not in self._per_batch:
+            inputs = {k: v for k, v in batch.items() if k != "label"}
+            flops = count_train_flops(model, inputs, batch["label"])
+            memory = estimate_train_memory_bytes(model, inputs, batch["label"], optimizer="adam")
+            self._per_batch[size] = (flops, memory.total)
+        flops, memory = self._per_batch[size]
+        examples = self.local_epochs * num_examples
+        if self.max_steps is not None:
+            examples = min(examples, self.max_steps * self.batch_size)
+        return DeviceCost(train_flops=round(flops * examples / size), peak_memory_bytes=memory)

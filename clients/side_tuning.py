@@ -1,0 +1,449 @@
+"""Server-assisted side-tuning: MobiLLM, with PAE MobiLLM's options as switches.
+
+MobiLLM (arXiv 2502.20421): the device holds the frozen backbone and only runs forward passes;
+per micro-batch it sends the tapped activations, quantized (``bits``), one way to the server,
+which trains the side network (``fedsim/side_network.py``) on them with AdamW; no gradient
+returns and nothing backpropagates through the backbone. In MobiLLM the server computes the loss,
+so **the labels travel with the activations** (methods.md 1.2, item 5). In simulation one
+``train`` call plays both ends of one client-round; :meth:`SideTuning.device_step` builds the
+one device->server payload (:class:`DevicePayload`), :meth:`SideTuning.server_loss` trains on it,
+and every payload passes :meth:`SideTuning.send`, where ``uplink_observer`` can inspect it. The
+strategy then aggregates the side networks (side + head tensors) across clients.
+
+PAE MobiLLM (arXiv 2507.01216) switches, each OPEN in detail (methods.md 2.3-2.4), our decisions:
+
+* ``activation_cache``: the server keeps every payload it received, keyed by (client, sample
+  row), for the whole run (no eviction; the client's persistent state holds it, so its size is
+  the ``server_cache_bytes`` metric). A cached sample costs the device no forward pass and no
+  upload in later epochs and rounds; ``cache_hit_rate`` = cached uses / all uses. The clock
+  cannot see per-client cache state (``device_cost`` gets no client), so it charges one forward
+  pass over the data every round: exact in a client's first round, an upper bound after.
+* ``pivot_token``: one vector per tapped layer instead of every token (``pivot_rule``, see
+  side_network.py): activation bytes fall by the mean text length in tokens. Without it the
+  device sends every real token's vectors (pad positions, an artefact of batching, are not
+  sent; chatterbot texts fill 11.8 of 32 positions) plus the (n, T) token mask.
+* ``additive``: no labels leave the device. It sends the prediction difference
+  ``delta = softmax(z_b) - onehot(y)`` (z_b: the backbone's own logits; 0 for an AutoModel
+  backbone) with its classes permuted by a device-held key (``label_key_seed``; the devices share
+  it out of band, the server never gets it; in simulation only device-side code reads it). A
+  plain delta leaks y (its only negative entry, methods.md 2.4); permuted, the server sees
+  pi(y) and, without the key, guesses y at chance (tests/test_side_tuning.py checks this with a
+  binomial test). It still learns which samples share a label: an attacker who knows the class
+  frequencies can match them (also tested). ``delta_loss: ce`` recovers pi(y) = argmin(delta)
+  and p_b = delta + onehot(pi(y)) and minimises CE(log p_b + z_side, pi(y)): the gradient equals
+  central cross-entropy fine-tuning of the additive model (methods.md 2.4 ``grad``, one-way since
+  delta fixes p_b). ``mse`` fits z_side to -delta (methods.md ``residual_mse``).
+
+``cache_features`` is a simulation speed switch, not a method: with it the device's forward
+pass is read from the frozen features computed once; without it the backbone runs every time a
+client trains (the bench baseline). The clock charges the device the same either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedsim.clients.base import TrainContext, TrainOutcome
+from fedsim.devices import count_forward_flops, count_train_flops
+from fedsim.errors import ConfigError
+from fedsim.models import ModelFactory
+from fedsim.quantize import QuantizedTensor, check_quant_config, dequantize, quantize
+from fedsim.scheduler import DeviceCost
+from fedsim.side_network import (
+    TAPS_KEY,
+    SideSpec,
+    SideTunedModel,
+    SideTuningFactory,
+    estimate_forward_memory_bytes,
+    pack_tokens,
+)
+
+__all__ = [
+    "DevicePayload",
+    "SideTuning",
+    "delta_targets",
+    "encode_delta",
+]
+
+CACHE_STATE_KEY = "side_tuning.activation_cache"
+_PIVOT_RULES = ("auto", "first", "last", "mean")
+_DELTA_LOSSES = ("ce", "mse")
+_FEATURE_DTYPES = ("float16", "float32")
+_UINT8_CLASSES = 256  # labels fit one byte below this many classes
+
+
+@dataclass(frozen=True)
+class DevicePayload:
+    """What one device micro-batch of n samples sends the server; ``None`` fields are not sent."""
+
+    sample_ids: torch.Tensor  # (n,) int32: rows of the client's data (the server cache key)
+    activations: QuantizedTensor  # (M, K, d): the sent token vectors, sample-major; pads not sent
+    token_mask: torch.Tensor | None  # (n, T) bool: where the M vectors sit; pivot: None (M = n)
+    labels: torch.Tensor | None  # (n,) uint8/int32: MobiLLM only, the server computes the loss
+    delta: torch.Tensor | None  # (n, C) float16: PAE only, key-permuted prediction difference
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor on the wire, by name (the activations as codes and scales)."""
+        out = {"sample_ids": self.sample_ids, "activation_codes": self.activations.data}
+        if self.activations.scale is not None:
+            out["activation_scales"] = self.activations.scale
+        for name in ("token_mask", "labels", "delta"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes on the wire: every tensor's elements at its dtype's size."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def encode_delta(
+    labels: torch.Tensor,
+    backbone_logits: torch.Tensor,
+    label_perm: torch.Tensor,
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Device: ``softmax(z_b) - onehot(y)`` with class c moved to index ``label_perm[c]``.
+
+    Sent as float16 (float32 on a 32-bit link): float16 rounds p_b - 1 to a 2**-11 grid, which
+    shifts the server's recovered base log-probability of the true class by ~1% of p_b.
+    """
+    delta = torch.softmax(backbone_logits.float(), dim=1)
+    delta[torch.arange(len(labels)), labels] -= 1.0
+    encoded = torch.empty_like(delta)
+    encoded[:, label_perm] = delta
+    return encoded.to(dtype)
+
+
+def delta_targets(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Server: (encoded label argmin(delta), log p_b) from a delta; p_b = delta + onehot."""
+    target = delta.float().argmin(dim=1)
+    probs = delta.float().clone()
+    probs[torch.arange(len(target)), target] += 1.0
+    return target, probs.clamp(min=torch.finfo(torch.float32).tiny).log()
+
+
+class _ServerCache:
+    """Server-side store of every payload row received from one client, as received.
+
+    Token vectors are kept packed in arrival order (``codes``/``scales``: (tokens, K, ...));
+    ``start``/``count`` say where each row's tokens are; per-row tensors are indexed by row.
+    """
+
+    _PER_ROW = ("token_mask", "labels", "delta")
+
+    def __init__(
+        self, num_rows: int, bits: int, last_dim: int, record: ArrayRecord | None = None
+    ) -> None:
+        self.bits, self.last_dim = bits, last_dim
+        self.filled = torch.zeros(num_rows, dtype=torch.bool)
+        self.start = torch.zeros(num_rows, dtype=torch.int64)
+        self.count = torch.zeros(num_rows, dtype=torch.int64)
+        self.tensors: dict[str, torch.Tensor] = {}  # codes, scales (packed); per-row tensors
+        if record is not None:
+            stored = record.to_torch_state_dict()
+            if len(stored.get("filled", ())) == num_rows:
+                self.filled, self.start = stored.pop("filled"), stored.pop("start")
+                self.count, self.tensors = stored.pop("count"), stored
+
+    def insert(self, payload: DevicePayload) -> None:
+        ids = payload.sample_ids.long()
+        mask = payload.token_mask
+        count = mask.sum(dim=1) if mask is not None else torch.ones(len(ids), dtype=torch.int64)
+        used = len(self.tensors["codes"]) if "codes" in self.tensors else 0
+        self.start[ids] = used + torch.cumsum(count, 0) - count  # packed rows are sample-major
+        self.count[ids] = count
+        packed = {"codes": payload.activations.data}
+        if payload.activations.scale is not None:  # a per-tensor scale becomes one per token
+            packed["scales"] = payload.activations.scale.expand(
+                *payload.activations.data.shape[:-1], 1
+            )
+        for name, value in packed.items():
+            old = self.tensors.get(name, value[:0])
+            self.tensors[name] = torch.cat([old, value])
+        for name in self._PER_ROW:
+            value = getattr(payload, name)
+            if value is not None:
+                if name not in self.tensors:
+                    self.tensors[name] = value.new_zeros((len(self.filled), *value.shape[1:]))
+                self.tensors[name][ids] = value
+        self.filled[ids] = True
+
+    def gather(self, ids: torch.Tensor) -> DevicePayload:
+        count = self.count[ids]
+        offsets = torch.cumsum(count, 0) - count  # where each row starts in the gathered batch
+        within = torch.arange(int(count.sum())) - torch.repeat_interleave(offsets, count)
+        index = torch.repeat_interleave(self.start[ids], count) + within
+        scale = self.tensors["scales"][index] if "scales" in self.tensors else None
+        activations = QuantizedTensor(self.tensors["codes"][index], scale, self.bits, self.last_dim)
+        rows = {
+            name: self.tensors[name][ids] if name in self.tensors else None
+            for name in self._PER_ROW
+        }
+        return DevicePayload(ids.int(), activations, **rows)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def record(self) -> ArrayRecord:
+        return ArrayRecord(
+            {"filled": self.filled, "start": self.start, "count": self.count, **self.tensors}
+        )
+
+
+def _check(key: str, value: object, ok: bool, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"client.{key}", value, f"must be {accepted}")
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+class SideTuning:
+    """MobiLLM side-tuning client; YAML keys = these arguments (see conf/client/side_tuning.yaml).
+
+    Parameters
+    ----------
+    local_epochs, batch_size, lr, weight_decay, max_steps
+        Server-side AdamW training of the side network per client-round (fresh optimizer state
+        every round); ``batch_size`` is also the device's forward micro-batch.
+    num_taps, reduction_factor, gate_temperature, gate_init
+        Side network (fedsim/side_network.py): tapped layers (null = all), bottleneck
+        ``d // reduction_factor``, gate ``sigmoid(alpha / T)`` with alpha starting at gate_init.
+    bits, quant_scheme
+        Activation link: 32 (none), 16 (float16), 8 or 4 bits; per_token or per_tensor absmax.
+    activation_cache, pivot_token, pivot_rule, additive, delta_loss, label_key_seed
+        PAE MobiLLM switches (module docstring). ``label_key_seed`` null sends plain deltas.
+    cache_features, feature_cache_dir, feature_dtype
+        Simulation speed: compute the frozen hidden states once (disk memmap if a folder).
+
+    """
+
+    def __init__(
+        self,
+        *,
+        local_epochs: int = 2,
+        batch_size: int = 16,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        max_steps: int | None = None,
+        num_taps: int | None = None,
+        reduction_factor: int = 8,
+        gate_temperature: float = 1.0,
+        gate_init: float = 0.0,
+        bits: int = 8,
+        quant_scheme: str = "per_token",
+        activation_cache: bool = False,
+        pivot_token: bool = False,
+        pivot_rule: str = "auto",
+        additive: bool = False,
+        delta_loss: str = "ce",
+        label_key_seed: int | None = 0,
+        cache_features: bool = True,
+        feature_cache_dir: str | None = "~/.cache/fedsim/hidden_states",
+        feature_dtype: str = "float16",
+    ) -> None:
+        num = (int, float)
+        _check("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1")
+        _check("batch_size", batch_size, _is_int(batch_size, 1), "an integer >= 1")
+        _check("lr", lr, isinstance(lr, num) and lr > 0, "a number > 0")
+        _check(
+            "weight_decay",
+            weight_decay,
+            isinstance(weight_decay, num) and weight_decay >= 0,
+            "a number >= 0",
+        )
+        _check("max_steps", max_steps, max_steps is None or _is_int(max_steps, 1), "null or >= 1")
+        _check("num_taps", num_taps, num_taps is None or _is_int(num_taps, 1), "null or >= 1")
+        _check("reduction_factor", reduction_factor, _is_int(reduction_factor, 1), ">= 1")
+        _check(
+            "gate_temperature",
+            gate_temperature,
+            isinstance(gate_temperature, num) and gate_temperature > 0,
+            "a number > 0",
+        )
+        check_quant_config(bits, quant_scheme)
+        _check("pivot_rule", pivot_rule, pivot_rule in _PIVOT_RULES, f"one of {_PIVOT_RULES}")
+        _check("delta_loss", delta_loss, delta_loss in _DELTA_LOSSES, f"one of {_DELTA_LOSSES}")
+        _check(
+            "label_key_seed",
+            label_key_seed,
+            label_key_seed is None or _is_int(label_key_seed, 0),
+            "null or an integer >= 0",
+        )
+        _check(
+            "feature_dtype",
+            feature_dtype,
+            feature_dtype in _FEATURE_DTYPES,
+            f"one of {_FEATURE_DTYPES}",
+        )
+        self.local_epochs, self.batch_size, self.lr = local_epochs, batch_size, float(lr)
+        self.weight_decay, self.max_steps = float(weight_decay), max_steps
+        self.activation_cache, self.delta_loss = bool(activation_cache), delta_loss
+        self.spec = SideSpec(
+            num_taps=num_taps,
+            reduction_factor=reduction_factor,
+            gate_temperature=float(gate_temperature),
+            gate_init=float(gate_init),
+            pivot_token=bool(pivot_token),
+            pivot_rule=pivot_rule,
+            bits=bits,
+            quant_scheme=quant_scheme,
+            additive=bool(additive),
+            label_key_seed=label_key_seed if additive else None,
+            cache_features=bool(cache_features),
+            feature_cache_dir=None if feature_cache_dir is None else str(feature_cache_dir),
+            feature_dtype=feature_dtype,
+        )
+        #: Called with every device->server payload (tests inspect what the server receives).
+        self.uplink_observer: Callable[[DevicePayload], None] | None = None
+        self._per_batch: dict[int, tuple[int, int, int]] = {}  # size -> (fwd, side, memory)
+
+    def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
+        """The side-tuned model over the classifier's frozen backbone (and cached features)."""
+        return SideTuningFactory(factory, self.spec)  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------------- the two ends
+    def device_step(
+        self, model: SideTunedModel, data: dict[str, torch.Tensor], rows: torch.Tensor
+    ) -> DevicePayload:
+        """Device: forward ``rows`` through the frozen backbone, quantize, build the payload."""
+        mask = data["attention_mask"][rows]
+        if TAPS_KEY in data:  # the same forward pass, computed once (fedsim/side_network.py)
+            activations = data[TAPS_KEY][rows].float()
+        else:
+            activations = model.device_activations(data["input_ids"][rows], mask)
+        labels = data["label"][rows]
+        delta = sent_labels = None
+        if model.spec.additive:
+            dtype = torch.float32 if model.spec.bits == 32 else torch.float16
+            delta = encode_delta(labels, model.backbone_logits(len(rows)), model.label_perm, dtype)
+        else:
+            small = len(model.label_perm) < _UINT8_CLASSES
+            sent_labels = labels.to(torch.uint8 if small else torch.int32)
+        token_mask = model.token_mask(mask)
+        tokens = pack_tokens(activations, token_mask)  # (M, K, d)
+        return DevicePayload(
+            sample_ids=rows.to(torch.int32),
+            activations=quantize(tokens, model.spec.bits, model.spec.quant_scheme),  # type: ignore[arg-type]
+            token_mask=token_mask,
+            labels=sent_labels,
+            delta=delta,
+        )
+
+    def send(self, payload: DevicePayload) -> int:
+        """The uplink: the only way device data reaches the server; returns its bytes."""
+        if self.uplink_observer is not None:
+            self.uplink_observer(payload)
+        return payload.nbytes()
+
+    def server_loss(self, model: SideTunedModel, payload: DevicePayload) -> torch.Tensor:
+        """Server: the side network's loss on a received payload (labels or deltas only)."""
+        logits = model.side_logits(dequantize(payload.activations), payload.token_mask)
+        if payload.labels is not None:
+            return torch.nn.functional.cross_entropy(logits, payload.labels.long())
+        assert payload.delta is not None
+        if self.delta_loss == "mse":
+            return 0.5 * ((logits + payload.delta.float()) ** 2).sum(dim=1).mean()
+        target, log_base = delta_targets(payload.delta)
+        return torch.nn.functional.cross_entropy(log_base + logits, target)
+
+    # ----------------------------------------------------------------------- behaviour hooks
+    def train(
+        self, model: torch.nn.Module, data: dict[str, torch.Tensor], ctx: TrainContext
+    ) -> TrainOutcome:
+        """One client-round: device payloads up, server-side AdamW on the side network."""
+        assert isinstance(model, SideTunedModel)
+        n = len(data["label"])
+        cache = None
+        if self.activation_cache:
+            record = ctx.state.get(CACHE_STATE_KEY)
+            cache = _ServerCache(
+                n,
+                model.spec.bits,
+                int(model.side.down[0].in_features),
+                record if isinstance(record, ArrayRecord) else None,
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        model.train()
+        steps = forwarded = uploaded = hits = 0
+        loss_sum = 0.0
+        for _ in range(self.local_epochs):
+            order = torch.randperm(n, generator=ctx.generator)
+            for start in range(0, n, self.batch_size):
+                if self.max_steps is not None and steps >= self.max_steps:
+                    break
+                rows = order[start : start + self.batch_size]
+                new = rows if cache is None else rows[~cache.filled[rows]]
+                payload = None
+                if len(new):
+                    payload = self.device_step(model, data, new)
+                    uploaded += self.send(payload)
+                    forwarded += len(new)
+                    if cache is not None:
+                        cache.insert(payload)
+                hits += len(rows) - len(new)
+                received = payload if cache is None else cache.gather(rows)
+                assert received is not None
+                loss = self.server_loss(model, received)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += float(loss.detach())
+        metrics = {
+            "device_forward_samples": float(forwarded),
+            "cache_hit_rate": hits / max(hits + forwarded, 1),
+        }
+        if cache is not None:
+            ctx.state[CACHE_STATE_KEY] = cache.record()
+            metrics["server_cache_bytes"] = float(cache.nbytes())
+        return TrainOutcome(
+            num_examples=n,
+            num_steps=steps,
+            mean_loss=loss_sum / max(steps, 1),
+            extra_upload_bytes=uploaded,
+            metrics=metrics,
+        )
+
+    def device_cost(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_examples: int
+    ) -> DeviceCost:
+        """Device: backbone forward FLOPs and forward-only peak memory; server: side training.
+
+        Counted once per batch size on the real modules (FlopCounterMode) and scaled by the
+        examples: the device forwards its data once per epoch (once per round with the
+        activation cache), the server trains ``local_epochs`` passes.
+        """
+        assert isinstance(model, SideTunedModel)
+        size = len(batch["label"])
+        if size not in self._per_batch:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            forward = count_forward_flops(model.backbone, inputs)
+            taps = batch.get(TAPS_KEY)
+            if taps is None:
+                taps = model.device_activations(**inputs)
+            side = count_train_flops(model, {**inputs, TAPS_KEY: taps.float()}, batch["label"])
+            memory = estimate_forward_memory_bytes(
+                model.backbone, size, int(batch["input_ids"].shape[1]), taps.numel()
+            )
+            self._per_batch[size] = (forward, side, memory)
+        forward, side, memory = self._per_batch[size]
+        server_examples = self.local_epochs * num_examples
+        if self.max_steps is not None:
+            server_examples = min(server_examples, self.max_steps * self.batch_size)
+        device_examples = (
+            min(num_examples, server_examples) if self.activation_cache else (server_examples)
+        )
+        return DeviceCost(
+            train_flops=round(forward * device_examples / size),
+            peak_memory_bytes=memory,
+            server_flops=round(side * server_examples / size),
+        )

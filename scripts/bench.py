@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsim.scripts.soak import soak
+
 __all__ = ["CASES", "main", "measure_peak_bytes"]
 
 EXPERIMENT = "experiment=mobile_side_tuning"
@@ -398,6 +400,7 @@ CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "cache_speedup": cache_speedup,
     "device_memory": device_memory,
     "compare": compare,
+    "soak": soak,
 }
 
 

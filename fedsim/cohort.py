@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.app.error import Error
 from flwr.serverapp import Grid
 
@@ -240,6 +240,18 @@ class VirtualGrid(Grid):
     def lanes(self) -> list[int]:
         """Node ids of the real SuperNodes, sorted."""
         return sorted(self._grid.get_node_ids())
+
+    def warm_up(self) -> None:
+        """Start every lane's worker and load its workload before round 1, without a timeout.
+
+        Worker start-up (Ray actor, imports, data, model) can take tens of seconds; it must not
+        count against ``runtime.round_timeout_s``, which is about rounds.
+        """
+        pings = [
+            Message(pack_lane([], self._job), node_id, MessageType.TRAIN, group_id="warm-up")
+            for node_id in self.lanes()
+        ]
+        self._exchange(pings, timeout_s=None)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

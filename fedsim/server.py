@@ -240,6 +240,7 @@ def run_rounds(
     ``cfg.checkpoint_every`` rounds (and after the last) the state is checkpointed.
     """
     fed = Federation.build(grid, cfg, strategy)
+    fed.grid.warm_up()  # worker start-up is not part of round 1 (nor of its timeout)
     state = resume if resume is not None else initial_state(fed)
     fed.scheduler.clock = SimClock(state.sim_time_s)
     num_rounds, every = int(cfg.num_rounds), int(cfg.checkpoint_every)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -19,7 +20,8 @@ def _fail(error: ConfigError) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _run(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> float:
+    """One run; returns its final test accuracy, the objective of a sweeper (Optuna's)."""
     from fedsim.simulation import simulate
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -32,6 +34,8 @@ def _run(cfg: DictConfig) -> None:
     _report(summary, run_dir)
     if summary["status"] == "failed":
         sys.exit(EXIT_RUN_FAILED)
+    final = summary["final_accuracy"]
+    return math.nan if final is None else float(final)  # nan: no round finished
 
 
 EXIT_RUN_FAILED = 1  # the engine lost every client for runtime.max_failed_rounds rounds

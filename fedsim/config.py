@@ -142,6 +142,11 @@ def validate(cfg: DictConfig) -> None:
     lanes = OmegaConf.select(cfg, "runtime.num_lanes")
     if lanes is not None:
         _int(cfg, "runtime.num_lanes", 1)
+    final = OmegaConf.select(cfg, "eval.num_clients_final")
+    if final != "all" and (isinstance(final, bool) or not isinstance(final, int) or final < 0):
+        raise ConfigError(
+            "eval.num_clients_final", final, "must be all or an integer >= 0 (0 = none)"
+        )
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -1,12 +1,22 @@
-"""Centralized evaluation on the held-out test split: accuracy, loss, macro-F1."""
+"""Centralized evaluation on the held-out test split: accuracy, loss, macro-F1.
+
+Also the per-client evaluation of the final global model (fairness across clients):
+:func:`evaluate_clients` on the clients picked by :func:`sample_eval_clients`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 
-__all__ = ["evaluate", "iterate_batches"]
+from fedsim.seeding import numpy_rng
+
+__all__ = ["evaluate", "macro_f1", "evaluate_clients", "iterate_batches", "sample_eval_clients"]
+
+ALL_CLIENTS = "all"  # eval.num_clients_final: score every client
 
 
 def iterate_batches(data: dict[str, torch.Tensor], batch_size: int):  # noqa: ANN201
@@ -25,7 +35,8 @@ def evaluate(
     """Accuracy, mean cross-entropy and macro-F1 of ``model`` on ``data``.
 
     Macro-F1 matters on chatterbot, whose topics are very unequal (2,100 vs 9 utterances).
-    Classes absent from both labels and predictions do not count (sklearn ``labels=None``).
+    Classes absent from both labels and predictions do not count (as sklearn's ``f1_score``
+    with ``labels=None, zero_division=0``, which :func:`macro_f1` equals).
     """
     was_training = model.training
     model.eval()
@@ -40,5 +51,58 @@ def evaluate(
     return {
         "accuracy": float((y_pred == y_true).mean()),
         "loss": float(sum(losses) / len(y_true)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y_true, y_pred),
     }
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Unweighted mean over the classes present (in labels or predictions) of 2TP/(2TP+FP+FN)."""
+    classes, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    true, pred = codes[: len(y_true)], codes[len(y_true) :]
+    k = len(classes)
+    tp = np.bincount(true[true == pred], minlength=k)
+    denominator = np.bincount(true, minlength=k) + np.bincount(pred, minlength=k)  # 2TP+FP+FN
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(k), where=denominator > 0)
+    return float(f1.mean()) if k else 0.0
+
+
+def sample_eval_clients(num_clients: int, num_final: int | str, seed: int) -> list[int]:
+    """Partition ids the final model is scored on: every client, or a seeded sample of them.
+
+    ``num_final`` is ``"all"`` or a count; a count of at least ``num_clients`` means every
+    client, 0 means none. The sample is a function of ``seed`` alone (not of the run's history),
+    so runs of a sweep that share a seed score the same clients.
+    """
+    if num_final == ALL_CLIENTS or int(num_final) >= num_clients:
+        return list(range(num_clients))
+    rng = numpy_rng(seed, "final-client-eval")
+    return sorted(int(p) for p in rng.choice(num_clients, size=int(num_final), replace=False))
+
+
+def evaluate_clients(
+    model: torch.nn.Module,
+    client_data_fn: Callable[[int], dict[str, torch.Tensor]],
+    partition_ids: Sequence[int],
+    batch_size: int = 256,
+) -> list[dict[str, Any]]:
+    """Accuracy and mean cross-entropy of ``model`` on each client's local data.
+
+    ``client_data_fn(pid)`` gives a client's features (``Workload.client_data``: its training
+    partition, the only local data a client has). Returns one row per client, in the order of
+    ``partition_ids``: ``partition_id``, ``num_examples``, ``accuracy``, ``loss``; a client with
+    no examples has ``accuracy`` and ``loss`` None.
+    """
+    rows: list[dict[str, Any]] = []
+    for pid in partition_ids:
+        data = client_data_fn(pid)
+        num_examples = len(data["label"])
+        scores = evaluate(model, data, batch_size) if num_examples else {}
+        rows.append(
+            {
+                "partition_id": int(pid),
+                "num_examples": num_examples,
+                "accuracy": scores.get("accuracy"),
+                "loss": scores.get("loss"),
+            }
+        )
+    return rows

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ __all__ = [
     "METRICS_FILE",
     "SUMMARY_FILE",
     "CLIENTS_FILE",
+    "CLIENT_EVAL_FILE",
     "read_metrics",
     "atomic_write_text",
 ]
@@ -33,6 +34,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CLIENTS_FILE = "clients.jsonl"  # one row per client-round: device, outcome, latency, bytes
+CLIENT_EVAL_FILE = "client_eval.jsonl"  # one row per client: the final model on its local data
 
 
 def _jsonable(value: Any) -> Any:
@@ -96,6 +98,12 @@ class RunWriter:
                 ]
                 atomic_write_text(path, "".join(f"{line}\n" for line in kept))
         (self.run_dir / SUMMARY_FILE).unlink(missing_ok=True)
+        (self.run_dir / CLIENT_EVAL_FILE).unlink(missing_ok=True)  # written again at the end
+
+    def write_rows(self, rows: Iterable[Mapping[str, Any]], file: str) -> None:
+        """Write ``file`` as JSON lines, one per row, atomically (replacing any earlier one)."""
+        lines = [json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows]
+        atomic_write_text(self.run_dir / file, "".join(lines))
 
     def log_row(self, row: Mapping[str, Any], file: str = METRICS_FILE) -> None:
         """Append one JSON row to ``file`` and flush it to disk."""

@@ -27,10 +27,10 @@ from fedsim.checkpoint import RunState, save_checkpoint
 from fedsim.cohort import VirtualGrid, partition_id_of
 from fedsim.config import build, config_hash
 from fedsim.devices import SimClock
-from fedsim.evaluation import evaluate
+from fedsim.evaluation import evaluate, evaluate_clients, sample_eval_clients
 from fedsim.params import content_nbytes, load_arrays, to_arrays
 from fedsim.progress import RoundProgress, format_sim_time
-from fedsim.results import CLIENTS_FILE, RunWriter
+from fedsim.results import CLIENT_EVAL_FILE, CLIENTS_FILE, RunWriter
 from fedsim.scheduler import (
     FAILED,
     INFEASIBLE,
@@ -298,6 +298,21 @@ def run_rounds(
             break
         if every and (server_round % every == 0 or server_round == num_rounds):
             save_checkpoint(writer.run_dir, state, strategy, config_hash(cfg))
+    if state.server_round > 0:
+        writer.write_rows(evaluate_final_clients(fed, state), CLIENT_EVAL_FILE)
     summary = {"status": status, **state.totals, "sim_time_s": state.sim_time_s}
+    summary[keys.STARTUP_S] = startup_s
     writer.finish(summary)
     return summary
+
+
+def evaluate_final_clients(fed: Federation, state: RunState) -> list[dict[str, Any]]:
+    """Score the global model of ``state`` on the local data of ``eval.num_clients_final`` clients.
+
+    Rows of :func:`fedsim.evaluation.evaluate_clients`, each with the round of the model.
+    """
+    cfg = fed.cfg
+    pids = sample_eval_clients(int(cfg.num_clients), cfg.eval.num_clients_final, int(cfg.seed))
+    load_arrays(fed.model, state.arrays)  # a resumed run may have played no round here
+    rows = evaluate_clients(fed.model, get_workload(cfg).client_data, pids)
+    return [{keys.ROUND: state.server_round, **row} for row in rows]

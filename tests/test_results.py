@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from fedsim.errors import ConfigError
 from fedsim.progress import RoundProgress, format_duration
-from fedsim.results import RunWriter, read_metrics
+from fedsim.results import CLIENT_EVAL_FILE, RunWriter, read_metrics
 
 
 def test_run_writer_writes_and_never_reuses_a_folder(tmp_path) -> None:
@@ -38,3 +38,15 @@ def test_progress_line_names_round_accuracy_loss_eta(capsys) -> None:
     line = capsys.readouterr().out
     assert "round  1/10" in line and "acc 0.5000" in line and "loss 1.2500" in line
     assert "eta" in line and "elapsed" in line
+
+
+def test_run_writer_client_eval_is_replaced_whole_and_dropped_on_reopen(tmp_path) -> None:
+    writer = RunWriter(tmp_path / "run")
+    writer.start(OmegaConf.create({"seed": 0}))
+    writer.write_rows([{"partition_id": 0, "accuracy": 0.5}, {"partition_id": 1}], CLIENT_EVAL_FILE)
+    writer.write_rows([{"partition_id": 2, "accuracy": math.nan}], CLIENT_EVAL_FILE)
+    # the second call replaces the file (a resumed run scores its final model again)
+    rows = read_metrics(tmp_path / "run", CLIENT_EVAL_FILE)
+    assert rows == [{"partition_id": 2, "accuracy": None}]
+    writer.reopen(server_round=1)
+    assert not (tmp_path / "run" / CLIENT_EVAL_FILE).exists()

@@ -1,0 +1,165 @@
+"""Per-client accuracy of the final global model (``client_eval.jsonl``), and method ranks.
+
+Pure helpers for ``fedsim-compare``: nothing here draws or prints. ``client_eval.jsonl`` holds
+one row per scored client (written by ``fedsim.server`` after the last round, for
+``eval.num_clients_final`` clients): its ``partition_id``, ``num_examples`` and the final
+model's ``accuracy`` and ``loss`` on its local data. Run folders are loaded by
+:mod:`fedsim.scripts.runs`.
+
+Fairness numbers are per run first (each client counts once, whatever its size), then averaged
+over the seeds of a configuration, as in q-FFL (Li et al., ICLR 2020) and Ditto (Li et al.,
+ICML 2021), which report the worst 10% of devices and the spread over devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedsim.errors import ConfigError
+from fedsim.results import CLIENT_EVAL_FILE
+from fedsim.scripts.runs import (
+    Configuration,
+    Run,
+    is_finite,
+    label_configurations,
+    mean_std,
+    read_jsonl,
+)
+
+__all__ = [
+    "CLIENT_EVAL_FILE",
+    "WORST_SHARE",
+    "FairnessSummary",
+    "MethodSplit",
+    "client_accuracies",
+    "rank_within",
+    "split_methods",
+    "summarize_fairness",
+    "target_default",
+    "worst_share_mean",
+]
+
+WORST_SHARE = 0.1  # "worst 10%": the mean accuracy of the ceil(10% of n) least accurate clients
+
+
+@dataclass(frozen=True)
+class FairnessSummary:
+    """Per-client accuracy of one configuration: per run, then (mean, sample std) over seeds."""
+
+    num_clients: tuple[int, int]  # (min, max) clients scored per run
+    mean: tuple[float, float]  # mean over clients
+    std: tuple[float, float]  # population std over clients (ddof=0: the clients scored)
+    worst: tuple[float, float]  # mean of the worst WORST_SHARE of clients
+    pooled: np.ndarray  # (clients x seeds,) every run's client accuracies, for the box plot
+
+
+@dataclass(frozen=True)
+class MethodSplit:
+    """Which part of a configuration is the method and which the setting it is compared in."""
+
+    method: str  # label among the configurations, from the method keys
+    setting: str  # label from the other differing keys; "" when there is one setting
+
+
+def client_accuracies(run: Run) -> np.ndarray:
+    """Finite per-client accuracies of a run's ``client_eval.jsonl`` (clients with data).
+
+    Raises
+    ------
+    ConfigError
+        If the run has no ``client_eval.jsonl`` or no client with an accuracy in it.
+
+    """
+    path = run.path / CLIENT_EVAL_FILE
+    expected = (
+        "expected the per-client accuracy of the final model, which fedsim writes at the end of "
+        "a run with eval.num_clients_final > 0"
+    )
+    if not path.is_file():
+        raise ConfigError(
+            "SWEEP_DIR", run.path, f"run folder has no {CLIENT_EVAL_FILE}; {expected}"
+        )
+    values = [float(row["accuracy"]) for row in read_jsonl(path) if is_finite(row.get("accuracy"))]
+    if not values:
+        raise ConfigError("SWEEP_DIR", path, f"holds no client accuracy; {expected}")
+    return np.array(values)
+
+
+def worst_share_mean(accuracies: Sequence[float], share: float = WORST_SHARE) -> float:
+    """Mean of the ``ceil(share * n)`` lowest values (at least one)."""
+    values = np.sort(np.asarray(accuracies, dtype=float))
+    k = max(1, math.ceil(share * values.size - 1e-9))  # 1e-9: 0.1 * 30 is 3.0000000000000004
+    return float(values[:k].mean())
+
+
+def summarize_fairness(configuration: Configuration) -> FairnessSummary:
+    """Mean, spread and worst share of client accuracy per run, then over the seeds."""
+    per_run = [client_accuracies(run) for run in configuration.runs]
+    sizes = [values.size for values in per_run]
+    return FairnessSummary(
+        num_clients=(min(sizes), max(sizes)),
+        mean=mean_std([float(values.mean()) for values in per_run]),
+        std=mean_std([float(values.std(ddof=0)) for values in per_run]),
+        worst=mean_std([worst_share_mean(values) for values in per_run]),
+        pooled=np.concatenate(per_run),
+    )
+
+
+def _matches(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def split_methods(
+    configurations: Sequence[Configuration], method_prefixes: Sequence[str]
+) -> list[MethodSplit]:
+    """Label each configuration's method (keys under ``method_prefixes``) and setting (the rest).
+
+    Only keys whose values differ between configurations count. When none of them is a method
+    key (a sweep over, e.g., ``partition.alpha`` alone), every configuration is a method of one
+    setting.
+    """
+    configs = [c.config for c in configurations]
+    if len(configs) == 1:
+        return [MethodSplit(method=configurations[0].label, setting="")]
+    missing = object()
+    keys = list(dict.fromkeys(key for config in configs for key in config))
+    differing = [k for k in keys if len({repr(c.get(k, missing)) for c in configs}) > 1]
+    method_keys = [k for k in differing if _matches(k, method_prefixes)] or differing
+    setting_keys = [k for k in differing if k not in method_keys]
+
+    def labels(kept: Sequence[str]) -> list[str]:
+        parts = [{k: c[k] for k in kept if k in c} for c in configs]
+        distinct = list({repr(sorted(p.items())): p for p in parts}.values())
+        if len(distinct) == 1:
+            return [""] * len(configs)
+        names = [repr(sorted(p.items())) for p in distinct]
+        by_part = dict(zip(names, label_configurations(distinct), strict=True))
+        return [by_part[repr(sorted(p.items()))] for p in parts]
+
+    methods = labels(method_keys)
+    settings = labels(setting_keys) if setting_keys else [""] * len(configs)
+    return [MethodSplit(m, s) for m, s in zip(methods, settings, strict=True)]
+
+
+def rank_within(values: Sequence[float], groups: Sequence[Any]) -> list[int]:
+    """Rank (1 = highest value) among the entries of the same group; ties share the best rank.
+
+    A nan value ranks below every number of its group.
+    """
+    ranks = []
+    for value, group in zip(values, groups, strict=True):
+        peers = [v for v, g in zip(values, groups, strict=True) if g == group]
+        key = -math.inf if math.isnan(value) else value
+        ranks.append(1 + sum((-math.inf if math.isnan(v) else v) > key for v in peers))
+    return ranks
+
+
+def target_default(final_means: Sequence[float], share: float) -> float:
+    """``share`` of the best mean final accuracy, rounded down to 0.01 (at least 0.01)."""
+    best = max((v for v in final_means if math.isfinite(v)), default=0.0)
+    return max(0.01, math.floor(share * best * 100 + 1e-9) / 100)

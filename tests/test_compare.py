@@ -1,0 +1,359 @@
+"""fedsim-compare, the per-client evaluation it reads, and the Optuna sweeper.
+
+Hand-checked numbers on run folders written here (fast), then a real ``fedsim --multirun`` sweep
+(slow) whose report is checked against its summaries and client_eval.jsonl files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from test_plot import make_config, write_run
+
+from fedsim.evaluation import evaluate_clients, sample_eval_clients
+from fedsim.scripts.compare import main
+from fedsim.scripts.fairness import rank_within, target_default, worst_share_mean
+from fedsim.scripts.runs import group_runs, load_runs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FEDSIM = [sys.executable, "-m", "fedsim"]
+COMPARE = [sys.executable, "-m", "fedsim.scripts.compare"]
+
+
+# --- per-client evaluation ------------------------------------------------------------------------
+class Identity(torch.nn.Module):
+    """Logits = the input itself: predictions and losses can be worked out by hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+CLIENT_DATA = {
+    # predictions argmax: 0, 1, 0 -> 2 of 3 right
+    0: {"x": torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), "label": torch.tensor([0, 1, 1])},
+    1: {"x": torch.zeros(0, 2), "label": torch.zeros(0, dtype=torch.long)},  # no local data
+    2: {"x": torch.tensor([[0.0, 3.0]]), "label": torch.tensor([1])},
+}
+
+
+def test_evaluate_clients_hand_checked() -> None:
+    rows = evaluate_clients(Identity(), CLIENT_DATA.__getitem__, [2, 0, 1], batch_size=2)
+    assert [r["partition_id"] for r in rows] == [2, 0, 1]  # the order asked for
+    assert [r["num_examples"] for r in rows] == [1, 3, 0]
+    assert rows[0]["accuracy"] == 1.0
+    assert rows[0]["loss"] == pytest.approx(math.log(1 + math.exp(-3)))  # 0.0486
+    assert rows[1]["accuracy"] == pytest.approx(2 / 3)
+    # cross-entropy of two logits = log(1 + e^(other - true)): (log(1+e^-2) + log(1+e^-1)
+    # + log(1+e^1)) / 3 = (0.1269 + 0.3133 + 1.3133) / 3 = 0.5845
+    expected = (math.log(1 + math.e**-2) + math.log(1 + math.e**-1) + math.log(1 + math.e)) / 3
+    assert rows[1]["loss"] == pytest.approx(expected)
+    assert rows[2]["accuracy"] is None and rows[2]["loss"] is None
+
+
+@pytest.mark.parametrize(
+    ("num_final", "expected_size"), [("all", 10), (10, 10), (25, 10), (3, 3), (0, 0)]
+)
+def test_sample_eval_clients_all_or_a_seeded_sample(num_final: Any, expected_size: int) -> None:
+    pids = sample_eval_clients(10, num_final, seed=7)
+    assert len(pids) == len(set(pids)) == expected_size
+    assert pids == sorted(pids) and all(0 <= p < 10 for p in pids)
+    assert pids == sample_eval_clients(10, num_final, seed=7)  # a function of the seed
+
+
+def test_sample_eval_clients_depends_on_seed() -> None:
+    samples = {tuple(sample_eval_clients(1000, 5, seed=s)) for s in range(5)}
+    assert len(samples) == 5
+
+
+# --- fairness and ranking helpers -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.9, 0.1, 0.5], 0.1),  # ceil(0.3) = 1 client: the lowest
+        ([0.1 * i for i in range(1, 21)], 0.15),  # 20 clients -> worst 2: (0.1 + 0.2) / 2
+        ([0.1 * i for i in range(1, 31)], 0.2),  # 30 clients -> worst 3 (not 4): 0.6 / 3
+        ([0.1 * i for i in range(1, 12)], 0.15),  # 11 clients -> ceil(1.1) = 2: (0.1 + 0.2) / 2
+    ],
+)
+def test_worst_share_mean(values: list[float], expected: float) -> None:
+    assert worst_share_mean(values) == pytest.approx(expected)
+
+
+def test_rank_within_groups_ties_and_nan() -> None:
+    values = [0.8, 0.9, 0.9, 0.5, math.nan, 0.7]
+    groups = ["a", "a", "a", "b", "b", "b"]
+    # a: 0.9 and 0.9 share rank 1, 0.8 comes 3rd; b: 0.7 first, 0.5 second, nan last
+    assert rank_within(values, groups) == [3, 1, 1, 2, 3, 1]
+
+
+def test_target_default_rounds_down_from_the_best_mean() -> None:
+    assert target_default([0.5, 0.83, math.nan], 0.9) == pytest.approx(0.74)  # 0.747 -> 0.74
+    assert target_default([0.5, 0.8], 0.9) == pytest.approx(0.72)  # exact: not 0.71
+
+
+# --- the report on hand-written run folders ----------------------------------------------------
+# 2 strategies x 2 alphas x 2 seeds. Final accuracy per seed (round 2 = final + 0.05, round 1 0.5):
+#   alpha 0.1: FedAvg 0.60 0.64 -> 0.62 ± 0.0283 (sqrt(2 * 0.02² / 1)); FedProx 0.70 0.74 -> 0.72
+#   alpha 1.0: FedAvg 0.90 0.94 -> 0.92;                                  FedProx 0.80 0.84 -> 0.82
+# so FedProx ranks 1 at alpha 0.1 and FedAvg ranks 1 at alpha 1.0.
+FINALS = {
+    ("FedAvg", 0.1): (0.60, 0.64),
+    ("FedProx", 0.1): (0.70, 0.74),
+    ("FedAvg", 1.0): (0.90, 0.94),
+    ("FedProx", 1.0): (0.80, 0.84),
+}
+# Client accuracies of every run: 10 clients, worst 10% = the lowest one.
+CLIENT_ACCURACIES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+# mean 0.8; population std sqrt(mean of squares 0.72 - 0.64) = sqrt(0.08) = 0.2828; worst 0.2
+
+
+def write_client_eval(run: Path, accuracies: list[float | None]) -> None:
+    rows = [
+        {"round": 3, "partition_id": pid, "num_examples": 0 if acc is None else 10,
+         "accuracy": acc, "loss": None if acc is None else 1.0 - acc}
+        for pid, acc in enumerate(accuracies)
+    ]  # fmt: skip
+    (run / "client_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def grid_sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    job = 0
+    for (strategy, alpha), finals in FINALS.items():
+        kwargs = {"proximal_mu": 0.1} if strategy == "FedProx" else {}
+        for seed, final in enumerate(finals):
+            config = make_config(strategy, seed, **kwargs)
+            config["partition"]["alpha"] = alpha
+            run = write_run(root / str(job), config, final, sim_time=True)
+            write_client_eval(run, [*CLIENT_ACCURACIES, None])  # + a client without data
+            job += 1
+    return root
+
+
+def table_rows(report: str, heading: str) -> list[dict[str, str]]:
+    """The first markdown table after the ``## heading`` line, as dicts keyed by column name."""
+    section = report.split(f"## {heading}", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(section) if line.startswith("|"))
+    end = next((i for i in range(start, len(section)) if not section[i].startswith("|")), None)
+    lines = section[start:end]
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    return [dict(zip(cells(lines[0]), cells(line), strict=True)) for line in lines[2:]]
+
+
+def test_report_ranks_methods_within_settings(grid_sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main([str(grid_sweep), "--out", str(out), "--target", "0.7"]) == 0
+    report = (out / "report.md").read_text()
+    assert "8 runs in 4 configurations (2 method(s) x 2 settings), seeds 0, 1" in report
+    rows = table_rows(report, "Final accuracy and per-client accuracy")
+    got = {(r["setting"], r["method"]): r for r in rows}
+    assert list(got) == [  # by setting, then rank
+        ("alpha=0.1", "strategy=FedProx, proximal_mu=0.1"),
+        ("alpha=0.1", "strategy=FedAvg"),
+        ("alpha=1", "strategy=FedAvg"),
+        ("alpha=1", "strategy=FedProx, proximal_mu=0.1"),
+    ]
+    fedavg_low = got[("alpha=0.1", "strategy=FedAvg")]
+    assert fedavg_low["final accuracy"] == "0.6200" and fedavg_low["std"] == "0.0283"
+    assert fedavg_low["rank"] == "2" and fedavg_low["seeds"] == "2"
+    assert got[("alpha=1", "strategy=FedAvg")]["rank"] == "1"
+    for row in rows:
+        assert row["clients scored"] == "10"  # the client without data is not scored
+        assert row["client accuracy"] == "0.8000 ± 0.0000"
+        assert row["client std"] == "0.2828 ± 0.0000"
+        assert row["worst 10% clients"] == "0.2000 ± 0.0000"
+    # Target 0.7: round 2 (final + 0.05) or round 3 reach it; round 1 (0.5) never does.
+    # alpha 0.1 FedAvg: 0.65/0.69 at round 2, 0.60/0.64 at 3 -> never; FedProx: round 2 both.
+    cost = {(r["setting"], r["method"]): r for r in table_rows(report, "Cost to reach")}
+    never = cost[("alpha=0.1", "strategy=FedAvg")]
+    assert never["seeds reaching 0.7"] == "0/2"
+    assert never["rounds"] == never["simulated time"] == never["bytes up+down"] == "not reached"
+    fedprox = cost[("alpha=0.1", "strategy=FedProx, proximal_mu=0.1")]
+    assert fedprox["seeds reaching 0.7"] == "2/2" and fedprox["rounds"] == "2.00 ± 0.00"
+    assert fedprox["simulated time"] == "2.00 ± 0.00 min"  # 60 s per round
+    assert fedprox["bytes up+down"] == "6.00 ± 0.00 MB"  # 3 MB per round
+    for name in ("accuracy_curves.png", "client_accuracy.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_default_target_and_single_setting(grid_sweep: Path, tmp_path: Path) -> None:
+    for run in grid_sweep.iterdir():  # keep alpha 0.1 only: one setting, no setting column
+        if yaml.safe_load((run / "config.yaml").read_text())["partition"]["alpha"] != 0.1:
+            shutil.rmtree(run)
+    out = tmp_path / "report"
+    assert main([str(grid_sweep), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    # best mean final 0.72 -> 0.9 x 0.72 = 0.648 -> 0.64
+    assert "## Cost to reach accuracy 0.64" in report
+    rows = table_rows(report, "Final accuracy and per-client accuracy")
+    assert "setting" not in rows[0]
+    assert [(r["method"], r["rank"]) for r in rows] == [
+        ("strategy=FedProx, proximal_mu=0.1", "1"),
+        ("strategy=FedAvg", "2"),
+    ]
+
+
+def _one_error_line(capsys: Any) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedsim-compare: error: "), err
+    return err
+
+
+def test_bad_input_exits_2_with_one_line(grid_sweep: Path, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "report"
+    missing = tmp_path / "nowhere"
+    assert main([str(missing), "--out", str(out)]) == 2
+    assert f"SWEEP_DIR={missing}: folder does not exist" in _one_error_line(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), "--out", str(out)]) == 2
+    assert f"SWEEP_DIR={empty}: holds no run folder" in _one_error_line(capsys)
+    assert main([str(grid_sweep), "--out", str(out), "--target", "1.5"]) == 2
+    assert "--target=1.5: must be an accuracy in (0, 1]" in _one_error_line(capsys)
+    (grid_sweep / "3" / "client_eval.jsonl").unlink()
+    assert main([str(grid_sweep), "--out", str(out)]) == 2
+    assert f"{(grid_sweep / '3').resolve()}: run folder has no client_eval.jsonl" in (
+        _one_error_line(capsys)
+    )
+    (grid_sweep / "5" / "summary.json").unlink()
+    assert main([str(grid_sweep), "--out", str(out)]) == 2
+    assert "5: run folder has no summary.json; expected finished runs" in _one_error_line(capsys)
+    assert not out.exists()  # nothing written on bad input
+
+
+def test_existing_report_folder_needs_force(grid_sweep: Path, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([str(grid_sweep), "--out", str(out)]) == 2
+    assert f"--out={out}: is not empty" in _one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main([str(grid_sweep), "--out", str(out), "--force"]) == 0
+    assert (out / "report.md").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+# --- a real sweep ---------------------------------------------------------------------------------
+TINY = ["num_clients=6", "num_rounds=2", "strategy.fraction_train=0.5", "runtime.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sweep = tmp_path_factory.mktemp("real") / "sweep"
+    proc = subprocess.run(
+        [*FEDSIM, "--multirun", "strategy=fedavg,fedprox", "seed=0,1", *TINY,
+         "eval.num_clients_final=4", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+def _client_accuracies(run: Path) -> list[float]:
+    lines = (run / "client_eval.jsonl").read_text().splitlines()
+    return [json.loads(line)["accuracy"] for line in lines]
+
+
+@pytest.mark.slow
+def test_compare_real_sweep_matches_summaries_and_client_eval(
+    real_sweep: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [*COMPARE, str(real_sweep), "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = (out / "report.md").read_text()
+    assert proc.stdout.startswith(report)
+    for name in ("accuracy_curves.png", "client_accuracy.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    runs = {"FedAvg": [], "FedProx": []}  # strategy -> run folders
+    for summary in real_sweep.rglob("summary.json"):
+        target = yaml.safe_load((summary.parent / "config.yaml").read_text())["strategy"]
+        runs[target["_target_"].rsplit(".", 1)[-1]].append(summary.parent)
+    assert [len(v) for v in runs.values()] == [2, 2]
+    rows = {
+        r["method"].split(",")[0]: r
+        for r in table_rows(report, "Final accuracy and per-client accuracy")
+    }
+    means = {}
+    for strategy, folders in runs.items():
+        row = rows[f"strategy={strategy}"]
+        finals = [json.loads((f / "summary.json").read_text())["final_accuracy"] for f in folders]
+        means[strategy] = statistics.mean(finals)
+        assert float(row["final accuracy"]) == pytest.approx(means[strategy], abs=5e-5)
+        assert float(row["std"]) == pytest.approx(statistics.stdev(finals), abs=5e-5)
+        clients = [_client_accuracies(f) for f in folders]
+        assert all(len(c) == 4 for c in clients) and row["clients scored"] == "4"
+        worst = [min(c) for c in clients]  # 4 clients: the worst 10% is ceil(0.4) = 1 client
+        spread = [statistics.pstdev(c) for c in clients]
+        for column, per_run in (("worst 10% clients", worst), ("client std", spread)):
+            mean, std = (float(x) for x in row[column].split(" ± "))
+            assert mean == pytest.approx(statistics.mean(per_run), abs=5e-5), column
+            assert std == pytest.approx(statistics.stdev(per_run), abs=5e-5), column
+    ranks = {s: rows[f"strategy={s}"]["rank"] for s in runs}
+    best = max(means, key=means.get)
+    assert ranks[best] == "1" and sorted(ranks.values()) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_compare_real_sweep_missing_files_exit_2(real_sweep: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "copy"
+    shutil.copytree(real_sweep, sweep)
+    (sweep / "2" / "summary.json").unlink()
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [*COMPARE, str(sweep), "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "run folder has no summary.json" in proc.stderr
+    assert str((sweep / "2").resolve()) in proc.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_real_runs_group_into_two_configurations(real_sweep: Path) -> None:
+    configurations = group_runs(load_runs([real_sweep]))
+    assert [len(c.runs) for c in configurations] == [2, 2]
+
+
+# --- hyper-parameter search with the Optuna sweeper -----------------------------------------------
+@pytest.mark.slow
+def test_optuna_sweeper_two_trials_writes_best_params(tmp_path: Path) -> None:
+    sweep = tmp_path / "hpo"
+    proc = subprocess.run(
+        [*FEDSIM, "--multirun", "experiment=hpo_fedprox", "hydra.sweeper.n_trials=2",
+         "num_clients=6", "num_rounds=2", "runtime.progress=false", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["name"] == "optuna"
+    best = result["best_params"]
+    assert set(best) == {"strategy.proximal_mu", "client.lr"}
+    assert 0.001 <= best["strategy.proximal_mu"] <= 1.0 and 0.02 <= best["client.lr"] <= 0.5
+    trials = {}  # (mu, lr) -> final accuracy, from the trials' own run folders
+    for job in ("0", "1"):
+        config = yaml.safe_load((sweep / job / "config.yaml").read_text())
+        assert config["strategy"]["_target_"] == "flwr.serverapp.strategy.FedProx"
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        trials[(config["strategy"]["proximal_mu"], config["client"]["lr"])] = summary[
+            "final_accuracy"
+        ]
+    assert len(trials) == 2  # two different proposals
+    # The sweeper's objective is what fedsim returns: the best trial's final accuracy.
+    assert result["best_value"] == pytest.approx(max(trials.values()))
+    best_key = (best["strategy.proximal_mu"], best["client.lr"])
+    assert trials[best_key] == pytest.approx(result["best_value"])

@@ -48,6 +48,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedsim.clients.base import TrainContext, TrainOutcome
+from fedsim.clients.side_link import LinkMemo
 from fedsim.devices import count_forward_flops, count_train_flops
 from fedsim.errors import ConfigError
 from fedsim.models import ModelFactory
@@ -304,6 +305,7 @@ class SideTuning:
         #: Called with every device->server payload (tests inspect what the server receives).
         self.uplink_observer: Callable[[DevicePayload], None] | None = None
         self._per_batch: dict[int, tuple[int, int, int]] = {}  # size -> (fwd, side, memory)
+        self._link = LinkMemo()  # simulation speed: each sample's payload computed once
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
         """The side-tuned model over the classifier's frozen backbone (and cached features)."""
@@ -314,28 +316,34 @@ class SideTuning:
         self, model: SideTunedModel, data: dict[str, torch.Tensor], rows: torch.Tensor
     ) -> DevicePayload:
         """Device: forward ``rows`` through the frozen backbone, quantize, build the payload."""
+        activations, token_mask = self.device_activations(model, data, rows)
+        labels, delta = self.device_targets(model, data, rows)
+        return DevicePayload(rows.to(torch.int32), activations, token_mask, labels, delta)
+
+    def device_activations(
+        self, model: SideTunedModel, data: dict[str, torch.Tensor], rows: torch.Tensor
+    ) -> tuple[QuantizedTensor, torch.Tensor | None]:
+        """Device: the quantized token vectors (M, K, d) of ``rows`` and where they sit."""
         mask = data["attention_mask"][rows]
         if TAPS_KEY in data:  # the same forward pass, computed once (fedsim/side_network.py)
             activations = data[TAPS_KEY][rows].float()
         else:
             activations = model.device_activations(data["input_ids"][rows], mask)
+        token_mask = model.token_mask(mask)
+        tokens = pack_tokens(activations, token_mask)  # (M, K, d)
+        return quantize(tokens, model.spec.bits, model.spec.quant_scheme), token_mask  # type: ignore[arg-type]
+
+    def device_targets(
+        self, model: SideTunedModel, data: dict[str, torch.Tensor], rows: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Device: what it sends about the labels of ``rows``: labels (MobiLLM) or delta (PAE)."""
         labels = data["label"][rows]
-        delta = sent_labels = None
         if model.spec.additive:
             dtype = torch.float32 if model.spec.bits == 32 else torch.float16
             delta = encode_delta(labels, model.backbone_logits(len(rows)), model.label_perm, dtype)
-        else:
-            small = len(model.label_perm) < _UINT8_CLASSES
-            sent_labels = labels.to(torch.uint8 if small else torch.int32)
-        token_mask = model.token_mask(mask)
-        tokens = pack_tokens(activations, token_mask)  # (M, K, d)
-        return DevicePayload(
-            sample_ids=rows.to(torch.int32),
-            activations=quantize(tokens, model.spec.bits, model.spec.quant_scheme),  # type: ignore[arg-type]
-            token_mask=token_mask,
-            labels=sent_labels,
-            delta=delta,
-        )
+            return None, delta
+        small = len(model.label_perm) < _UINT8_CLASSES
+        return labels.to(torch.uint8 if small else torch.int32), None
 
     def send(self, payload: DevicePayload) -> int:
         """The uplink: the only way device data reaches the server; returns its bytes."""
@@ -384,7 +392,11 @@ class SideTuning:
                 new = rows if cache is None else rows[~cache.filled[rows]]
                 payload = None
                 if len(new):
-                    payload = self.device_step(model, data, new)
+                    payload = (
+                        self._link.payload(self, model, data, new, ctx.partition_id)
+                        if self._link.applies(self, data)
+                        else self.device_step(model, data, new)
+                    )
                     uploaded += self.send(payload)
                     forwarded += len(new)
                     if cache is not None:

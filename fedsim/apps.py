@@ -52,13 +52,14 @@ def make_server_app(
     writer: RunWriter,
     summary: dict,
     resume: RunState | None = None,
+    started_at: float | None = None,
 ) -> ServerApp:
     """A ServerApp that runs ``cfg``'s rounds (after ``resume``) and fills ``summary``."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary.update(run_rounds(grid, cfg, strategy, writer, resume))
+        summary.update(run_rounds(grid, cfg, strategy, writer, resume, started_at))
 
     return app
 

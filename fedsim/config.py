@@ -133,6 +133,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "runtime.client_num_cpus")
     _positive(cfg, "runtime.round_timeout_s")
     _int(cfg, "runtime.max_failed_rounds", 0)
+    _int(cfg, "runtime.server_num_threads", 1)
     deadline = OmegaConf.select(cfg, "clock.deadline_s")
     if deadline is not None:
         _positive(cfg, "clock.deadline_s")

@@ -658,11 +658,14 @@ def partition_train(
 
     """
     num_rows = len(splits.train)
-    if not _is_int(num_clients, 1, num_rows):
+    max_clients = num_rows  # one row each at least, unless the partitioner lets clients overlap
+    if getattr(partitioner, "allows_more_partitions_than_rows", False):
+        max_clients = max(num_rows, num_clients)
+    if not _is_int(num_clients, 1, max_clients):
         raise ConfigError(
             "num_clients",
             num_clients,
-            f"must be an integer from 1 to {num_rows} (the training examples available)",
+            f"must be an integer from 1 to {max_clients} (the training examples available)",
         )
     partition_by = getattr(partitioner, "_partition_by", None)
     if partition_by is not None and partition_by not in splits.train.column_names:

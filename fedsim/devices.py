@@ -300,6 +300,31 @@ def _training_loss(model: nn.Module, inputs: Mapping[str, torch.Tensor],
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+_FLOPS_MEMO: dict[tuple, int] = {}
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _shape_key(model: nn.Module, inputs: Mapping[str, torch.Tensor],
+               labels: torch.Tensor | None) -> tuple:
+    """What a FLOP count depends on: the module tree, its settings, and the tensor shapes.
+
+    ``repr`` gives the tree and each layer's hyper-parameters; plain attributes (flags such as
+    a pivot-token switch that steer ``forward``) and every parameter's shape and trainability
+    are added because ``repr`` need not show them.
+    """
+    settings = tuple(
+        (name, type(module).__qualname__,
+         tuple(sorted((k, v) for k, v in vars(module).items()
+                      if isinstance(v, _PLAIN) and not k.startswith("_"))))
+        for name, module in model.named_modules()
+    )
+    params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad)
+                   for n, p in model.named_parameters())
+    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
+    return (repr(model), settings, params, tensors,
+            None if labels is None else (tuple(labels.shape), labels.dtype))
+
+
 def count_train_flops(model: nn.Module, inputs: Mapping[str, torch.Tensor],
                       labels: torch.Tensor) -> int:
     """FLOPs of one training step (forward + backward of cross-entropy) on this batch.
@@ -309,20 +334,31 @@ def count_train_flops(model: nn.Module, inputs: Mapping[str, torch.Tensor],
     The backward computes gradients of trainable parameters only (as training would), so a
     frozen prefix costs forward FLOPs but no backward FLOPs, and the first layer computes no
     input gradient. Gradients are returned by ``torch.autograd.grad``, never stored in ``.grad``.
+    Counts are memoized per process by module tree, settings and shapes (a count depends on
+    nothing else), so the clients of a run and the runs of a sweep share them.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    with _buffers_restored(model), FlopCounterMode(display=False) as counter:
-        loss = _training_loss(model, inputs, labels)
-        if trainable:
-            torch.autograd.grad(loss, trainable, allow_unused=True)
-    return int(counter.get_total_flops())
+    key = ("train", *_shape_key(model, inputs, labels))
+    if key not in _FLOPS_MEMO:  # counting runs the step (and costs seconds on first use)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with _buffers_restored(model), FlopCounterMode(display=False) as counter:
+            loss = _training_loss(model, inputs, labels)
+            if trainable:
+                torch.autograd.grad(loss, trainable, allow_unused=True)
+        _FLOPS_MEMO[key] = int(counter.get_total_flops())
+    return _FLOPS_MEMO[key]
 
 
 def count_forward_flops(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> int:
-    """FLOPs of one forward pass without autograd (e.g. a forward-only side-tuning device)."""
-    with _buffers_restored(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs)
-    return int(counter.get_total_flops())
+    """FLOPs of one forward pass without autograd (e.g. a forward-only side-tuning device).
+
+    Like :func:`count_train_flops`, memoized per process by module tree and shapes.
+    """
+    key = ("forward", *_shape_key(model, inputs, None))
+    if key not in _FLOPS_MEMO:
+        with _buffers_restored(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**inputs)
+        _FLOPS_MEMO[key] = int(counter.get_total_flops())
+    return _FLOPS_MEMO[key]
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,8 @@ class FaultInjector:
 
     def strike(self, seed: int, server_round: int, partition_id: int) -> None:
         """Make this client-round's faults happen (called in the worker before training)."""
+        if not (self.kill_worker_prob or self.hang_prob or self.exception_prob):
+            return  # fault-free runs skip the draw (a generator per client-round)
         faults = self.draw(seed, server_round, partition_id)
         if faults.kill_worker:
             os._exit(KILLED_WORKER_EXIT_CODE)  # no cleanup, like an OOM kill

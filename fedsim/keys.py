@@ -37,6 +37,7 @@ NUM_FAILED = "num_failed"
 BYTES_UP = "bytes_up"
 BYTES_DOWN = "bytes_down"
 WALL_TIME_S = "wall_time_s"
+STARTUP_S = "startup_s"  # summary: seconds a run paid before its first round (engine, data, model)
 SIM_TIME_S = "sim_time_s"  # cumulative simulated seconds
 ROUND_TIME_S = "round_time_s"
 NUM_STRAGGLERS = "num_stragglers"

@@ -125,6 +125,8 @@ class Federation:
     @classmethod
     def build(cls, grid: Grid, cfg: DictConfig, strategy: Strategy) -> Federation:
         """Workload, model, client behaviour, device scheduler and lanes of ``cfg``."""
+        # More threads than the cores the workers leave idle only slow everything down.
+        torch.set_num_threads(int(cfg.runtime.server_num_threads))
         workload = get_workload(cfg)
         model = workload.build_model()
         behaviour = build(cfg, "client")
@@ -233,14 +235,18 @@ def run_rounds(
     strategy: Strategy,
     writer: RunWriter,
     resume: RunState | None = None,
+    started_at: float | None = None,
 ) -> dict:
     """Run rounds up to ``cfg.num_rounds`` (after ``resume``'s round); return the summary.
 
     Every round's rows are appended to the run folder as they come; every
     ``cfg.checkpoint_every`` rounds (and after the last) the state is checkpointed.
+    ``started_at`` (``time.perf_counter()`` when the run began) makes the summary report
+    ``startup_s``: what the run paid before its first round (engine, workers, data, model).
     """
     fed = Federation.build(grid, cfg, strategy)
     fed.grid.warm_up()  # worker start-up is not part of round 1 (nor of its timeout)
+    startup_s = None if started_at is None else time.perf_counter() - started_at
     state = resume if resume is not None else initial_state(fed)
     fed.scheduler.clock = SimClock(state.sim_time_s)
     num_rounds, every = int(cfg.num_rounds), int(cfg.checkpoint_every)

@@ -185,6 +185,20 @@ def unpack_tokens(tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torc
     return out.transpose(1, 2)
 
 
+_RECEIVED_MEMO_SIZE = 64  # evaluation batches remembered (test split, final per-client scores)
+
+
+def _view_key(tensor: torch.Tensor) -> tuple:
+    """Identity of a tensor view: its memory, offset, shape and strides (not its values)."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+    )
+
+
 class SideTunedModel(nn.Module):
     """Frozen backbone (device) + gated adapter chain and head (server); logits (B, C).
 
@@ -197,6 +211,7 @@ class SideTunedModel(nn.Module):
         super().__init__()
         config = base.backbone.config
         self.spec = spec
+        self._received_memo: dict[tuple, tuple] = {}  # see forward()
         self.backbone = base.backbone.requires_grad_(False).eval()
         self.pooling = base.pooling  # "mean" | "first" | "last": how the head reads tokens
         self.layers = select_layers(int(config.num_hidden_layers), spec.num_taps)
@@ -262,13 +277,36 @@ class SideTunedModel(nn.Module):
         attention_mask: torch.Tensor,
         taps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, C) in true label order, as the device would see them at inference."""
+        """Logits (B, C) in true label order, as the device would see them at inference.
+
+        Evaluation on cached hidden states (``taps`` given, no autograd) sees the same batch
+        every round: what the link delivers for it is a pure function of the batch, so it is
+        computed once and remembered, keyed by the batch tensors' identity.
+        """
         if taps is None:
             taps = self.device_activations(input_ids, attention_mask)
+        elif not torch.is_grad_enabled():
+            key = (_view_key(taps), _view_key(attention_mask))
+            memo = self._received_memo.get(key)
+            if memo is None:
+                memo = self._received(taps, attention_mask)
+                while self._received_memo and len(self._received_memo) >= _RECEIVED_MEMO_SIZE:
+                    self._received_memo.pop(next(iter(self._received_memo)))  # oldest first
+                # The tensors ride along: their memory cannot be reused while the key lives.
+                self._received_memo[key] = (*memo, taps, attention_mask)
+            received, mask = memo[0], memo[1]
+            return self.decode(self.side_logits(received, mask))
+        received, mask = self._received(taps, attention_mask)
+        return self.decode(self.side_logits(received, mask))
+
+    def _received(
+        self, taps: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the server reconstructs of ``taps`` (M, K, d) and where the tokens sit."""
         mask = self.token_mask(attention_mask)
         tokens = pack_tokens(taps, mask).float()  # what the link carries: (M, K, d)
         received = fake_quantize(tokens, self.spec.bits, self.spec.quant_scheme)  # type: ignore[arg-type]
-        return self.decode(self.side_logits(received, mask))
+        return received, mask
 
 
 # --------------------------------------------------------------------------- the factory

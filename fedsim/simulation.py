@@ -9,6 +9,7 @@ here, and the same ServerApp/ClientApp also run under ``flwr run .`` (see fedsim
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -20,6 +21,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # CPU-only runs: keeps Ray from printing a FutureWarning about accelerator env vars.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
+import ray  # noqa: E402
+from flwr.server.superlink.fleet.vce.backend import raybackend  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
 from fedsim.apps import client_app, make_server_app, quiet_flower  # noqa: E402
@@ -28,7 +31,71 @@ from fedsim.config import build, config_hash, validate  # noqa: E402
 from fedsim.results import RunWriter  # noqa: E402
 from fedsim.workload import get_workload  # noqa: E402
 
-__all__ = ["simulate", "num_lanes", "backend_config"]
+__all__ = ["simulate", "num_lanes", "backend_config", "release_engine"]
+
+
+class KeptRayBackend(raybackend.RayBackend):
+    """Flower's Ray backend, but Ray and its warm actors outlive a run for the next one.
+
+    Flower builds a fresh actor pool for every ``run_simulation`` and shuts Ray down after it
+    (``RayBackend.terminate``), so each run of a Hydra sweep would pay Ray's start, new worker
+    processes, their imports and data loading again (seconds per run, landscape.md part D).
+    Within one process (a sweep, a test session, a notebook) fedsim instead keeps the pool: a
+    run whose resources match the previous run's reuses its actors, whose process-resident
+    state (imports, datasets, frozen features, models) is keyed by job and reused where it
+    applies. :func:`release_engine` (or process exit) ends it.
+    """
+
+    _kept: tuple[str, object] | None = None  # (client resources, BasicActorPool)
+
+    def _key(self) -> str:
+        return repr(sorted(self.client_resources.items()))
+
+    def build(self, app_fn) -> None:  # noqa: ANN001 - Flower's signature
+        """Reuse the kept pool when it fits this run (all its actors idle), else build one."""
+        kept = KeptRayBackend._kept
+        if kept is not None and not ray.is_initialized():  # someone shut Ray down meanwhile
+            kept = KeptRayBackend._kept = None
+        if kept is not None:
+            key, pool = kept
+            if key == self._key() and len(pool.pool) == pool.num_actors:  # type: ignore[attr-defined]
+                self.pool, self.app_fn = pool, app_fn  # type: ignore[assignment]
+                return
+            pool.terminate_all_actors()  # type: ignore[attr-defined]
+            KeptRayBackend._kept = None
+        super().build(app_fn)
+        KeptRayBackend._kept = (self._key(), self.pool)
+
+    def terminate(self) -> None:
+        """Keep Ray and the actors for the next run of this process (see the class doc)."""
+
+
+_ray_target: str | None = None  # the runtime.ray_address ("" = local) Ray was started for
+
+
+def release_engine() -> None:
+    """Terminate the kept actors and shut Ray down (what Flower does after every run)."""
+    global _ray_target
+    if KeptRayBackend._kept is not None and ray.is_initialized():
+        KeptRayBackend._kept[1].terminate_all_actors()  # type: ignore[attr-defined]
+    KeptRayBackend._kept = None
+    if ray.is_initialized():
+        ray.shutdown()
+    _ray_target = None
+
+
+def _prepare_ray(cfg: DictConfig) -> None:
+    """A run for another Ray cluster than the kept one's starts from a clean slate."""
+    global _ray_target
+    target = str(cfg.runtime.ray_address or "")
+    if _ray_target is not None and _ray_target != target:
+        release_engine()
+    _ray_target = target
+
+
+def _use_kept_backend() -> None:
+    # Flower's start_vce imports ``RayBackend`` from this module when a run starts.
+    raybackend.RayBackend = KeptRayBackend  # type: ignore[misc]
 
 
 def num_lanes(cfg: DictConfig, cluster_cpus: float | None = None) -> int:
@@ -62,8 +129,6 @@ def _cluster_cpus(cfg: DictConfig) -> float | None:
     """CPUs of the Ray cluster at ``runtime.ray_address`` (connects once; Flower reuses it)."""
     if not cfg.runtime.ray_address:
         return None
-    import ray
-
     if not ray.is_initialized():
         ray.init(address=str(cfg.runtime.ray_address), logging_level="ERROR")
     return float(ray.cluster_resources().get("CPU", 1.0))
@@ -74,6 +139,7 @@ def run_flower(server_app: ServerApp, lanes: int, config: dict) -> None:
     from flwr.simulation import run_simulation
 
     quiet_flower()
+    _use_kept_backend()
     run_simulation(
         server_app=server_app,
         client_app=client_app,
@@ -89,6 +155,7 @@ def simulate(cfg: DictConfig, run_dir: Path | str, resume: bool = False) -> dict
     Every check that can fail on bad input runs before the run folder is claimed. With
     ``resume``, the run continues in ``run_dir`` from its checkpoint.
     """
+    started_at = time.perf_counter()
     validate(cfg)
     quiet_flower()
     workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
@@ -106,8 +173,9 @@ def simulate(cfg: DictConfig, run_dir: Path | str, resume: bool = False) -> dict
     else:
         writer.start(cfg)
     summary: dict = {}
+    _prepare_ray(cfg)
     lanes = num_lanes(cfg, _cluster_cpus(cfg))
-    app = make_server_app(cfg, strategy, writer, summary, state)
+    app = make_server_app(cfg, strategy, writer, summary, state, started_at)
     run_flower(app, lanes, backend_config(cfg))
     if not summary:
         raise RuntimeError("the simulation ended without a summary; see the log above")

@@ -12,7 +12,7 @@ import pytest
 
 from fedsim.config import compose_config
 from fedsim.results import read_metrics
-from fedsim.simulation import simulate
+from fedsim.simulation import release_engine, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,11 @@ def test_simulation_runs_on_an_existing_cluster(ray_cluster: str, tmp_path: Path
     assert summary["status"] == "completed"
     rows = read_metrics(tmp_path / "run")
     assert [r["num_clients"] for r in rows] == [3, 3]
-    # Both nodes' CPUs count: 2 lanes. The cluster outlives the run (fedsim only disconnected).
+    # fedsim keeps its connection and actors for a next run until released...
+    assert ray.is_initialized()
+    release_engine()
+    assert not ray.is_initialized()
+    # ...then only disconnects: both nodes' CPUs count (2 lanes) and the cluster outlives the run.
     ray.init(address=ray_cluster, logging_level="ERROR")
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2

@@ -478,3 +478,81 @@ def test_experiment_composes_the_showcase() -> None:
     assert cfg.data._target_.endswith("ChatterbotData")
     assert cfg.client._target_.endswith("SideTuning")
     assert cfg.devices.profiles[0].name == "low_end_phone"
+
+
+@pytest.mark.parametrize("quant_scheme", ["per_token", "per_tensor"])
+def test_evaluation_memo_gives_the_fresh_logits(
+    cache_dir: Path,
+    minilm: TextClassifier,
+    texts: datasets.Dataset,
+    num_classes: int,
+    quant_scheme: str,
+) -> None:
+    client = make_client(cache_dir, quant_scheme=quant_scheme)
+    model, data = setup(client, minilm, texts, num_classes)
+    inputs = {k: v[:6] for k, v in data.items() if k != "label"}
+    with torch.no_grad():
+        first = model(**inputs)  # computes and remembers what the link delivers
+        again = model(**inputs)  # served from the memo
+    assert len(model._received_memo) == 1  # noqa: SLF001
+    assert torch.equal(first, again)
+    # Training (autograd on) remembers nothing and changes the side network's weights...
+    model(**inputs).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    assert len(model._received_memo) == 1  # noqa: SLF001
+    with torch.no_grad():
+        remembered = model(**inputs)
+        model._received_memo.clear()  # noqa: SLF001
+        fresh = model(**inputs)
+    # ...and the memo, which holds only what the link delivered, still gives the fresh logits.
+    assert not torch.equal(remembered, first)
+    assert torch.equal(remembered, fresh)
+    with torch.no_grad():  # another batch (a shifted view of the same tensors): its own entry
+        model(**{k: v[1:7] for k, v in data.items() if k != "label"})
+    assert len(model._received_memo) == 2  # noqa: SLF001
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"bits": 4}, {"bits": 16}, {"pivot_token": True}, {"additive": True}],
+    ids=["int8", "int4", "fp16", "pivot", "additive"],
+)
+def test_link_memo_payload_is_the_fresh_payload(
+    cache_dir: Path,
+    minilm: TextClassifier,
+    texts: datasets.Dataset,
+    num_classes: int,
+    options: dict[str, object],
+) -> None:
+    client = make_client(cache_dir, **options)
+    model, data = setup(client, minilm, texts, num_classes)
+    assert client._link.applies(client, data)  # noqa: SLF001
+    for rows in (torch.tensor([3, 0, 5]), torch.tensor([5, 1, 3, 2])):  # rows 3, 5 remembered
+        remembered = client._link.payload(client, model, data, rows, partition_id=7)  # noqa: SLF001
+        fresh = client.device_step(model, data, rows)
+        assert remembered.nbytes() == fresh.nbytes()
+        got, want = remembered.tensors(), fresh.tensors()
+        assert got.keys() == want.keys()
+        for name in want:
+            assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    # another client's row 3 is another sample: its own entry
+    client._link.payload(client, model, data, torch.tensor([3]), partition_id=8)  # noqa: SLF001
+    # client 7: rows 0, 1, 2, 3, 5; client 8: row 3
+    assert len(client._link._entries) == 6  # noqa: SLF001
+
+
+def test_link_memo_does_not_apply_to_batch_dependent_payloads(
+    cache_dir: Path, minilm: TextClassifier, texts: datasets.Dataset, num_classes: int
+) -> None:
+    per_tensor = make_client(cache_dir, quant_scheme="per_tensor")
+    _, data = setup(per_tensor, minilm, texts, num_classes)
+    assert not per_tensor._link.applies(per_tensor, data)  # noqa: SLF001 - one scale per batch
+    observed = make_client(cache_dir)
+    observed.uplink_observer = lambda payload: None
+    assert not observed._link.applies(observed, data)  # noqa: SLF001
+    uncached = make_client(cache_dir, cache_features=False)
+    _, raw = setup(uncached, minilm, texts, num_classes)
+    assert not uncached._link.applies(uncached, raw)  # noqa: SLF001

@@ -1,0 +1,58 @@
+"""The wire codec: Flower's exact .npy bytes, written and read without np.save/np.load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedsim.params import decode_arrays, encode_state, load_arrays, to_arrays
+
+STATE = {
+    "conv": torch.randn(16, 1, 3, 3, generator=torch.Generator().manual_seed(0)),
+    "bias": torch.arange(128, dtype=torch.float32),
+    "steps": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    "half": torch.full((3, 4), 0.5, dtype=torch.float16),
+    "scalar": torch.tensor(3.0),  # 0-d stays 0-d
+}
+
+
+def test_encode_state_writes_flowers_bytes() -> None:
+    ours, flowers = encode_state(STATE), ArrayRecord(STATE)
+    assert list(ours) == list(flowers)
+    for name in STATE:
+        assert ours[name].data == flowers[name].data, name
+        assert (ours[name].dtype, tuple(ours[name].shape)) == (
+            flowers[name].dtype,
+            tuple(flowers[name].shape),
+        )
+
+
+@pytest.mark.parametrize("name", list(STATE))
+def test_decode_arrays_reads_what_flower_wrote(name: str) -> None:
+    decoded = decode_arrays(ArrayRecord({name: STATE[name]}))[name]
+    assert decoded.dtype == STATE[name].dtype and decoded.shape == STATE[name].shape
+    assert torch.equal(decoded, STATE[name])
+    decoded.add_(1)  # own, writable memory: the record's bytes are untouched
+    assert torch.equal(decode_arrays(ArrayRecord({name: STATE[name]}))[name], STATE[name])
+
+
+def test_decode_arrays_falls_back_for_fortran_order() -> None:
+    # Flower writes a transposed (F-contiguous) tensor with fortran_order True.
+    transposed = torch.arange(12, dtype=torch.float32).reshape(4, 3).t()
+    record = ArrayRecord({"t": transposed})
+    assert b"'fortran_order': True" in record["t"].data
+    assert torch.equal(decode_arrays(record)["t"], transposed)
+    # ours writes it C-ordered: other bytes, same length and values
+    ours = encode_state({"t": transposed})
+    assert len(ours["t"].data) == len(record["t"].data)
+    assert torch.equal(decode_arrays(ours)["t"], transposed)
+
+
+def test_load_arrays_round_trips_a_model() -> None:
+    source, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    load_arrays(target, to_arrays(source))
+    assert torch.equal(target.weight, source.weight) and torch.equal(target.bias, source.bias)
+    foreign = ArrayRecord({"other": Array(torch.zeros(1).numpy())})
+    with pytest.raises(KeyError, match="other"):
+        load_arrays(target, foreign)

@@ -7,6 +7,8 @@ worker calls
 ``train`` once per client-round on the process-resident model and the client's features; the
 server calls ``device_cost`` to charge the device (and the server, for methods that offload
 work) on the simulated clock. Nothing else is required: methods compose by wrapping.
+Mini-batch training itself is ``clients/loop.py``'s ``train_loop``, where strategies plug
+in their client terms (FedProx, SCAFFOLD, ...) without touching the behaviour.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim.models import ModelFactory
 from fedsim.scheduler import DeviceCost
@@ -38,6 +40,9 @@ class TrainContext:
     config: ConfigRecord  # what the strategy sent (e.g. ``proximal-mu``)
     generator: torch.Generator  # named by (seed, round, client): batch order and sampling
     state: RecordDict = field(default_factory=RecordDict)
+    # Records the strategy sent besides the model and the config (e.g. SCAFFOLD's server
+    # control variate); they count towards the downlink bytes like the model does.
+    received: RecordDict = field(default_factory=RecordDict)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,9 @@ class TrainOutcome:
 
     ``extra_upload_bytes`` counts what the device sent besides the returned tensors, measured on
     the real payload (e.g. quantized activations in side-tuning); the clock charges it to the
-    uplink. ``metrics`` are extra per-client numbers (float) the reply carries.
+    uplink. ``metrics`` are extra per-client numbers (float) the reply carries. ``records`` are
+    extra records the reply carries for the strategy (e.g. SCAFFOLD's control variate update);
+    their arrays count towards the uplink bytes like the model does.
     """
 
     num_examples: int
@@ -54,6 +61,7 @@ class TrainOutcome:
     mean_loss: float
     extra_upload_bytes: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    records: dict[str, ArrayRecord] = field(default_factory=dict)
 
 
 class ClientBehaviour(Protocol):

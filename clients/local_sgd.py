@@ -1,17 +1,17 @@
 """Local SGD: the client of FedAvg and its server-side variants (FedProx, FedAvgM, FedOpt).
 
 A client trains the received model for ``local_epochs`` passes over its partition with mini-batch
-SGD, then uploads its trainable tensors. When the strategy sends ``proximal-mu`` (Flower's
-FedProx), the FedProx proximal term (mu / 2) * ||w - w_global||^2 is added to the loss
-(Li et al., MLSys 2020, eq. 2).
+SGD (the shared loop of ``clients/loop.py``), then uploads its trainable tensors. Whatever a
+strategy changes in local training (FedProx's proximal term when it sends ``proximal-mu``,
+SCAFFOLD's control variates, ...) is a client term the loop adds; this class knows none of them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedsim import keys
 from fedsim.clients.base import TrainContext, TrainOutcome
+from fedsim.clients.loop import train_loop
 from fedsim.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.errors import ConfigError
 from fedsim.models import ModelFactory
@@ -74,7 +74,7 @@ class LocalSGD:
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.max_steps = max_steps
-        self._per_batch: dict[int, tuple[int, int]] = {}  # batch size -> (FLOPs, peak bytes)
+        self._per_batch: dict[tuple, tuple[int, int]] = {}  # (batch size, shapes) -> (FLOPs, bytes)
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
         """Plain SGD trains the model as the model group builds it."""
@@ -89,14 +89,16 @@ class LocalSGD:
         examples the round processes: matmul and conv FLOPs are linear in the batch size.
         """
         size = len(batch["label"])
-        if size not in self._per_batch:
+        # per batch size and sub-model shape (a width-sliced sub-model costs less)
+        memo = (size, tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad))
+        if memo not in self._per_batch:
             inputs = {k: v for k, v in batch.items() if k != "label"}
             flops = count_train_flops(model, inputs, batch["label"])
             memory = estimate_train_memory_bytes(
                 model, inputs, batch["label"], optimizer="sgd", momentum=self.momentum > 0
             )
-            self._per_batch[size] = (flops, memory.total)
-        flops, memory = self._per_batch[size]
+            self._per_batch[memo] = (flops, memory.total)
+        flops, memory = self._per_batch[memo]
         examples = self.local_epochs * num_examples
         if self.max_steps is not None:
             examples = min(examples, self.max_steps * self.batch_size)
@@ -110,28 +112,12 @@ class LocalSGD:
         optimizer = torch.optim.SGD(
             params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-        mu = float(ctx.config.get(keys.PROXIMAL_MU, 0.0))
-        global_params = [p.detach().clone() for p in params] if mu > 0 else []
-        labels_all = data["label"]
-        n = len(labels_all)
-        model.train()
-        steps, loss_sum = 0, 0.0
-        for _ in range(self.local_epochs):
-            order = torch.randperm(n, generator=ctx.generator)
-            for start in range(0, n, self.batch_size):
-                if self.max_steps is not None and steps >= self.max_steps:
-                    break
-                idx = order[start : start + self.batch_size]
-                inputs = {k: v[idx] for k, v in data.items() if k != "label"}
-                loss = torch.nn.functional.cross_entropy(model(**inputs), labels_all[idx])
-                if mu > 0:
-                    prox = sum(
-                        ((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True)
-                    )
-                    loss = loss + 0.5 * mu * prox
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                loss_sum += float(loss.detach())
-        return TrainOutcome(num_examples=n, num_steps=steps, mean_loss=loss_sum / max(steps, 1))
+        return train_loop(
+            model,
+            data,
+            ctx,
+            optimizer,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            max_steps=self.max_steps,
+        )

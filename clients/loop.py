@@ -1,0 +1,285 @@
+"""The one mini-batch training loop, and the client terms strategies plug into it.
+
+A strategy that changes local training (FedProx's proximal term, SCAFFOLD's control variates,
+FedDyn's linear term, FedSpeed's perturbed gradient, MOON's contrastive term) is not a flag in
+every client class: the strategy names a *client term* in the train config
+(``keys.CLIENT_TERMS``) and :func:`train_loop` builds it for the client-round and calls its
+hooks, in this order::
+
+    before_train(model, ctx)                 once, the received global model loaded
+    loss(model, batch, loss) -> loss         every step, after the forward pass
+    after_backward(model, recompute)         every step, gradients in .grad, before the step
+    after_step(model)                        every step, after the optimizer step
+    after_train(model, ctx, run) -> TermOutput   once: records for the reply, metrics
+
+A term object lives for one client-round, so per-round scratch (e.g. a copy of the global
+weights) is plain attributes; what must survive rounds goes to ``ctx.state``. Terms are
+registered by name (:func:`register_term`). A name unknown to the process is imported as the
+module ``fedsim.strategies.<name>``: a strategy file registers its own client term, and Ray
+workers need no import list. Flower's FedProx announces its term by its own key
+(``proximal-mu``), which selects the ``fedprox`` term defined here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedsim import keys
+from fedsim.clients.base import TrainContext, TrainOutcome
+from fedsim.models import forward_with_features
+
+__all__ = [
+    "Batch",
+    "ClientTerm",
+    "LocalRun",
+    "TermOutput",
+    "build_terms",
+    "register_term",
+    "snapshot",
+    "state_tensors",
+    "train_loop",
+    "trainable",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Batch:
+    """One mini-batch after the forward pass."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor  # (B,) int64
+    logits: torch.Tensor  # (B, C)
+    features: torch.Tensor | None = None  # (B, D) representation, if a term needs_features
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """What the loop did, for terms that scale by it (SCAFFOLD's K * lr, FedNova's ||a_i||_1)."""
+
+    num_steps: int
+    lr: float  # the optimizer's learning rate (first parameter group)
+    momentum: float  # SGD momentum (0 for optimizers without one)
+
+
+@dataclass
+class TermOutput:
+    """What a term adds to the reply: records (arrays for the strategy) and metrics."""
+
+    records: dict[str, ArrayRecord] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ClientTerm:
+    """A change to local training, built per client-round from the train config.
+
+    Every hook is a no-op here; a term overrides the ones it needs. ``needs_features`` asks the
+    loop for the representation (``Batch.features``) of every forward pass.
+    """
+
+    needs_features: bool = False
+
+    def __init__(self, config: ConfigRecord) -> None:
+        self.config = config
+
+    def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
+        """Once per client-round, with the received global model loaded."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch, loss: torch.Tensor) -> torch.Tensor:
+        """The batch loss with this term added (``loss`` is the task loss plus earlier terms)."""
+        return loss
+
+    def after_backward(self, model: torch.nn.Module, recompute: Callable[[], None]) -> None:
+        """Edit ``.grad`` before the optimizer step.
+
+        ``recompute()`` recomputes the batch loss at the model's current weights and
+        backpropagates it into fresh gradients (e.g. SAM's second gradient).
+        """
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """After every optimizer step."""
+
+    def after_train(self, model: torch.nn.Module, ctx: TrainContext, run: LocalRun) -> TermOutput:
+        """Once after local training: update ``ctx.state``, return what the reply carries."""
+        return TermOutput()
+
+
+_TERMS: dict[str, type[ClientTerm]] = {}
+T = TypeVar("T", bound=type[ClientTerm])
+
+
+def register_term(name: str) -> Callable[[T], T]:
+    """Class decorator: make a :class:`ClientTerm` selectable by ``name`` in the train config."""
+
+    def register(cls: T) -> T:
+        _TERMS[name] = cls
+        return cls
+
+    return register
+
+
+def _term_class(name: str) -> type[ClientTerm]:
+    if name not in _TERMS and name.isidentifier():
+        try:  # a strategy file registers its own client term when imported
+            importlib.import_module(f"fedsim.strategies.{name}")
+        except ModuleNotFoundError:
+            pass
+    if name not in _TERMS:
+        raise KeyError(f"unknown client term {name!r}; registered: {sorted(_TERMS)}")
+    return _TERMS[name]
+
+
+def build_terms(config: ConfigRecord) -> list[ClientTerm]:
+    """The client terms the train config asks for, in the order named."""
+    names = [str(name) for name in config.get(keys.CLIENT_TERMS, [])]
+    if float(config.get(keys.PROXIMAL_MU, 0.0)) > 0 and "fedprox" not in names:
+        names.append("fedprox")  # Flower's FedProx sends only its own key
+    return [_term_class(name)(config) for name in names]
+
+
+# --- helpers for terms ---------------------------------------------------------------------------
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train (and travel), keyed as in ``state_dict``."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters (e.g. the global model before training)."""
+    return {name: p.detach().clone() for name, p in trainable(model).items()}
+
+
+def state_tensors(
+    state: RecordDict, name: str, like: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Tensors kept in ``state[name]``, or zeros shaped like ``like`` for a first round."""
+    if name in state:
+        return dict(state[name].to_torch_state_dict())
+    return {key: torch.zeros_like(value) for key, value in like.items()}
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def _batch_loss(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    loss_fn: LossFn,
+    terms: Sequence[ClientTerm],
+    needs_features: bool,
+) -> torch.Tensor:
+    if needs_features:
+        logits, features = forward_with_features(model, inputs)
+    else:
+        logits, features = model(**inputs), None
+    batch = Batch(inputs, labels, logits, features)
+    loss = loss_fn(logits, labels)
+    for term in terms:
+        loss = term.loss(model, batch, loss)
+    return loss
+
+
+def _backward(
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    loss_fn: LossFn,
+    terms: Sequence[ClientTerm],
+    needs_features: bool,
+) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    _batch_loss(model, inputs, labels, loss_fn, terms, needs_features).backward()
+
+
+def train_loop(
+    model: torch.nn.Module,
+    data: dict[str, torch.Tensor],
+    ctx: TrainContext,
+    optimizer: torch.optim.Optimizer,
+    *,
+    local_epochs: int,
+    batch_size: int,
+    max_steps: int | None = None,
+    loss_fn: LossFn = torch.nn.functional.cross_entropy,
+    terms: Sequence[ClientTerm] | None = None,
+) -> TrainOutcome:
+    """Train ``model`` in place: ``local_epochs`` shuffled passes of mini-batch steps.
+
+    ``data`` holds the model's inputs and ``"label"`` (first dim = examples); ``model(**inputs)``
+    gives logits (B, C) and ``loss_fn(logits, labels)`` the task loss. Batches are shuffled with
+    ``ctx.generator``; at most ``max_steps`` steps run. ``terms`` default to those the train
+    config names (:func:`build_terms`). The reported loss includes the terms' loss hooks.
+    """
+    terms = build_terms(ctx.config) if terms is None else list(terms)
+    needs_features = any(term.needs_features for term in terms)
+    labels_all = data["label"]
+    n = len(labels_all)
+    model.train()
+    for term in terms:
+        term.before_train(model, ctx)
+    steps, loss_sum = 0, 0.0
+    for _ in range(local_epochs):
+        order = torch.randperm(n, generator=ctx.generator)
+        for start in range(0, n, batch_size):
+            if max_steps is not None and steps >= max_steps:
+                break
+            idx = order[start : start + batch_size]
+            inputs = {k: v[idx] for k, v in data.items() if k != "label"}
+            labels = labels_all[idx]
+            loss = _batch_loss(model, inputs, labels, loss_fn, terms, needs_features)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            recompute = partial(
+                _backward, optimizer, model, inputs, labels, loss_fn, terms, needs_features
+            )
+            for term in terms:
+                term.after_backward(model, recompute)
+            optimizer.step()
+            for term in terms:
+                term.after_step(model)
+            steps += 1
+            loss_sum += float(loss.detach())
+    group = optimizer.param_groups[0]
+    run = LocalRun(steps, float(group["lr"]), float(group.get("momentum", 0.0)))
+    records: dict[str, ArrayRecord] = {}
+    metrics: dict[str, float] = {}
+    for term in terms:
+        out = term.after_train(model, ctx, run)
+        records.update(out.records)
+        metrics.update(out.metrics)
+    return TrainOutcome(
+        num_examples=n,
+        num_steps=steps,
+        mean_loss=loss_sum / max(steps, 1),
+        metrics=metrics,
+        records=records,
+    )
+
+
+@register_term("fedprox")
+class ProximalTerm(ClientTerm):
+    """FedProx: (mu / 2) * ||w - w_global||^2 added to the loss (Li et al., MLSys 2020, eq. 2).
+
+    ``mu`` is Flower FedProx's ``proximal-mu``; w_global is the received model.
+    """
+
+    def __init__(self, config: ConfigRecord) -> None:
+        super().__init__(config)
+        self.mu = float(config.get(keys.PROXIMAL_MU, 0.0))
+
+    def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
+        """Keep the global weights the proximal term pulls towards."""
+        self.params = list(trainable(model).values())
+        self.anchor = [p.detach().clone() for p in self.params]
+
+    def loss(self, model: torch.nn.Module, batch: Batch, loss: torch.Tensor) -> torch.Tensor:
+        """``loss + (mu / 2) * sum ||w - w_global||^2`` over the trainable tensors."""
+        prox = sum(((p - g) ** 2).sum() for p, g in zip(self.params, self.anchor, strict=True))
+        return loss + 0.5 * self.mu * prox

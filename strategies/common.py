@@ -1,0 +1,53 @@
+"""Small helpers the strategies share: records <-> NumPy, extra reply records, knob checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+from fedsim.errors import ConfigError
+
+__all__ = ["check_number", "take_records", "to_numpy", "to_record"]
+
+Tensors = dict[str, np.ndarray]
+
+
+def to_numpy(arrays: ArrayRecord) -> Tensors:
+    """An ArrayRecord as name -> NumPy array (copies: safe to modify)."""
+    return {name: np.array(array.numpy()) for name, array in arrays.items()}
+
+
+def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Name -> NumPy array as an ArrayRecord (what travels and what the strategy returns)."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in tensors.items()})
+
+
+def take_records(replies: Iterable[Message], name: str) -> list[Tensors]:
+    """Remove the record ``name`` from every reply without error; return them in reply order.
+
+    Flower's FedAvg accepts exactly one ArrayRecord per reply, so a strategy whose clients
+    upload more (SCAFFOLD's control variate update) takes its extra record out before
+    ``FedAvg.aggregate_train``. The bytes were counted when the reply arrived.
+    """
+    taken = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        if name not in reply.content:
+            raise KeyError(f"a reply lacks the record {name!r}: did its client add the term?")
+        taken.append(to_numpy(reply.content[name]))
+        del reply.content[name]
+    return taken
+
+
+def check_number(key: str, value: object, minimum: float, *, inclusive: bool = True) -> float:
+    """``value`` as a float if it is a number >= (or >) ``minimum``, else a ConfigError."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        ok = value >= minimum if inclusive else value > minimum  # type: ignore[operator]
+    if not ok:
+        relation = ">=" if inclusive else ">"
+        raise ConfigError(f"strategy.{key}", value, f"must be a number {relation} {minimum:g}")
+    return float(value)  # type: ignore[arg-type]

@@ -59,6 +59,7 @@ class Batch:
     labels: torch.Tensor  # (B,) int64
     logits: torch.Tensor  # (B, C)
     features: torch.Tensor | None = None  # (B, D) representation, if a term needs_features
+    indices: torch.Tensor | None = None  # (B,) int64 rows of the client's data (per-sample state)
 
 
 @dataclass(frozen=True)
@@ -173,12 +174,13 @@ def _batch_loss(
     loss_fn: LossFn,
     terms: Sequence[ClientTerm],
     needs_features: bool,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if needs_features:
         logits, features = forward_with_features(model, inputs)
     else:
         logits, features = model(**inputs), None
-    batch = Batch(inputs, labels, logits, features)
+    batch = Batch(inputs, labels, logits, features, indices)
     loss = loss_fn(logits, labels)
     for term in terms:
         loss = term.loss(model, batch, loss)
@@ -193,9 +195,10 @@ def _backward(
     loss_fn: LossFn,
     terms: Sequence[ClientTerm],
     needs_features: bool,
+    indices: torch.Tensor | None = None,
 ) -> None:
     optimizer.zero_grad(set_to_none=True)
-    _batch_loss(model, inputs, labels, loss_fn, terms, needs_features).backward()
+    _batch_loss(model, inputs, labels, loss_fn, terms, needs_features, indices).backward()
 
 
 def train_loop(
@@ -233,11 +236,11 @@ def train_loop(
             idx = order[start : start + batch_size]
             inputs = {k: v[idx] for k, v in data.items() if k != "label"}
             labels = labels_all[idx]
-            loss = _batch_loss(model, inputs, labels, loss_fn, terms, needs_features)
+            loss = _batch_loss(model, inputs, labels, loss_fn, terms, needs_features, idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             recompute = partial(
-                _backward, optimizer, model, inputs, labels, loss_fn, terms, needs_features
+                _backward, optimizer, model, inputs, labels, loss_fn, terms, needs_features, idx
             )
             for term in terms:
                 term.after_backward(model, recompute)

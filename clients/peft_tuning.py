@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedsim.clients.base import TrainContext, TrainOutcome
+from fedsim.clients.loop import train_loop
 from fedsim.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.errors import ConfigError
-from fedsim.models import ModelFactory, TextClassifier, TextClassifierModel
+from fedsim.models import ModelFactory, TextClassifier, TextClassifierModel, check_full_width
 from fedsim.scheduler import DeviceCost
 
 __all__ = ["PeftFactory", "PeftTuning"]
@@ -59,10 +60,11 @@ class PeftFactory:
         self.inner, self.method, self.adapter = inner, method, dict(adapter)
         _peft_config(method, self.adapter)  # fail at instantiation, not in a worker
 
-    def build(self, num_classes: int) -> TextClassifierModel:
+    def build(self, num_classes: int, width: float = 1.0) -> TextClassifierModel:
         """The classifier with a peft-wrapped backbone; adapter inits use the caller's seed."""
         import peft
 
+        check_full_width(width, f"client={self.method}")
         model = self.inner.build(num_classes)
         config = _peft_config(self.method, self.adapter)
         if config is not None:
@@ -126,7 +128,7 @@ class PeftTuning:
         self.method, self.adapter = method, dict(adapter or {})
         self.local_epochs, self.batch_size, self.lr = local_epochs, batch_size, float(lr)
         self.weight_decay, self.max_steps = float(weight_decay), max_steps
-        self._per_batch: dict[int, tuple[int, int]] = {}  # batch size -> (FLOPs, peak bytes)
+        self._per_batch: dict[tuple, tuple[int, int]] = {}  # (batch size, shapes) -> (FLOPs, bytes)
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
         """The classifier with the adapter applied to its backbone."""
@@ -138,35 +140,30 @@ class PeftTuning:
         """Train ``model`` in place with AdamW; batches shuffled with ``ctx.generator``."""
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        labels, n = data["label"], len(data["label"])
-        model.train()
-        steps, loss_sum = 0, 0.0
-        for _ in range(self.local_epochs):
-            order = torch.randperm(n, generator=ctx.generator)
-            for start in range(0, n, self.batch_size):
-                if self.max_steps is not None and steps >= self.max_steps:
-                    break
-                idx = order[start : start + self.batch_size]
-                inputs = {k: v[idx] for k, v in data.items() if k != "label"}
-                loss = nn.functional.cross_entropy(model(**inputs), labels[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                loss_sum += float(loss.detach())
-        return TrainOutcome(num_examples=n, num_steps=steps, mean_loss=loss_sum / max(steps, 1))
+        # The shared loop: the same steps as a plain loop, plus any client terms (FedProx, DFL).
+        return train_loop(
+            model,
+            data,
+            ctx,
+            optimizer,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            max_steps=self.max_steps,
+        )
 
     def device_cost(
         self, model: nn.Module, batch: dict[str, torch.Tensor], num_examples: int
     ) -> DeviceCost:
         """Training FLOPs and peak memory (AdamW: two states per trainable parameter)."""
         size = len(batch["label"])
-        if size not in self._per_batch:
+        # per batch size and sub-model shape (a width-sliced sub-model costs less)
+        memo = (size, tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad))
+        if memo not in self._per_batch:
             inputs = {k: v for k, v in batch.items() if k != "label"}
             flops = count_train_flops(model, inputs, batch["label"])
             memory = estimate_train_memory_bytes(model, inputs, batch["label"], optimizer="adam")
-            self._per_batch[size] = (flops, memory.total)
-        flops, memory = self._per_batch[size]
+            self._per_batch[memo] = (flops, memory.total)
+        flops, memory = self._per_batch[memo]
         examples = self.local_epochs * num_examples
         if self.max_steps is not None:
             examples = min(examples, self.max_steps * self.batch_size)

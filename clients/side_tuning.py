@@ -41,13 +41,15 @@ client trains (the bench baseline). The clock charges the device the same either
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord
 
 from fedsim.clients.base import TrainContext, TrainOutcome
+from fedsim.clients.loop import Batch, ClientTerm, LocalRun, build_terms
 from fedsim.clients.side_link import LinkMemo
 from fedsim.devices import count_forward_flops, count_train_flops
 from fedsim.errors import ConfigError
@@ -304,7 +306,7 @@ class SideTuning:
         )
         #: Called with every device->server payload (tests inspect what the server receives).
         self.uplink_observer: Callable[[DevicePayload], None] | None = None
-        self._per_batch: dict[int, tuple[int, int, int]] = {}  # size -> (fwd, side, memory)
+        self._per_batch: dict[tuple, tuple[int, int, int]] = {}  # (size, shapes) -> costs
         self._link = LinkMemo()  # simulation speed: each sample's payload computed once
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
@@ -351,16 +353,68 @@ class SideTuning:
             self.uplink_observer(payload)
         return payload.nbytes()
 
-    def server_loss(self, model: SideTunedModel, payload: DevicePayload) -> torch.Tensor:
-        """Server: the side network's loss on a received payload (labels or deltas only)."""
+    def server_loss(
+        self, model: SideTunedModel, payload: DevicePayload, terms: Sequence[ClientTerm] = ()
+    ) -> torch.Tensor:
+        """Server: the side network's loss on a received payload (labels or deltas only).
+
+        Client terms (clients/loop.py: a strategy's, DFL's) add to it; they see the logits and
+        labels of the space the server trains in (PAE: key-permuted, base logits added).
+        """
         logits = model.side_logits(dequantize(payload.activations), payload.token_mask)
         if payload.labels is not None:
-            return torch.nn.functional.cross_entropy(logits, payload.labels.long())
-        assert payload.delta is not None
-        if self.delta_loss == "mse":
-            return 0.5 * ((logits + payload.delta.float()) ** 2).sum(dim=1).mean()
-        target, log_base = delta_targets(payload.delta)
-        return torch.nn.functional.cross_entropy(log_base + logits, target)
+            target, full = payload.labels.long(), logits
+            loss = torch.nn.functional.cross_entropy(logits, target)
+        else:
+            assert payload.delta is not None
+            target, log_base = delta_targets(payload.delta)
+            full = log_base + logits
+            if self.delta_loss == "mse":
+                loss = 0.5 * ((logits + payload.delta.float()) ** 2).sum(dim=1).mean()
+            else:
+                loss = torch.nn.functional.cross_entropy(full, target)
+        batch = Batch({}, target, full, indices=payload.sample_ids.long())
+        for term in terms:
+            loss = term.loss(model, batch, loss)
+        return loss
+
+    def _recompute(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: SideTunedModel,
+        payload: DevicePayload,
+        terms: Sequence[ClientTerm],
+    ) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.server_loss(model, payload, terms).backward()
+
+    def predict_logits(
+        self, model: torch.nn.Module, data: dict[str, torch.Tensor], ctx: TrainContext
+    ) -> torch.Tensor:
+        """Server: logits (n, C) of the trained side network on every row, in the training space.
+
+        For DFL's soft targets (clients/distillation.py): from the payloads of the rows (what
+        the server received, or a cached copy), so PAE's permuted label space is kept.
+        """
+        assert isinstance(model, SideTunedModel)
+        rows = torch.arange(len(data["label"]))
+        was_training = model.training
+        model.eval()
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(rows), self.batch_size):
+                part = rows[start : start + self.batch_size]
+                payload = (
+                    self._link.payload(self, model, data, part, ctx.partition_id)
+                    if self._link.applies(self, data)
+                    else self.device_step(model, data, part)
+                )
+                logits = model.side_logits(dequantize(payload.activations), payload.token_mask)
+                if payload.delta is not None:
+                    logits = delta_targets(payload.delta)[1] + logits
+                chunks.append(logits)
+        model.train(was_training)
+        return torch.cat(chunks).float()
 
     # ----------------------------------------------------------------------- behaviour hooks
     def train(
@@ -381,6 +435,11 @@ class SideTuning:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         model.train()
+        terms = build_terms(ctx.config)  # a strategy's or DFL's client terms (clients/loop.py)
+        if any(term.needs_features for term in terms):
+            raise ValueError("side-tuning has no backbone features for this client term")
+        for term in terms:
+            term.before_train(model, ctx)
         steps = forwarded = uploaded = hits = 0
         loss_sum = 0.0
         for _ in range(self.local_epochs):
@@ -404,10 +463,16 @@ class SideTuning:
                 hits += len(rows) - len(new)
                 received = payload if cache is None else cache.gather(rows)
                 assert received is not None
-                loss = self.server_loss(model, received)
+                loss = self.server_loss(model, received, terms)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for term in terms:
+                    term.after_backward(
+                        model, partial(self._recompute, optimizer, model, received, terms)
+                    )
                 optimizer.step()
+                for term in terms:
+                    term.after_step(model)
                 steps += 1
                 loss_sum += float(loss.detach())
         metrics = {
@@ -417,12 +482,18 @@ class SideTuning:
         if cache is not None:
             ctx.state[CACHE_STATE_KEY] = cache.record()
             metrics["server_cache_bytes"] = float(cache.nbytes())
+        records: dict[str, ArrayRecord] = {}
+        for term in terms:
+            out = term.after_train(model, ctx, LocalRun(steps, self.lr, 0.0))
+            records.update(out.records)
+            metrics.update(out.metrics)
         return TrainOutcome(
             num_examples=n,
             num_steps=steps,
             mean_loss=loss_sum / max(steps, 1),
             extra_upload_bytes=uploaded,
             metrics=metrics,
+            records=records,
         )
 
     def device_cost(
@@ -436,7 +507,9 @@ class SideTuning:
         """
         assert isinstance(model, SideTunedModel)
         size = len(batch["label"])
-        if size not in self._per_batch:
+        # per batch size and sub-model shape (a width-sliced sub-model costs less)
+        memo = (size, tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad))
+        if memo not in self._per_batch:
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             forward = count_forward_flops(model.backbone, inputs)
             taps = batch.get(TAPS_KEY)
@@ -446,8 +519,8 @@ class SideTuning:
             memory = estimate_forward_memory_bytes(
                 model.backbone, size, int(batch["input_ids"].shape[1]), taps.numel()
             )
-            self._per_batch[size] = (forward, side, memory)
-        forward, side, memory = self._per_batch[size]
+            self._per_batch[memo] = (forward, side, memory)
+        forward, side, memory = self._per_batch[memo]
         server_examples = self.local_epochs * num_examples
         if self.max_steps is not None:
             server_examples = min(server_examples, self.max_steps * self.batch_size)

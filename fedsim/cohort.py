@@ -17,6 +17,7 @@ The pack/unpack functions are pure and tested without Ray.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ __all__ = [
     "assign_lanes",
     "CLIENT_ERROR_CODE",
 ]
+
+#: Set whenever lane messages are pushed: wakes the simulation engine's message pump, which
+#: would otherwise find them at its next 0.1 s poll (see fedsim/simulation.py).
+MESSAGES_PUSHED = threading.Event()
 
 #: Error code of a virtual client whose training raised (Flower's ClientApp exception code).
 CLIENT_ERROR_CODE = 1
@@ -314,6 +319,7 @@ class VirtualGrid(Grid):
 
     def _exchange(self, lane_msgs: list[Message], timeout_s: float | None) -> list[Message]:
         pending = set(self._grid.push_messages(lane_msgs))
+        MESSAGES_PUSHED.set()  # the engine's message pump may start them now (fedsim/simulation.py)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         replies: list[Message] = []
         while pending and (deadline is None or time.monotonic() < deadline):

@@ -41,7 +41,10 @@ __all__ = [
 #: The config tree (conf/ beside the fedsim package folder).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: Config groups a user picks options from.
-GROUPS = ("data", "partition", "model", "strategy", "client", "devices", "experiment")
+GROUPS = (
+    "data", "partition", "model", "strategy", "client", "devices", "warm_start", "distillation",
+    "experiment",
+)
 
 
 def group_options(group: str) -> list[str]:

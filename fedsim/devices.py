@@ -232,15 +232,22 @@ class Fleet:
 
         Draws come from the stream named ``(seed, "conditions", partition_id, server_round)`` in
         a fixed order (online, compute, bandwidth), so they do not depend on which other
-        clients or rounds were evaluated before.
+        clients or rounds were evaluated before. Rounds -1, -2, ... are the visits of a stage
+        before round 1 (fedsim/warm_start.py): their channel state is drawn from the chain's
+        stationary law on its own stream, leaving the rounds' chain as it is without the stage.
         """
-        if server_round < 1:
-            raise ValueError(f"server_round must be >= 1, got {server_round}")
+        if server_round == 0:
+            raise ValueError("server_round must be >= 1 (or < 0 for a stage before round 1)")
         rng = numpy_rng(seed, "conditions", int(partition_id), int(server_round))
         u_online = rng.random()
         z_compute, z_bandwidth = rng.standard_normal(2)
         dyn = self.dynamics
-        good = self._channel_good(seed, int(partition_id), int(server_round))
+        if server_round > 0:
+            good = self._channel_good(seed, int(partition_id), int(server_round))
+        else:
+            p_bad = dyn.p_good_to_bad / max(dyn.p_good_to_bad + dyn.p_bad_to_good, 1e-300)
+            u = numpy_rng(seed, "channel", int(partition_id), int(server_round)).random()
+            good = dyn.p_good_to_bad == 0.0 or u >= p_bad
         bandwidth_factor = math.exp(dyn.bandwidth_sigma * z_bandwidth)
         if not good:
             bandwidth_factor *= dyn.bad_bandwidth_factor

@@ -7,6 +7,37 @@ METRICS = "metrics"  # the reply's MetricRecord
 NUM_EXAMPLES = "num-examples"  # Flower's default weighted_by_key
 SERVER_ROUND = "server-round"  # injected by Flower strategies into the train config
 PROXIMAL_MU = "proximal-mu"  # sent by Flower's FedProx; the client adds the proximal term
+CLIENT_TERMS = "fedsim.client-terms"  # list[str]: registered client terms the client must add
+WIDTH = "fedsim.width"  # float in (0, 1]: the width-sliced sub-model the client trains (slicing.py)
+# Train-config keys starting with this prefix are per-client log fields: the scheduler copies
+# them, prefix stripped, into the client's clients.jsonl row (e.g. "log.width", "log.utility");
+# they never overwrite a field the scheduler itself writes.
+LOG_PREFIX = "log."
+
+# --- client terms' knobs (ConfigRecord) and records (ArrayRecord) -------------------------------
+SCAFFOLD_CONTROL = "scaffold.c"  # message: the server control variate c (one tensor per param)
+SCAFFOLD_CONTROL_DELTA = "scaffold.delta-c"  # reply: c_i+ - c_i
+SCAFFOLD_CLIENT_CONTROL = "scaffold.c-i"  # client state: the client control variate c_i
+FEDNOVA_NORM = "fednova.a-norm"  # reply metric: ||a_i||_1, the client's normalizing factor
+FEDDYN_ALPHA = "feddyn.alpha"
+FEDDYN_GRAD = "feddyn.grad"  # client state: the linear term's gradient, grad L_i(theta_i^{t-1})
+FEDSPEED_RHO = "fedspeed.rho"
+FEDSPEED_LAMBDA = "fedspeed.lambda"
+FEDSPEED_GRAD_CLIP = "fedspeed.grad-clip"
+FEDSPEED_DUAL = "fedspeed.h"  # client state: h_i, the sum of the client's past updates
+MOON_MU = "moon.mu"
+MOON_TEMPERATURE = "moon.temperature"
+MOON_PREVIOUS = "moon.previous"  # client state: representation weights of its last local model
+# DFL (clients/distillation.py): knobs the wrapper adds to the train config, client state, message
+DFL_TEMPERATURE = "dfl.temperature"
+DFL_BETA0 = "dfl.beta0"
+DFL_SCHEDULE = "dfl.beta-schedule"
+DFL_RAMP_ROUNDS = "dfl.ramp-rounds"
+DFL_MODE = "dfl.soft-target-mode"
+DFL_SOFT_TARGETS = "dfl.soft-targets"  # client state: (n, C) softmax(z / T) of its last local model
+DFL_CLASS_STATS = "dfl.class-stats"  # client state: per-class sums (C, C) and counts (C,)
+DFL_GENERATIONS = "dfl.generations"  # client state: how many times it stored soft targets
+DFL_CLASS_TARGETS = "dfl.class-targets"  # message: the server's per-class average (C, C)
 
 # --- the lane envelope: one physical message carries several virtual clients --------------------
 JOB = "fedsim.job"  # ConfigRecord: the resolved job config (YAML text) and its hash
@@ -44,3 +75,5 @@ NUM_STRAGGLERS = "num_stragglers"
 NUM_OFFLINE = "num_offline"
 NUM_INFEASIBLE = "num_infeasible"
 ENERGY_J = "energy_j"
+CYCLE = "cycle"  # warm-start rows (phase "warm_start", round 0): which cycle of the stage
+WARM_START_CYCLES = "warm_start_cycles"  # totals: warm-start cycles done (a resumed run skips them)

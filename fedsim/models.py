@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import ConfigError
+from fedsim.slicing import AxisDim, SlimLayout, scaled_size
 
 if TYPE_CHECKING:
     import datasets
@@ -42,7 +43,9 @@ __all__ = [
     "TextClassifier",
     "TextClassifierModel",
     "backbone_module",
+    "check_full_width",
     "count_parameters",
+    "forward_with_features",
     "pool_hidden_states",
     "resolve_backbone",
     "sha256_of_file",
@@ -63,8 +66,12 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class ModelFactory(Protocol):
     """What every ``conf/model/*.yaml`` option instantiates to."""
 
-    def build(self, num_classes: int) -> nn.Module:
-        """Return a fresh model, deterministic given the caller's ``torch.manual_seed``."""
+    def build(self, num_classes: int, width: float = 1.0) -> nn.Module:
+        """Return a fresh model, deterministic given the caller's ``torch.manual_seed``.
+
+        ``width`` < 1 builds the width-sliced sub-model (fedsim/slicing.py): same tensor names,
+        hidden dims scaled; a factory whose model cannot be sliced raises ConfigError.
+        """
         ...
 
     def featurize(self, ds: datasets.Dataset) -> dict[str, torch.Tensor]:
@@ -81,6 +88,17 @@ def _check_positive_int(key: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(key, value, "must be an integer > 0")
     return value
+
+
+def check_full_width(width: float, what: str) -> None:
+    """A factory that cannot build width-sliced sub-models accepts only width 1."""
+    if width != 1.0:
+        raise ConfigError(
+            "strategy",
+            f"width {width:g}",
+            f"{what} cannot be width-sliced; use model=cnn or "
+            "client=side_tuning (its adapters are sliced)",
+        )
 
 
 def _labels(ds: datasets.Dataset) -> torch.Tensor:
@@ -136,6 +154,37 @@ class ConvNet(nn.Module):
         logits: torch.Tensor = self.classifier(self.features(x))
         return logits
 
+    def output_layer(self) -> nn.Module:
+        """The last layer; its input (B, hidden_size) is the model's representation."""
+        return self.classifier[-1]
+
+    def slim_layout(self) -> SlimLayout:
+        """Width axes: each conv's output channels (``conv<l>``) and the hidden units.
+
+        The first conv's input channels and the output layer's classes are never sliced
+        (HeteroFL); the hidden layer reads the last conv map flattened channel-major, so its
+        input dim runs along the last conv axis in blocks of H * W.
+        """
+        named = [(n, m) for n, m in self.features.named_children() if isinstance(m, nn.Conv2d)]
+        convs = [m for _, m in named]
+        hidden = self.classifier[1]
+        axes = {f"conv{i}": conv.out_channels for i, conv in enumerate(convs)}
+        axes["hidden"] = hidden.out_features
+        dims: dict[str, tuple[AxisDim | None, ...]] = {}
+        previous: AxisDim | None = None  # the image's channels: never sliced
+        for i, (index, _) in enumerate(named):
+            name = f"features.{index}"
+            axis = AxisDim(f"conv{i}")
+            dims[f"{name}.weight"] = (axis, previous, None, None)  # (out, in, kH, kW)
+            dims[f"{name}.bias"] = (axis,)
+            previous = axis
+        spatial = hidden.in_features // convs[-1].out_channels  # H * W after the last pool
+        dims["classifier.1.weight"] = (AxisDim("hidden"), AxisDim(f"conv{len(convs) - 1}", spatial))
+        dims["classifier.1.bias"] = (AxisDim("hidden"),)
+        dims["classifier.3.weight"] = (None, AxisDim("hidden"))  # (classes, hidden)
+        dims["classifier.3.bias"] = (None,)
+        return SlimLayout(axes=axes, dims=dims)
+
 
 class SmallCNN:
     """Factory for :class:`ConvNet` on square images, input key ``"x"`` shaped (B, C, H, W).
@@ -182,15 +231,19 @@ class SmallCNN:
                 f"must be divisible by {downsample} (one 2x2 pool per entry of model.channels)",
             )
 
-    def build(self, num_classes: int) -> ConvNet:
-        """Return a fresh :class:`ConvNet`, PyTorch's default init under the caller's seed."""
+    def build(self, num_classes: int, width: float = 1.0) -> ConvNet:
+        """Return a fresh :class:`ConvNet`, PyTorch's default init under the caller's seed.
+
+        ``width`` scales every conv's channels and the hidden units to ``ceil(width * n)``
+        (the HeteroFL sub-model; width 1 is the full model).
+        """
         return ConvNet(
             num_classes=_check_positive_int("num_classes", num_classes),
             in_channels=self.in_channels,
             image_size=self.image_size,
-            channels=self.channels,
+            channels=tuple(scaled_size(c, width) for c in self.channels),
             kernel_size=self.kernel_size,
-            hidden_size=self.hidden_size,
+            hidden_size=scaled_size(self.hidden_size, width),
         )
 
     def featurize(self, ds: datasets.Dataset) -> dict[str, torch.Tensor]:
@@ -213,6 +266,32 @@ class SmallCNN:
             )
         x = torch.from_numpy(np.ascontiguousarray(images))  # (N, C, H, W) float32
         return {self.input_key: x, LABEL_KEY: _labels(ds)}
+
+
+def forward_with_features(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, C) and the representation (B, D): the input of ``model.output_layer()``.
+
+    One forward pass; the representation is read by a hook, so the model's code is unchanged.
+    ``params`` (name -> tensor, e.g. another round's weights) replaces the model's own
+    parameters for this call only (``torch.func.functional_call``): no second model in memory.
+    """
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is None:
+        raise TypeError(f"{type(model).__name__} has no output_layer(): no representation")
+    captured: list[torch.Tensor] = []
+    handle = output_layer().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        if params is None:
+            logits = model(**inputs)
+        else:
+            logits = torch.func.functional_call(model, params, args=(), kwargs=inputs)
+    finally:
+        handle.remove()
+    return logits, captured[-1]
 
 
 # --- backbone resolution and caches -------------------------------------------------------------
@@ -439,6 +518,10 @@ class TextClassifierModel(nn.Module):
         logits: torch.Tensor = self.head(self.embed(input_ids, attention_mask))
         return logits
 
+    def output_layer(self) -> nn.Module:
+        """The head; its input, the pooled embedding (B, H), is the model's representation."""
+        return self.head
+
 
 def backbone_module(model: nn.Module) -> PreTrainedModel:
     """Return the transformers backbone inside a model built by :class:`TextClassifier`."""
@@ -489,9 +572,10 @@ class TextClassifier:
         # Fail at instantiation, not mid-simulation: missing folder, bad hash (cached per process).
         self.source = resolve_backbone(backbone, expected_sha256)
 
-    def build(self, num_classes: int) -> TextClassifierModel:
+    def build(self, num_classes: int, width: float = 1.0) -> TextClassifierModel:
         """Return a deep copy of the cached backbone plus a linear head seeded by the caller."""
         _check_positive_int("num_classes", num_classes)
+        check_full_width(width, "model=text_classifier")
         backbone = copy.deepcopy(_pristine_backbone(self.source))
         token_pooling: TokenPooling = "mean"
         if self.pooling == "cls":

@@ -143,6 +143,10 @@ class RoundScheduler:
                 "peak_memory_bytes": cost.peak_memory_bytes,
                 "bytes_down": content_nbytes(msg.content),
             }
+            config = msg.content.get(keys.CONFIG)
+            for name, value in config.items() if config is not None else ():
+                if name.startswith(keys.LOG_PREFIX):  # a strategy's per-client log fields
+                    row.setdefault(name[len(keys.LOG_PREFIX) :], value)
             work = ClientWork(cost.train_flops, row["bytes_down"], 0, cost.peak_memory_bytes)
             if not state.online:
                 row["outcome"] = OFFLINE

@@ -24,11 +24,12 @@ from omegaconf import DictConfig
 
 from fedsim import keys
 from fedsim.checkpoint import RunState, save_checkpoint
+from fedsim.clients.distillation import NoDistillation, distillation_of
 from fedsim.cohort import VirtualGrid, partition_id_of
 from fedsim.config import build, config_hash
 from fedsim.devices import SimClock
 from fedsim.evaluation import evaluate, evaluate_clients, sample_eval_clients
-from fedsim.params import content_nbytes, load_arrays, to_arrays
+from fedsim.params import arrays_nbytes, content_nbytes, load_arrays, to_arrays
 from fedsim.progress import RoundProgress, format_sim_time
 from fedsim.results import CLIENT_EVAL_FILE, CLIENTS_FILE, RunWriter
 from fedsim.scheduler import (
@@ -41,6 +42,8 @@ from fedsim.scheduler import (
     RoundSettlement,
 )
 from fedsim.seeding import derive_seed, python_random_seeded
+from fedsim.view import FederationView, slim_layout_of
+from fedsim.warm_start import warm_start_of
 from fedsim.worker import job_record
 from fedsim.workload import get_workload
 
@@ -62,8 +65,10 @@ class RoundRecord:
     train_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _dst_nodes(messages: list[Message]) -> list[int]:
-    return [m.metadata.dst_node_id for m in messages]
+def _width_of(message: Message) -> float:
+    """The sub-model width a message asks its client to train (1 = the full model)."""
+    config = message.content.get(keys.CONFIG)
+    return float(config.get(keys.WIDTH, 1.0)) if isinstance(config, ConfigRecord) else 1.0
 
 
 def train_round(
@@ -72,9 +77,10 @@ def train_round(
     arrays: ArrayRecord,
     grid: VirtualGrid,
     scheduler: RoundScheduler,
-    cost_fn: Callable[[int], DeviceCost],
+    cost_fn: Callable[[int, float], DeviceCost],
     seed: int,
     states: dict[int, RecordDict],
+    attach: Callable[[list[Message], dict[int, RecordDict]], None] | None = None,
 ) -> tuple[ArrayRecord, RoundRecord]:
     """One round of federated training; returns the new global arrays and what it cost.
 
@@ -85,7 +91,12 @@ def train_round(
         messages: list[Message] = list(
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         )
-    costs = {pid: cost_fn(pid) for pid in map(partition_id_of, _dst_nodes(messages))}
+    if attach is not None:  # records beside the strategy's (DFL's per-class soft targets)
+        attach(messages, states)
+    costs: dict[int, DeviceCost] = {}
+    for message in messages:  # each client's job is costed on the sub-model it trains
+        pid = partition_id_of(message.metadata.dst_node_id)
+        costs[pid] = cost_fn(pid, _width_of(message))
     plan = scheduler.plan(server_round, messages, costs)
     replies, new_states = grid.exchange(plan.to_send, states)
     settled = scheduler.settle(plan, replies, costs)
@@ -120,7 +131,8 @@ class Federation:
     scheduler: RoundScheduler
     grid: VirtualGrid
     test: dict[str, torch.Tensor]
-    cost_fn: Callable[[int], DeviceCost]
+    cost_fn: Callable[[int, float], DeviceCost]  # (partition id, sub-model width) -> cost
+    distillation: Any = field(default_factory=NoDistillation)  # clients/distillation.py
 
     @classmethod
     def build(cls, grid: Grid, cfg: DictConfig, strategy: Strategy) -> Federation:
@@ -129,26 +141,39 @@ class Federation:
         torch.set_num_threads(int(cfg.runtime.server_num_threads))
         workload = get_workload(cfg)
         model = workload.build_model()
-        behaviour = build(cfg, "client")
+        distillation = distillation_of(cfg)
+        behaviour = distillation.wrap(build(cfg, "client"))  # as the workers wrap it
         batch = workload.example_batch(behaviour.batch_size)
 
-        def cost_fn(pid: int) -> DeviceCost:
+        models = {1.0: model}  # width -> the (sub-)model the cost model counts on
+
+        def model_at(width: float) -> torch.nn.Module:
+            if width not in models:
+                models[width] = workload.build_model(width)
+            return models[width]
+
+        def cost_fn(pid: int, width: float = 1.0) -> DeviceCost:
             size = workload.num_examples(pid)
             sized = {k: v[: min(len(v), size)] for k, v in batch.items()}
-            return behaviour.device_cost(model, sized, size)
+            return behaviour.device_cost(model_at(width), sized, size)
 
+        fleet = build(cfg, "devices")
+        scheduler = RoundScheduler(
+            fleet,
+            int(cfg.seed),
+            int(cfg.num_clients),
+            deadline_s=cfg.clock.deadline_s,
+            over_selection=cfg.clock.over_selection,
+        )
+        bind = getattr(strategy, "bind", None)  # strategies that adapt to devices (view.py)
+        if bind is not None:
+            bind(federation_view(scheduler, model_at, cost_fn))
         return cls(
             cfg=cfg,
             strategy=strategy,
             model=model,
             behaviour=behaviour,
-            scheduler=RoundScheduler(
-                build(cfg, "devices"),
-                int(cfg.seed),
-                int(cfg.num_clients),
-                deadline_s=cfg.clock.deadline_s,
-                over_selection=cfg.clock.over_selection,
-            ),
+            scheduler=scheduler,
             grid=VirtualGrid(
                 grid,
                 num_clients=int(cfg.num_clients),
@@ -158,7 +183,34 @@ class Federation:
             ),
             test=workload.test_features(),
             cost_fn=cost_fn,
+            distillation=distillation,
         )
+
+
+def federation_view(
+    scheduler: RoundScheduler,
+    model_at: Callable[[float], torch.nn.Module],
+    cost_fn: Callable[[int, float], DeviceCost],
+) -> FederationView:
+    """The read-only view a device-aware strategy is bound to (fedsim/view.py)."""
+    fleet, seed = scheduler.fleet, scheduler.seed
+    payloads: dict[float, int] = {}
+
+    def payload_bytes(width: float) -> int:
+        if width not in payloads:
+            payloads[width] = arrays_nbytes(to_arrays(model_at(width)))
+        return payloads[width]
+
+    return FederationView(
+        seed=seed,
+        profiles=tuple(scheduler.profiles),
+        server_gflops=fleet.server_gflops,
+        deadline_s=scheduler.deadline_s,
+        conditions=lambda pid, rnd: fleet.conditions(scheduler.profiles[pid], seed, pid, rnd),
+        cost=cost_fn,
+        payload_bytes=payload_bytes,
+        slim_layout=lambda: slim_layout_of(model_at(1.0)),
+    )
 
 
 def initial_state(fed: Federation) -> RunState:
@@ -189,6 +241,7 @@ def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dic
         fed.cost_fn,
         int(fed.cfg.seed),
         state.client_states,
+        fed.distillation.attach,
     )
     settled = record.settlement
     load_arrays(fed.model, arrays)
@@ -249,6 +302,7 @@ def run_rounds(
     startup_s = None if started_at is None else time.perf_counter() - started_at
     state = resume if resume is not None else initial_state(fed)
     fed.scheduler.clock = SimClock(state.sim_time_s)
+    warm_start_of(cfg).run(fed, state, writer)  # CyclicFL's stage; none / resumed: nothing
     num_rounds, every = int(cfg.num_rounds), int(cfg.checkpoint_every)
     progress = RoundProgress(num_rounds, enabled=bool(cfg.runtime.progress))
     started = time.perf_counter() - float(state.totals[keys.WALL_TIME_S])

@@ -59,6 +59,7 @@ from torch import nn
 from fedsim.models import TextClassifier, TextClassifierModel, pool_hidden_states
 from fedsim.quantize import fake_quantize
 from fedsim.seeding import numpy_rng
+from fedsim.slicing import AxisDim, SlimLayout, scaled_size
 
 if TYPE_CHECKING:
     import datasets
@@ -207,7 +208,9 @@ class SideTunedModel(nn.Module):
     what training saw. Only ``side`` and ``head`` have ``requires_grad``: they are what travels.
     """
 
-    def __init__(self, base: TextClassifierModel, spec: SideSpec, num_classes: int) -> None:
+    def __init__(
+        self, base: TextClassifierModel, spec: SideSpec, num_classes: int, width: float = 1.0
+    ) -> None:
         super().__init__()
         config = base.backbone.config
         self.spec = spec
@@ -216,11 +219,12 @@ class SideTunedModel(nn.Module):
         self.pooling = base.pooling  # "mean" | "first" | "last": how the head reads tokens
         self.layers = select_layers(int(config.num_hidden_layers), spec.num_taps)
         self.pivot = resolve_pivot(spec.pivot_rule, base.pooling) if spec.pivot_token else None
-        width = int(config.hidden_size)
+        hidden = int(config.hidden_size)
         self.side = GatedAdapterChain(
             len(self.layers),
-            width,
-            max(1, width // spec.reduction_factor),
+            hidden,
+            # width < 1: a width-sliced sub-model's adapters (fedsim/slicing.py)
+            scaled_size(max(1, hidden // spec.reduction_factor), width),
             spec.gate_temperature,
             spec.gate_init,
         )
@@ -228,6 +232,18 @@ class SideTunedModel(nn.Module):
         self.register_buffer(
             "label_perm", label_permutation(spec.label_key_seed, num_classes), persistent=False
         )
+
+    def slim_layout(self) -> SlimLayout:
+        """Width axes: each adapter's bottleneck (``side.<i>``); d, gates and head stay whole."""
+        axes: dict[str, int] = {}
+        dims: dict[str, tuple[AxisDim | None, ...]] = {}
+        for i, down in enumerate(self.side.down):
+            axis = AxisDim(f"side.{i}")
+            axes[axis.axis] = int(down.out_features)
+            dims[f"side.down.{i}.weight"] = (axis, None)  # (r, d)
+            dims[f"side.down.{i}.bias"] = (axis,)
+            dims[f"side.up.{i}.weight"] = (None, axis)  # (d, r)
+        return SlimLayout(axes=axes, dims=dims)
 
     def train(self, mode: bool = True) -> SideTunedModel:
         """Set training mode; the frozen backbone stays in eval mode (no dropout)."""
@@ -338,10 +354,22 @@ class SideTuningFactory:
         self.inner = inner
         self.spec = spec
         self._digest: str | None = None
+        self._backbone: nn.Module | None = None  # frozen: width-sliced sub-models share it
 
-    def build(self, num_classes: int) -> SideTunedModel:
-        """A side-tuned model; head and side-net inits are drawn from the caller's seed."""
-        return SideTunedModel(self.inner.build(num_classes), self.spec, num_classes)
+    def build(self, num_classes: int, width: float = 1.0) -> SideTunedModel:
+        """A side-tuned model; head and side-net inits are drawn from the caller's seed.
+
+        ``width`` < 1 scales every adapter's bottleneck (the HeteroFL sub-model of the side
+        network); such sub-models share the frozen backbone of this factory's first build
+        instead of holding a copy each (it never changes and runs without autograd).
+        """
+        base = self.inner.build(num_classes)
+        if width != 1.0 and self._backbone is not None:
+            base.backbone = self._backbone
+        model = SideTunedModel(base, self.spec, num_classes, width)
+        if self._backbone is None:
+            self._backbone = model.backbone
+        return model
 
     def featurize(self, ds: datasets.Dataset) -> dict[str, torch.Tensor]:
         """Token ids, mask and labels; plus the frozen backbone's tapped states if cached."""

@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
 from fedsim.clients.base import TrainContext
+from fedsim.clients.distillation import distillation_of
 from fedsim.cohort import pack_replies, unpack_lane
-from fedsim.params import load_arrays, to_arrays
+from fedsim.params import decode_arrays, load_state, to_arrays
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.workload import Workload, get_workload
 
@@ -41,30 +42,50 @@ class ClientRuntime:
         torch.set_num_threads(max(1, int(cfg.runtime.client_num_cpus)))
         self.workload: Workload = get_workload(cfg)
         self.model = self.workload.build_model()
-        self.behaviour = instantiate(cfg.client)
+        self._models: dict[float, torch.nn.Module] = {1.0: self.model}  # width -> resident
+        # DFL and other cross-cutting client features wrap the behaviour (none: itself)
+        self.behaviour = distillation_of(cfg).wrap(instantiate(cfg.client))
         self.faults = instantiate(cfg.faults)
 
+    def model_for(self, width: float) -> torch.nn.Module:
+        """The resident model of a width (``keys.WIDTH``: a width-sliced sub-model), built once."""
+        if width not in self._models:
+            self._models[width] = self.workload.build_model(width)
+        return self._models[width]
+
     def train_client(
-        self, partition_id: int, content: RecordDict, state: RecordDict
+        self,
+        partition_id: int,
+        content: RecordDict,
+        state: RecordDict,
+        received: dict[str, torch.Tensor] | None = None,
     ) -> RecordDict:
         """One client-round: load the received arrays, train locally, return the reply.
 
         ``state`` (the client's persistent state) is updated in place by the behaviour.
+        ``received`` is ``content``'s arrays already decoded (clients of a lane share them).
         """
         config: ConfigRecord = content.get(keys.CONFIG, ConfigRecord())
         server_round = int(config.get(keys.SERVER_ROUND, 0))
         self.faults.strike(self.seed, server_round, partition_id)
-        load_arrays(self.model, content[keys.ARRAYS])
+        model = self.model_for(float(config.get(keys.WIDTH, 1.0)))
+        load_state(model, received or decode_arrays(content[keys.ARRAYS]))
         # Dropout and other global-RNG draws, and the batch order, are named by (round, client).
-        torch.manual_seed(derive_seed(self.seed, "train-global", server_round, partition_id))
+        # (Not torch.manual_seed: without CUDA it queues a formatted stack trace on every call.)
+        torch.default_generator.manual_seed(
+            derive_seed(self.seed, "train-global", server_round, partition_id)
+        )
         ctx = TrainContext(
             partition_id=partition_id,
             server_round=server_round,
             config=config,
             generator=torch_generator(self.seed, "train-batches", server_round, partition_id),
             state=state,
+            received=RecordDict(
+                {k: v for k, v in content.items() if k not in (keys.ARRAYS, keys.CONFIG)}
+            ),
         )
-        outcome = self.behaviour.train(self.model, self.workload.client_data(partition_id), ctx)
+        outcome = self.behaviour.train(model, self.workload.client_data(partition_id), ctx)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: outcome.num_examples,
@@ -74,8 +95,11 @@ class ClientRuntime:
                 **outcome.metrics,
             }
         )
-        arrays: ArrayRecord = to_arrays(self.model)
-        return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
+        arrays: ArrayRecord = to_arrays(model)
+        clash = set(outcome.records) & {keys.ARRAYS, keys.METRICS}
+        if clash:
+            raise ValueError(f"a client's extra records may not be named {sorted(clash)}")
+        return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics, **outcome.records})
 
 
 _RUNTIMES: dict[str, ClientRuntime] = {}
@@ -97,9 +121,13 @@ def handle_lane(content: RecordDict) -> RecordDict:
     runtime = _runtime(job)
     replies: list[tuple[int, RecordDict | str]] = []
     states: dict[int, RecordDict] = {}
+    decoded: dict[int, dict[str, torch.Tensor]] = {}  # id(ArrayRecord) -> tensors, per lane
     for partition_id, client_content, state in clients:
         try:
-            reply = runtime.train_client(partition_id, client_content, state)
+            arrays = client_content[keys.ARRAYS]
+            if id(arrays) not in decoded:
+                decoded[id(arrays)] = decode_arrays(arrays)
+            reply = runtime.train_client(partition_id, client_content, state, decoded[id(arrays)])
         except Exception as exc:  # noqa: BLE001 - one client's failure must not sink its lane
             replies.append((partition_id, f"{type(exc).__name__}: {exc}"))
             continue

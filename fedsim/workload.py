@@ -62,10 +62,17 @@ class Workload:
         """Number of label classes."""
         return self.splits.num_classes
 
-    def build_model(self) -> torch.nn.Module:
-        """The initial global model: same weights in every process for the same seed."""
-        torch.manual_seed(derive_seed(self.seed, "model-init"))
-        return self.model_factory.build(self.num_classes)
+    def build_model(self, width: float = 1.0) -> torch.nn.Module:
+        """The initial global model: same weights in every process for the same seed.
+
+        ``width`` < 1: a width-sliced sub-model (its weights are always loaded from a slice of
+        the global model, so its init draws stay off the process's global RNG).
+        """
+        if width == 1.0:
+            torch.manual_seed(derive_seed(self.seed, "model-init"))
+            return self.model_factory.build(self.num_classes)
+        with torch.random.fork_rng(devices=[]):
+            return self.model_factory.build(self.num_classes, width=width)
 
     def train_features(self) -> dict[str, torch.Tensor]:
         """Features of the whole training split (first dim = example)."""

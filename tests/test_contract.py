@@ -29,11 +29,26 @@ NEEDS: dict[tuple[str, str], list[str]] = {
     **{("client", name): [*TEXT, "client.max_steps=2"]
        for name in ("side_tuning", "pae_side_tuning", "lora", "ia3", "full_ft")},
     ("experiment", "mobile_side_tuning"): ["model.max_length=16", "client.max_steps=2"],
+    # The tiny setup has 4 clients: a short stage over 2 of them.
+    ("warm_start", "cyclic"): ["warm_start.num_cycles=1", "warm_start.clients_per_cycle=2"],
     ("partition", "natural"): [
         *TEXT, "data.languages=all", f"num_clients={len(chatterbot_languages())}",
         "strategy.fraction_train=0.1",
     ],
 }
+
+
+#: Options within an option (a strategy's knob values, a strategy on another client): one round
+#: each, beside TINY.
+VARIANTS: list[list[str]] = [
+    ["strategy=heterofl", "devices=phones_mixed", "strategy.latency_budget_s=0.02"],
+    ["strategy=fedrolex", "strategy.index_policy=random"],
+    ["strategy=fedrolex", "strategy.index_policy=static"],
+    ["strategy=whale_fl", "devices=phones_mixed", "strategy.tradeoff=0.5",
+     "strategy.fisher_window=2", "strategy.reference_quantile=0.9", "num_rounds=2"],
+    ["strategy=whale_fl", "client=side_tuning", *TEXT, "client.max_steps=2"],
+    ["strategy=heterofl", "client=side_tuning", *TEXT, "client.max_steps=2"],
+]
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -60,7 +75,19 @@ def test_option_builds_and_runs_one_round(group: str, option: str, tmp_path: Pat
     overrides = [f"{group}={option}", *TINY, *needs]
     cfg = compose_config(overrides)
     summary = simulate(cfg, tmp_path / "run")
-    rows = read_metrics(tmp_path / "run")
+    every_row = read_metrics(tmp_path / "run")
+    rows = [row for row in every_row if row["phase"] == "train"]
+    stage = [row for row in every_row if row["phase"] != "train"]  # only a warm start adds rows
     assert summary["status"] == "completed"
     assert len(rows) == 1 and rows[0]["num_clients"] >= 1
+    assert len(stage) == (1 if (group, option) == ("warm_start", "cyclic") else 0)
     assert 0.0 <= rows[0]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda v: " ".join(v))
+def test_option_variant_runs(overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose_config([*TINY, *overrides])
+    summary = simulate(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert rows[-1]["num_clients"] >= 1 and 0.0 <= rows[-1]["accuracy"] <= 1.0

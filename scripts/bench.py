@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--reuse", action="store_true", help="compare: keep finished runs")
     parser.add_argument(
-        "--flower-rounds", type=int, default=3, help="speedup_vs_flower: rounds of both runs"
+        "--flower-rounds", type=int, default=20, help="speedup_vs_flower: rounds of both runs"
     )
     parser.add_argument("--scale-clients", type=int, default=10_000, help="scale: population")
     parser.add_argument("--sweep-runs", type=int, default=8, help="sweep_startup: runs")

@@ -168,4 +168,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    # The apps must live in the importable module, not in ``__main__``: Ray workers would get
+    # by-value copies of ``__main__``'s functions and globals, and the ServerApp's results
+    # would land in a copy.
+    from fedsim.scripts import flower_baseline
+
+    sys.exit(flower_baseline.cli())

@@ -74,6 +74,11 @@ def cache_speedup(args: argparse.Namespace) -> dict[str, Any]:
         diffs = [abs(a["accuracy"] - b["accuracy"]) for a, b in zip(ref, curves[name], strict=True)]
         agreement[name] = {
             "max_abs_accuracy_diff": max(diffs),
+            "mean_abs_accuracy_diff": sum(diffs) / len(diffs),
+            "curve_mean_accuracy_diff": (
+                sum(r["accuracy"] for r in curves[name]) - sum(r["accuracy"] for r in ref)
+            )
+            / len(ref),
             "final_accuracy_diff": curves[name][-1]["accuracy"] - ref[-1]["accuracy"],
             "final_loss_rel_diff": curves[name][-1]["loss"] / ref[-1]["loss"] - 1.0,
             "within_tolerance": max(diffs) <= args.tolerance,
@@ -120,7 +125,10 @@ def cache_speedup(args: argparse.Namespace) -> dict[str, Any]:
         verdict = "agree" if agree["within_tolerance"] else "DIFFER"
         print(
             f"  {name} vs no_cache: max |d acc| {agree['max_abs_accuracy_diff']:.4f} "
-            f"(tolerance {args.tolerance}) -> {verdict}"
+            f"(tolerance {args.tolerance}) -> {verdict}; mean |d acc| "
+            f"{agree['mean_abs_accuracy_diff']:.4f}, curve means differ by "
+            f"{agree['curve_mean_accuracy_diff']:+.4f}, "
+            f"final by {agree['final_accuracy_diff']:+.4f}"
         )
     return out
 

@@ -80,6 +80,7 @@ def steady_round_s(rows: list[dict[str, Any]]) -> float:
 
 def multirun(overrides: list[str], sweep_dir: Path) -> tuple[list[dict[str, Any]], float]:
     """A Hydra multirun in a fresh process; each job's summary and the process wall time."""
+    shutil.rmtree(sweep_dir, ignore_errors=True)  # the bench owns its work folder
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "fedsim", "--multirun", *overrides]
     cmd += [f"hydra.sweep.dir={sweep_dir}", "runtime.progress=false"]

@@ -250,7 +250,7 @@ class SideTuning:
         label_key_seed: int | None = 0,
         cache_features: bool = True,
         feature_cache_dir: str | None = "~/.cache/fedsim/hidden_states",
-        feature_dtype: str = "float16",
+        feature_dtype: str = "float32",
     ) -> None:
         num = (int, float)
         _check("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1")

@@ -36,7 +36,8 @@ is OPEN for MobiLLM (reference/methods.md sections 1.5, 8). Our decisions, each 
 
 Frozen features: the backbone's hidden states never change, so the factory computes them once per
 text (``featurize``) and the model reads them instead of running the backbone (``cache_features``).
-They are stored as float16 (``feature_dtype``) in a ``.npy`` file per (backbone weights, token ids)
+They are stored as float32 (``feature_dtype``; float16 halves the disk but lets training drift
+from an uncached run) in a ``.npy`` file per (backbone weights, token ids)
 under ``feature_cache_dir``, opened as a copy-on-write memmap: the server and each Ray worker
 share one copy through the OS page cache instead of each recomputing (~35 s for chatterbot
 english on 2 cores) and holding its own, and later runs (sweeps, benches) reuse it. A null

@@ -321,10 +321,12 @@ def test_delta_ce_gradient_equals_central_ce(
 
 
 def test_cached_and_uncached_features_train_alike(cache_dir, minilm, texts, num_classes) -> None:
-    # Same seeds; the cache stores float16 hidden states, the 16-bit link casts to float16 too.
+    # Same seeds; a float16 cache, and the 16-bit link casts to float16 too.
     outcomes, heads = [], []
     for cache_features in (True, False):
-        client = make_client(cache_dir, bits=16, cache_features=cache_features)
+        client = make_client(
+            cache_dir, bits=16, cache_features=cache_features, feature_dtype="float16"
+        )
         model, data = setup(client, minilm, texts, num_classes)
         assert (TAPS_KEY in data) is cache_features
         outcomes.append(client.train(model, data, context()))

@@ -5,13 +5,13 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 # `make run` is the showcase: heterogeneous phones side-tuning MiniLM on chatterbot (MobiLLM).
-# `make run EXPERIMENT=null` runs conf/config.yaml's plain default (digits CNN, FedAvg).
+# `make run EXPERIMENT=` (empty) runs conf/config.yaml's plain default (digits CNN, FedAvg).
 EXPERIMENT ?= mobile_side_tuning
 
 .PHONY: run test lint setup clean-venv flwr-run
 
 run: $(STAMP)
-	$(BIN)/fedsim experiment=$(EXPERIMENT) $(ARGS)
+	$(BIN)/fedsim $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -78,7 +78,7 @@ def precheck_overrides(argv: Sequence[str]) -> None:
         if key in GROUPS:
             options = group_options(key)
             for value in values:
-                if value not in options and value != "null":
+                if value not in options:  # (Hydra cannot set a group to null either)
                     raise ConfigError(key, value, f"unknown option; accepted: {', '.join(options)}")
         # Sweeps are checked by their first value (the others share the keys).
         single.append(f"{text.split('=', 1)[0]}={values[0]}" if values else text)

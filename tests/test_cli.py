@@ -57,6 +57,7 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         (["data=hf", "data.path=/nonexistent/x.csv"], "data.path=/nonexistent/x.csv", "not found"),
         (["data=hf"], "data.path", ""),
         (["client.lr=-1"], "client.lr=-1", "> 0"),
+        (["experiment=null"], "experiment=null", "unknown option; accepted: digits_noniid"),
         (["eval.num_clients_final=-1"], "eval.num_clients_final=-1", "all or an integer >= 0"),
         (["eval.num_clients_final=half"], "eval.num_clients_final=half", "all or an integer"),
         (["strategy.fraction_train=1.5"], "strategy.fraction_train=1.5", "(0, 1]"),

@@ -7,9 +7,10 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from fedsim import keys
 from fedsim.errors import ConfigError
 
-__all__ = ["check_number", "take_records", "to_numpy", "to_record"]
+__all__ = ["check_number", "client_models", "take_records", "to_numpy", "to_record", "zeros_like"]
 
 Tensors = dict[str, np.ndarray]
 
@@ -17,6 +18,16 @@ Tensors = dict[str, np.ndarray]
 def to_numpy(arrays: ArrayRecord) -> Tensors:
     """An ArrayRecord as name -> NumPy array (copies: safe to modify)."""
     return {name: np.array(array.numpy()) for name, array in arrays.items()}
+
+
+def zeros_like(arrays: ArrayRecord) -> Tensors:
+    """Zeros shaped like every tensor of ``arrays``: a server state's initial value."""
+    return {k: np.zeros_like(v) for k, v in to_numpy(arrays).items()}
+
+
+def client_models(replies: Iterable[Message]) -> list[Tensors]:
+    """The trained models of the replies that carry one (failed clients' replies do not)."""
+    return [to_numpy(r.content[keys.ARRAYS]) for r in replies if not r.has_error()]
 
 
 def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:

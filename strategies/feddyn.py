@@ -39,7 +39,14 @@ from fedsim.clients.loop import (
     state_tensors,
     trainable,
 )
-from fedsim.strategies.common import Tensors, check_number, to_numpy, to_record
+from fedsim.strategies.common import (
+    Tensors,
+    check_number,
+    client_models,
+    to_numpy,
+    to_record,
+    zeros_like,
+)
 
 __all__ = ["FedDyn", "FedDynTerm", "feddyn_client_grad", "feddyn_server_update"]
 
@@ -129,7 +136,7 @@ class FedDyn(FedAvg):
     ) -> Iterable[Message]:
         """FedAvg's messages, asking for the FedDyn term with ``alpha``."""
         if self.h is None:
-            self.h = {k: np.zeros_like(v) for k, v in to_numpy(arrays).items()}
+            self.h = zeros_like(arrays)
         self.current_arrays = arrays
         self.num_clients = len(list(grid.get_node_ids()))
         config[keys.CLIENT_TERMS] = [NAME]
@@ -144,7 +151,7 @@ class FedDyn(FedAvg):
         mean, metrics = super().aggregate_train(server_round, replies)
         if mean is None or self.current_arrays is None or self.h is None:
             return mean, metrics
-        clients = [to_numpy(r.content[keys.ARRAYS]) for r in replies if not r.has_error()]
+        clients = client_models(replies)
         new_w, self.h = feddyn_server_update(
             to_numpy(self.current_arrays),
             clients,

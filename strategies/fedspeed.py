@@ -42,7 +42,14 @@ from fedsim.clients.loop import (
     state_tensors,
     trainable,
 )
-from fedsim.strategies.common import Tensors, check_number, to_numpy, to_record
+from fedsim.strategies.common import (
+    Tensors,
+    check_number,
+    client_models,
+    to_numpy,
+    to_record,
+    zeros_like,
+)
 
 __all__ = ["FedSpeed", "FedSpeedTerm", "fedspeed_server_update", "sam_perturbation"]
 
@@ -153,7 +160,7 @@ class FedSpeed(FedAvg):
     ) -> Iterable[Message]:
         """FedAvg's messages, asking for the FedSpeed term with its knobs."""
         if self.mean_dual is None:
-            self.mean_dual = {k: np.zeros_like(v) for k, v in to_numpy(arrays).items()}
+            self.mean_dual = zeros_like(arrays)
         self.current_arrays = arrays
         self.num_clients = len(list(grid.get_node_ids()))
         config[keys.CLIENT_TERMS] = [NAME]
@@ -170,7 +177,7 @@ class FedSpeed(FedAvg):
         mean, metrics = super().aggregate_train(server_round, replies)
         if mean is None or self.current_arrays is None or self.mean_dual is None:
             return mean, metrics
-        clients = [to_numpy(r.content[keys.ARRAYS]) for r in replies if not r.has_error()]
+        clients = client_models(replies)
         new_w, self.mean_dual = fedspeed_server_update(
             to_numpy(self.current_arrays), clients, to_numpy(mean), self.mean_dual, self.num_clients
         )

@@ -40,7 +40,14 @@ from fedsim.clients.loop import (
     state_tensors,
     trainable,
 )
-from fedsim.strategies.common import Tensors, check_number, take_records, to_numpy, to_record
+from fedsim.strategies.common import (
+    Tensors,
+    check_number,
+    take_records,
+    to_numpy,
+    to_record,
+    zeros_like,
+)
 
 __all__ = ["Scaffold", "ScaffoldTerm", "scaffold_client_control", "scaffold_server_update"]
 
@@ -136,7 +143,7 @@ class Scaffold(FedAvg):
     ) -> Iterable[Message]:
         """FedAvg's messages, asking for the SCAFFOLD term and carrying c."""
         if self.control is None:
-            self.control = {k: np.zeros_like(v) for k, v in to_numpy(arrays).items()}
+            self.control = zeros_like(arrays)
         self.current_arrays = arrays
         self.num_clients = len(list(grid.get_node_ids()))
         config[keys.CLIENT_TERMS] = [NAME]

@@ -23,6 +23,7 @@ workers need no import list. Flower's FedProx announces its term by its own key
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -201,6 +202,25 @@ def _backward(
     _batch_loss(model, inputs, labels, loss_fn, terms, needs_features, indices).backward()
 
 
+def step_budget(
+    config: ConfigRecord,
+    local_epochs: int,
+    max_steps: int | None,
+    num_examples: int,
+    batch_size: int,
+) -> tuple[int, int | None]:
+    """(epochs, step cap) of a client-round: the client's own, or what the strategy asked.
+
+    A strategy that sets ``fedsim.local-steps`` = Q in the train config (FedCompass) gets
+    exactly Q mini-batch steps: as many shuffled passes as Q needs, the last one cut short.
+    """
+    asked = config.get(keys.LOCAL_STEPS)
+    if asked is None:
+        return local_epochs, max_steps
+    per_epoch = max(1, math.ceil(num_examples / batch_size))
+    return math.ceil(int(asked) / per_epoch), int(asked)
+
+
 def train_loop(
     model: torch.nn.Module,
     data: dict[str, torch.Tensor],
@@ -224,6 +244,7 @@ def train_loop(
     needs_features = any(term.needs_features for term in terms)
     labels_all = data["label"]
     n = len(labels_all)
+    local_epochs, max_steps = step_budget(ctx.config, local_epochs, max_steps, n, batch_size)
     model.train()
     for term in terms:
         term.before_train(model, ctx)

@@ -49,7 +49,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedsim.clients.base import TrainContext, TrainOutcome
-from fedsim.clients.loop import Batch, ClientTerm, LocalRun, build_terms
+from fedsim.clients.loop import Batch, ClientTerm, LocalRun, build_terms, step_budget
 from fedsim.clients.side_link import LinkMemo
 from fedsim.devices import count_forward_flops, count_train_flops
 from fedsim.errors import ConfigError
@@ -442,10 +442,13 @@ class SideTuning:
             term.before_train(model, ctx)
         steps = forwarded = uploaded = hits = 0
         loss_sum = 0.0
-        for _ in range(self.local_epochs):
+        epochs, max_steps = step_budget(
+            ctx.config, self.local_epochs, self.max_steps, n, self.batch_size
+        )
+        for _ in range(epochs):
             order = torch.randperm(n, generator=ctx.generator)
             for start in range(0, n, self.batch_size):
-                if self.max_steps is not None and steps >= self.max_steps:
+                if max_steps is not None and steps >= max_steps:
                     break
                 rows = order[start : start + self.batch_size]
                 new = rows if cache is None else rows[~cache.filled[rows]]

@@ -52,6 +52,8 @@ class RunState:
     client_states: dict[int, RecordDict]
     sim_time_s: float
     totals: dict[str, float] = field(default_factory=dict)  # bytes, energy, best accuracy, ...
+    # The asynchronous loop's clients in flight, timers and counters (fedsim/asynchronous.py).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --- generic (de)serialisation -------------------------------------------------------------------
@@ -78,7 +80,34 @@ def _encode(value: Any, prefix: str, tensors: dict[str, np.ndarray]) -> Any:
         return {"kind": "ndarray_list", "length": len(value)}
     if isinstance(value, ConfigRecord | MetricRecord):
         return {"kind": type(value).__name__, "items": _plain(dict(value))}
+    if isinstance(value, RecordDict):
+        return _encode_items("recorddict", list(value.items()), prefix, tensors)
+    if isinstance(value, dict) and all(isinstance(k, _SCALARS) for k in value):
+        return _encode_items("dict", list(value.items()), prefix, tensors)
+    if isinstance(value, list | tuple):
+        return _encode_items("list", list(enumerate(value)), prefix, tensors)
     return None  # not state we know how to keep (callables, helpers): rebuilt from the config
+
+
+def _encode_items(
+    kind: str, items: list[tuple[Any, Any]], prefix: str, tensors: dict[str, np.ndarray]
+) -> dict[str, Any] | None:
+    """A container of state (an async loop's event queue, a scheduler's groups), or None.
+
+    Keys keep their type (a dict keyed by partition id comes back keyed by int). A container
+    with anything that is not state (a callable) is not state either: nothing is kept.
+    """
+    described, added = [], []
+    for i, (key, item) in enumerate(items):
+        before = set(tensors)
+        desc = _encode(item, f"{prefix}/{i}", tensors)
+        added.extend(set(tensors) - before)
+        if desc is None:
+            for name in added:
+                del tensors[name]
+            return None
+        described.append([key, desc])
+    return {"kind": kind, "items": described}
 
 
 def _decode(desc: dict[str, Any], prefix: str, tensors: dict[str, np.ndarray]) -> Any:
@@ -98,6 +127,14 @@ def _decode(desc: dict[str, Any], prefix: str, tensors: dict[str, np.ndarray]) -
     if kind in ("ConfigRecord", "MetricRecord"):
         record = ConfigRecord if kind == "ConfigRecord" else MetricRecord
         return record(_unplain(desc["items"]))
+    if kind in ("recorddict", "dict", "list"):
+        items = [
+            (key, _decode(sub, f"{prefix}/{i}", tensors))
+            for i, (key, sub) in enumerate(desc["items"])
+        ]
+        if kind == "list":
+            return [item for _, item in items]
+        return RecordDict(dict(items)) if kind == "recorddict" else dict(items)
     raise ValueError(f"unknown state kind {kind!r}")
 
 
@@ -154,6 +191,7 @@ def save_checkpoint(
         "totals": state.totals,
         "arrays": _encode(state.arrays, "global", tensors),
         "strategy": capture_object_state(strategy, "strategy", tensors),
+        "extra": _encode(state.extra, "extra", tensors),
         "clients": {
             str(pid): {
                 name: _encode(record, f"client/{pid}/{name}", tensors)
@@ -224,4 +262,5 @@ def load_checkpoint(
         client_states=clients,
         sim_time_s=float(meta["sim_time_s"]),
         totals=dict(meta["totals"]),
+        extra=_decode(meta["extra"], "extra", tensors) if meta.get("extra") else {},
     )

@@ -140,17 +140,39 @@ def validate(cfg: DictConfig) -> None:
     deadline = OmegaConf.select(cfg, "clock.deadline_s")
     if deadline is not None:
         _positive(cfg, "clock.deadline_s")
+    if OmegaConf.select(cfg, "clock.max_sim_time_s") is not None:
+        _positive(cfg, "clock.max_sim_time_s")
     over = OmegaConf.select(cfg, "clock.over_selection")
     if isinstance(over, bool) or not isinstance(over, int | float) or over < 1:
         raise ConfigError("clock.over_selection", over, "must be a number >= 1")
     lanes = OmegaConf.select(cfg, "runtime.num_lanes")
     if lanes is not None:
         _int(cfg, "runtime.num_lanes", 1)
+    _check_asynchronous(cfg, deadline, over)
     final = OmegaConf.select(cfg, "eval.num_clients_final")
     if final != "all" and (isinstance(final, bool) or not isinstance(final, int) or final < 0):
         raise ConfigError(
             "eval.num_clients_final", final, "must be all or an integer >= 0 (0 = none)"
         )
+
+
+def _check_asynchronous(cfg: DictConfig, deadline: Any, over: Any) -> None:
+    """An asynchronous strategy never waits for a round: round-only clock knobs are refused."""
+    target = OmegaConf.select(cfg, "strategy._target_")
+    try:
+        cls = get_class(str(target))
+    except Exception:  # noqa: BLE001 - build() reports an unimportable target in one line
+        return
+    from fedsim.asynchronous import AsyncStrategy  # noqa: PLC0415 - config.py stays light
+
+    if not (isinstance(cls, type) and issubclass(cls, AsyncStrategy)):
+        return
+    if deadline is not None:
+        raise ConfigError(
+            "clock.deadline_s", deadline, "must be null with an asynchronous strategy"
+        )
+    if over != 1:
+        raise ConfigError("clock.over_selection", over, "must be 1 with an asynchronous strategy")
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -13,6 +13,8 @@ WIDTH = "fedsim.width"  # float in (0, 1]: the width-sliced sub-model the client
 # them, prefix stripped, into the client's clients.jsonl row (e.g. "log.width", "log.utility");
 # they never overwrite a field the scheduler itself writes.
 LOG_PREFIX = "log."
+# int >= 1: train exactly this many mini-batch steps this round (FedCompass's Q_i), epochs as needed
+LOCAL_STEPS = "fedsim.local-steps"
 
 # --- client terms' knobs (ConfigRecord) and records (ArrayRecord) -------------------------------
 SCAFFOLD_CONTROL = "scaffold.c"  # message: the server control variate c (one tensor per param)
@@ -75,5 +77,7 @@ NUM_STRAGGLERS = "num_stragglers"
 NUM_OFFLINE = "num_offline"
 NUM_INFEASIBLE = "num_infeasible"
 ENERGY_J = "energy_j"
+STALENESS_MEAN = "staleness_mean"  # asynchronous rows: global updates between download and merge
+STALENESS_MAX = "staleness_max"
 CYCLE = "cycle"  # warm-start rows (phase "warm_start", round 0): which cycle of the stage
 WARM_START_CYCLES = "warm_start_cycles"  # totals: warm-start cycles done (a resumed run skips them)

@@ -157,6 +157,37 @@ class RoundScheduler:
             records[pid] = row | {"_state": state}
         return RoundPlan(to_send, records)
 
+    def measure(self, row: dict[str, Any], reply: Message, cost: DeviceCost) -> float | None:
+        """Fill ``row`` (a :meth:`plan` record) from the client's reply; its latency in seconds.
+
+        Latency = download + compute + upload (+ offloaded server time) from the real payload
+        bytes and the counted FLOPs under the conditions drawn in :meth:`plan`. A failed reply
+        gets outcome ``failed`` and its reason, and no latency (None).
+        """
+        if reply.has_error():
+            row["outcome"] = FAILED
+            row["error"] = " ".join(reply.error.reason.split())[:300]
+            return None
+        pid = row["partition_id"]
+        work = ClientWork(
+            train_flops=cost.train_flops,
+            bytes_down=row["bytes_down"],
+            bytes_up=content_nbytes(reply.content) + _extra_upload_bytes(reply),
+            peak_memory_bytes=cost.peak_memory_bytes,
+            server_flops=cost.server_flops,
+        )
+        latency = client_latency(row["_state"], work, self.fleet.server_gflops)
+        row.update(
+            bytes_up=work.bytes_up,
+            latency_s=latency.total_s,
+            download_s=latency.download_s,
+            compute_s=latency.compute_s,
+            upload_s=latency.upload_s,
+            server_s=latency.server_s,
+            energy_j=client_energy_j(self.profiles[pid], latency),
+        )
+        return latency.total_s
+
     def settle(
         self,
         plan: RoundPlan,
@@ -168,30 +199,9 @@ class RoundScheduler:
         latencies, by_pid = {}, {}
         for reply in replies:
             pid = partition_id_of(reply.metadata.src_node_id)
-            row = plan.records[pid]
-            if reply.has_error():
-                row["outcome"] = FAILED
-                row["error"] = " ".join(reply.error.reason.split())[:300]
-                continue
-            cost = costs[pid]
-            work = ClientWork(
-                train_flops=cost.train_flops,
-                bytes_down=row["bytes_down"],
-                bytes_up=content_nbytes(reply.content) + _extra_upload_bytes(reply),
-                peak_memory_bytes=cost.peak_memory_bytes,
-                server_flops=cost.server_flops,
-            )
-            latency = client_latency(row["_state"], work, self.fleet.server_gflops)
-            row.update(
-                bytes_up=work.bytes_up,
-                latency_s=latency.total_s,
-                download_s=latency.download_s,
-                compute_s=latency.compute_s,
-                upload_s=latency.upload_s,
-                server_s=latency.server_s,
-                energy_j=client_energy_j(self.profiles[pid], latency),
-            )
-            latencies[pid], by_pid[pid] = latency.total_s, reply
+            latency = self.measure(plan.records[pid], reply, costs[pid])
+            if latency is not None:
+                latencies[pid], by_pid[pid] = latency, reply
         target = math.ceil(len(latencies) / self.over_selection) if latencies else None
         timing = synchronous_round(
             latencies,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
 from fedsim import keys
+from fedsim.asynchronous import AsyncLoop, AsyncStalled, is_asynchronous
 from fedsim.checkpoint import RunState, save_checkpoint
 from fedsim.clients.distillation import NoDistillation, distillation_of
 from fedsim.cohort import VirtualGrid, partition_id_of
@@ -132,6 +134,7 @@ class Federation:
     grid: VirtualGrid
     test: dict[str, torch.Tensor]
     cost_fn: Callable[[int, float], DeviceCost]  # (partition id, sub-model width) -> cost
+    num_examples: Callable[[int], int]  # partition id -> its training examples
     distillation: Any = field(default_factory=NoDistillation)  # clients/distillation.py
 
     @classmethod
@@ -183,6 +186,7 @@ class Federation:
             ),
             test=workload.test_features(),
             cost_fn=cost_fn,
+            num_examples=workload.num_examples,
             distillation=distillation,
         )
 
@@ -230,6 +234,26 @@ def initial_state(fed: Federation) -> RunState:
     return RunState(0, to_arrays(fed.model), {}, 0.0, totals)
 
 
+def close_round(
+    fed: Federation, state: RunState, arrays: ArrayRecord, server_round: int
+) -> dict[str, float]:
+    """Install ``arrays`` as the global model of ``server_round``, score it, update the totals."""
+    load_arrays(fed.model, arrays)
+    scores = evaluate(fed.model, fed.test)
+    state.arrays, state.server_round = arrays, server_round
+    state.sim_time_s = fed.scheduler.clock.now_s
+    totals = state.totals
+    if totals["best_accuracy"] is None or scores["accuracy"] > totals["best_accuracy"]:
+        totals["best_accuracy"], totals["best_round"] = scores["accuracy"], server_round
+    totals.update(
+        num_rounds=server_round,
+        final_accuracy=scores["accuracy"],
+        final_loss=scores["loss"],
+        final_macro_f1=scores["macro_f1"],
+    )
+    return scores
+
+
 def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dict, RoundSettlement]:
     """Train, aggregate and evaluate one round; advance ``state``; return the metrics row."""
     arrays, record = train_round(
@@ -244,22 +268,11 @@ def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dic
         fed.distillation.attach,
     )
     settled = record.settlement
-    load_arrays(fed.model, arrays)
-    scores = evaluate(fed.model, fed.test)
-    state.arrays, state.server_round = arrays, server_round
-    state.sim_time_s = fed.scheduler.clock.now_s
+    scores = close_round(fed, state, arrays, server_round)
     totals = state.totals
     totals["bytes_up_total"] += record.bytes_up
     totals["bytes_down_total"] += record.bytes_down
     totals["energy_j_total"] += settled.energy_j
-    if totals["best_accuracy"] is None or scores["accuracy"] > totals["best_accuracy"]:
-        totals["best_accuracy"], totals["best_round"] = scores["accuracy"], server_round
-    totals.update(
-        num_rounds=server_round,
-        final_accuracy=scores["accuracy"],
-        final_loss=scores["loss"],
-        final_macro_f1=scores["macro_f1"],
-    )
     row = {
         keys.ROUND: server_round,
         keys.PHASE: "train",
@@ -309,8 +322,24 @@ def run_rounds(
     status = "completed"
     max_failed = int(cfg.runtime.max_failed_rounds)
     failed_streak = 0  # consecutive rounds in which every client sent work failed
-    for server_round in range(state.server_round + 1, num_rounds + 1):
-        row, settled = play_round(fed, state, server_round)
+    time_budget_s = cfg.clock.get("max_sim_time_s")
+    if is_asynchronous(strategy):  # FedBuff, FedCompass: events on the simulated clock
+        loop = AsyncLoop(fed, state, partial(close_round, fed))
+        rounds: Iterator[tuple[dict, RoundSettlement]] = loop.steps(num_rounds)
+    else:
+        rounds = (
+            play_round(fed, state, r) for r in range(state.server_round + 1, num_rounds + 1)
+        )
+    while True:
+        try:
+            row, settled = next(rounds)
+        except StopIteration:
+            break
+        except AsyncStalled as exc:
+            status = "failed"
+            log.error("%s; stopping (metrics so far are saved)", exc)
+            break
+        server_round = state.server_round
         state.totals[keys.WALL_TIME_S] = row[keys.WALL_TIME_S] = time.perf_counter() - started
         writer.log_row(row)
         for client_row in settled.records:
@@ -356,8 +385,16 @@ def run_rounds(
                 row[keys.LOSS],
             )
             break
-        if every and (server_round % every == 0 or server_round == num_rounds):
+        out_of_time = time_budget_s is not None and state.sim_time_s >= time_budget_s
+        if every and (server_round % every == 0 or server_round == num_rounds or out_of_time):
             save_checkpoint(writer.run_dir, state, strategy, config_hash(cfg))
+        if out_of_time:
+            log.info(
+                "round %d: simulated time %s reached clock.max_sim_time_s; stopping",
+                server_round,
+                format_sim_time(state.sim_time_s),
+            )
+            break
     if state.server_round > 0:
         writer.write_rows(evaluate_final_clients(fed, state), CLIENT_EVAL_FILE)
     summary = {"status": status, **state.totals, "sim_time_s": state.sim_time_s}

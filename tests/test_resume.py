@@ -1,13 +1,11 @@
 """A run killed with SIGKILL mid-round and resumed ends exactly like an uninterrupted run."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import strip_wall_time
 
 from fedsim.config import compose_config
 from fedsim.results import read_metrics
@@ -21,37 +19,13 @@ ARGS = ["num_clients=8", "num_rounds=6", "strategy=fedavgm", "strategy.fraction_
         "devices=phones_mixed", "runtime.progress=false"]
 
 
-def _strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
-
-
-def _wait_for_rows(path: Path, count: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never reached {count} rows")
-
-
-def test_sigkilled_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+def test_sigkilled_run_resumes_bit_for_bit(tmp_path: Path, kill_and_resume) -> None:
     simulate(compose_config(ARGS), tmp_path / "reference")
-    run = tmp_path / "run"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([*FEDSIM, *ARGS, f"hydra.run.dir={run}"], stdout=log,
-                                stderr=log, start_new_session=True)
-        _wait_for_rows(run / "metrics.jsonl", 3, proc, timeout_s=300)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray head and workers: no goodbye
-        proc.wait()
-    assert 3 <= len(read_metrics(run)) < 6
-    assert not (run / "summary.json").exists()
-    resumed = subprocess.run([*FEDSIM, f"resume={run}", "runtime.progress=false"],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _strip(read_metrics(run)) == _strip(read_metrics(tmp_path / "reference"))
-    assert _strip(read_metrics(run, "clients.jsonl")) == _strip(
-        read_metrics(tmp_path / "reference", "clients.jsonl"))
+    run, killed_at = kill_and_resume(ARGS, rows=3)
+    assert 3 <= killed_at < 6
+    for name in ("metrics.jsonl", "clients.jsonl"):
+        assert strip_wall_time(read_metrics(run, name)) == strip_wall_time(
+            read_metrics(tmp_path / "reference", name))
 
 
 def test_resume_refuses_a_config_change(tmp_path: Path) -> None:

@@ -5,16 +5,12 @@ loss ``f(w) = 0.5 * (w * x - y)^2``, so ``grad f(w) = w`` and every step can be 
 """
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import strip_wall_time
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim import keys
@@ -353,7 +349,6 @@ def test_scaffold_state_survives_a_checkpoint(tmp_path: Path) -> None:
     np.testing.assert_array_equal(kept, np.full((2, 3), -1.0, dtype=np.float32))
 
 
-FEDSIM = [sys.executable, "-m", "fedsim"]
 ARGS = [
     "strategy=scaffold",
     "num_clients=4",
@@ -363,22 +358,10 @@ ARGS = [
 ]
 
 
-def _strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
-
-
-def _wait_for_rows(path: Path, count: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never reached {count} rows")
-
-
 @pytest.mark.slow
-def test_scaffold_doubles_the_traffic_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+def test_scaffold_doubles_the_traffic_and_resumes_bit_for_bit(
+    tmp_path: Path, kill_and_resume
+) -> None:
     reference = tmp_path / "reference"
     assert simulate(compose_config(ARGS), reference)["status"] == "completed"
     rows = read_metrics(reference)
@@ -387,20 +370,6 @@ def test_scaffold_doubles_the_traffic_and_resumes_bit_for_bit(tmp_path: Path) ->
         assert row["bytes_down"] == row["num_sampled"] * 2 * model_bytes
         assert row["bytes_up"] == row["num_clients"] * 2 * model_bytes
     # SIGKILL after round 2, resume: c (strategy) and every c_i (client state) must survive.
-    run = tmp_path / "run"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(
-            [*FEDSIM, *ARGS, f"hydra.run.dir={run}"], stdout=log, stderr=log, start_new_session=True
-        )
-        _wait_for_rows(run / "metrics.jsonl", 2, proc, timeout_s=300)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert 2 <= len(read_metrics(run)) < 4
-    resumed = subprocess.run(
-        [*FEDSIM, f"resume={run}", "runtime.progress=false"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _strip(read_metrics(run)) == _strip(rows)
+    run, killed_at = kill_and_resume(ARGS, rows=2)
+    assert 2 <= killed_at < 4
+    assert strip_wall_time(read_metrics(run)) == strip_wall_time(rows)

@@ -1,13 +1,9 @@
 """CyclicFL warm start (fedsim/warm_start.py): order, costs on the clock, rows, resume."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import strip_wall_time
 
 from fedsim.config import compose_config
 from fedsim.errors import ConfigError
@@ -51,10 +47,6 @@ ARGS = [
 ]
 
 
-def _strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
-
-
 @pytest.mark.slow
 def test_cyclic_stage_rows_clock_and_totals(tmp_path: Path) -> None:
     summary = simulate(compose_config(ARGS), tmp_path / "run")
@@ -80,40 +72,15 @@ def test_cyclic_stage_rows_clock_and_totals(tmp_path: Path) -> None:
     assert summary["best_accuracy"] == max(r["accuracy"] for r in train)  # the rounds' only
 
 
-def _wait_for_rows(path: Path, count: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never reached {count} rows")
-
-
 @pytest.mark.slow
-def test_killed_run_resumes_without_redoing_the_stage(tmp_path: Path) -> None:
+def test_killed_run_resumes_without_redoing_the_stage(tmp_path: Path, kill_and_resume) -> None:
     simulate(compose_config(ARGS), tmp_path / "reference")
     reference = read_metrics(tmp_path / "reference")
-    run = tmp_path / "run"
-    fedsim = [sys.executable, "-m", "fedsim"]
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(
-            [*fedsim, *ARGS, f"hydra.run.dir={run}"], stdout=log, stderr=log, start_new_session=True
-        )
-        _wait_for_rows(run / "metrics.jsonl", 3, proc, timeout_s=300)  # the stage + round 1
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert 3 <= len(read_metrics(run)) < len(reference)
-    resumed = subprocess.run(
-        [*fedsim, f"resume={run}", "runtime.progress=false"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run, killed_at = kill_and_resume(ARGS, rows=3)  # the stage's 2 rows + round 1
+    assert 3 <= killed_at < len(reference)
     rows = read_metrics(run)
     assert sum(r["phase"] == "warm_start" for r in rows) == 2  # not redone
-    assert _strip(rows) == _strip(reference)
-    assert _strip(read_metrics(run, "clients.jsonl")) == _strip(
+    assert strip_wall_time(rows) == strip_wall_time(reference)
+    assert strip_wall_time(read_metrics(run, "clients.jsonl")) == strip_wall_time(
         read_metrics(tmp_path / "reference", "clients.jsonl")
     )

@@ -335,12 +335,17 @@ def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def group_runs(runs: Iterable[Run]) -> list[Configuration]:
-    """Group runs whose comparable configs are equal; sorted by label."""
+    """Group runs whose comparable configs are equal; sorted by label.
+
+    A key set to null counts as absent: a run made before a knob existed (``clock.max_sim_time_s``
+    added with default null) belongs with the runs made after it.
+    """
     groups: dict[tuple[tuple[str, Any], ...], list[Run]] = {}
     flats: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
     for run in runs:
         flat = comparable_config(run.config)
-        key = tuple(sorted(flat.items(), key=lambda item: item[0]))
+        set_keys = [item for item in flat.items() if item[1] is not None]
+        key = tuple(sorted(set_keys, key=lambda item: item[0]))
         groups.setdefault(key, []).append(run)
         flats.setdefault(key, flat)
     labels = label_configurations(list(flats.values()))

@@ -117,6 +117,18 @@ def test_group_runs_two_configurations_three_seeds(sweep: Path) -> None:
     assert configurations[1].label == "strategy=FedProx, proximal_mu=0.1"
 
 
+def test_a_null_key_and_a_missing_key_are_one_configuration(tmp_path: Path) -> None:
+    """A run made before a default-null knob existed groups with the runs made after it."""
+    for seed in SEEDS:
+        config = make_config("FedAvg", seed)
+        if seed > 0:
+            config["clock"] = {"max_sim_time_s": None}
+        write_run(tmp_path / str(seed), config, 0.7)
+    write_run(tmp_path / "cut", {**make_config("FedAvg", 0), "clock": {"max_sim_time_s": 9}}, 0.6)
+    configurations = group_runs(load_runs([tmp_path]))
+    assert sorted(len(c.runs) for c in configurations) == [1, 3]
+
+
 def test_summarize_mean_and_sample_std(sweep: Path) -> None:
     fedavg, fedprox = (summarize(c) for c in group_runs(load_runs([sweep])))
     assert fedavg.final_accuracy == pytest.approx((0.72, 0.02))

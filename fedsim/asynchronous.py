@@ -7,11 +7,14 @@ reacts to each arrival: buffer it, aggregate, reassign. Time is the simulated cl
 min-heap of arrival and timer events (methods.md 6.4: "replace wall-clock timers with a
 virtual-time event queue"); nothing waits on a wall-clock timer.
 
-Training is eager. A client's update depends only on the model it was sent, its data, its state
-and its seed, so it is computed when it is dispatched (on the lanes, batched with every client
-dispatched at the same event) and queued to arrive at dispatch time + latency. Its new state is
-kept when it arrives (not when a strategy drops it as too stale). A client is never dispatched
-while it is in flight, so its state is never read before its previous update has landed.
+When a client's update is computed does not matter: it depends only on the model it was sent,
+its data, its state and its seed. So training is deferred and batched: dispatched clients are
+trained together (one exchange on the lanes) once one of them could arrive before the next
+queued event (dispatch time + download + compute is a lower bound; the upload's size is known
+only after training), or before a global update is recorded. Each is then queued to arrive at
+dispatch time + its latency. Its new state is kept when it arrives (not when a strategy drops it
+as too stale). A client is never dispatched while it is in flight, so its state is never read
+before its previous update has landed.
 
 Vocabulary of the run folder:
 
@@ -45,6 +48,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedsim import keys
 from fedsim.cohort import node_id_of, partition_id_of
+from fedsim.devices import ClientWork, client_latency
 from fedsim.errors import ConfigError
 from fedsim.params import content_nbytes
 from fedsim.scheduler import (
@@ -192,7 +196,8 @@ class AsyncLoop:
         ex.setdefault("infeasible", [])
         ex.setdefault("began", False)
         self.ex = ex
-        self._sends: list[tuple[Message, dict[str, Any], DeviceCost, int | None]] = []
+        # dispatched, not trained yet: (message, row, cost, steps, earliest possible arrival)
+        self._sends: list[tuple[Message, dict[str, Any], DeviceCost, int | None, float]] = []
         self._update: tuple[ArrayRecord, list[dict[str, Any]]] | None = None
         self._new_step()
         self._base: tuple[int, Tensors] | None = None  # the global model as NumPy, by version
@@ -258,6 +263,7 @@ class AsyncLoop:
             config[keys.LOCAL_STEPS] = int(steps)
         content = RecordDict({keys.ARRAYS: self.arrays, keys.CONFIG: ConfigRecord(config)})
         message = Message(content, node_id_of(pid), MessageType.TRAIN, group_id=f"dispatch-{seq}")
+        self.fed.distillation.attach([message], self.state.client_states)  # as of the dispatch
         cost = self._cost(pid, steps)
         plan = self.fed.scheduler.plan(seq, [message], {pid: cost})
         row = plan.records[pid]
@@ -268,7 +274,13 @@ class AsyncLoop:
                 self.ex["infeasible"].append(pid)
             self._log(row)
             return False
-        self._sends.append((message, row, cost, steps))
+        # Download + compute (+ offloaded server time) are known now; the upload is not (it is the
+        # reply's size), so this is a lower bound on the arrival time.
+        work = ClientWork(
+            cost.train_flops, row["bytes_down"], 0, cost.peak_memory_bytes, cost.server_flops
+        )
+        bound = client_latency(row["_state"], work, self.fed.scheduler.fleet.server_gflops)
+        self._sends.append((message, row, cost, steps, self.now + bound.total_s))
         return True
 
     def set_timer(self, at_s: float, tag: int) -> None:
@@ -288,9 +300,13 @@ class AsyncLoop:
             self.ex["began"] = True
             self.ex["last_update_s"] = self.now
             self.strategy.begin(self)
-            self._flush()
         while self.version < num_rounds:
             events = self.ex["events"]
+            # Training is deferred until a dispatched client could arrive before the next event:
+            # the clients dispatched in between are trained together (one exchange), and a
+            # client's update depends only on what it was sent, not on when it is computed.
+            if self._sends and (not events or min(s[4] for s in self._sends) <= events[0][0]):
+                self._flush()
             if not events:  # nobody in flight, no timer: look again after a typical latency
                 self._push(self.now + (self.mean_latency_s() or 1.0), "idle", 0)
             at_s, _, kind, payload = heapq.heappop(events)
@@ -301,8 +317,8 @@ class AsyncLoop:
                 self.strategy.on_timer(self, payload)
             else:
                 self.strategy.on_idle(self)
-            self._flush()
             if self._update is not None:
+                self._flush()  # a checkpoint may follow: nothing dispatched stays untrained
                 yield self._close_step()
 
     def _push(self, at_s: float, kind: str, payload: Any) -> None:
@@ -345,17 +361,15 @@ class AsyncLoop:
         return self._default_steps[pid]
 
     def _flush(self) -> None:
-        """Train every client dispatched during the event (one exchange) and queue arrivals."""
+        """Train every client dispatched and not trained yet (one exchange); queue arrivals."""
         if not self._sends:
             return
         sends, self._sends = self._sends, []
         messages = [message for message, *_ in sends]
-        states = self.state.client_states
-        self.fed.distillation.attach(messages, states)
-        replies, new_states = self.fed.grid.exchange(messages, states)
+        replies, new_states = self.fed.grid.exchange(messages, self.state.client_states)
         bases: dict[int, Tensors] = {}  # the model each message carried, as NumPy, once
         failed = 0
-        for (message, row, cost, steps), reply in zip(sends, replies, strict=True):
+        for (message, row, cost, steps, _), reply in zip(sends, replies, strict=True):
             pid = row["partition_id"]
             sent = message.content[keys.ARRAYS]
             if id(sent) not in bases:
@@ -376,8 +390,8 @@ class AsyncLoop:
                 "base": row["base_version"],
                 "seq": row["dispatch"],
                 "steps": steps,
-                "sent_s": self.now,
-                "arrival_s": self.now + latency,
+                "sent_s": row["sent_s"],
+                "arrival_s": row["sent_s"] + latency,
                 "num_examples": int(metrics[keys.NUM_EXAMPLES]) if metrics else 0,
                 "train_loss": float(metrics[keys.TRAIN_LOSS])
                 if metrics and keys.TRAIN_LOSS in metrics

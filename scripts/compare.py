@@ -34,6 +34,7 @@ from fedsim.scripts.fairness import (
     WORST_SHARE,
     FairnessSummary,
     MethodSplit,
+    method_knobs,
     rank_within,
     split_methods,
     summarize_fairness,
@@ -337,6 +338,13 @@ def write_report(
         f"![accuracy curves]({CURVES_FILE})",
         "",
         f"In the figure, {BAND_CAPTION}; dashed: the target accuracy.",
+        "",
+        "## What each method ran",
+        "",
+        markdown_table(
+            ["method", "knobs"],
+            [[name, knobs] for name, knobs in method_knobs(configurations, splits, method_keys)],
+        ),
         "",
     ]
     text = "\n".join(lines)

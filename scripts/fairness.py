@@ -110,6 +110,29 @@ def summarize_fairness(configuration: Configuration) -> FairnessSummary:
     )
 
 
+def method_knobs(
+    configurations: Sequence[Configuration],
+    splits: Sequence[MethodSplit],
+    method_prefixes: Sequence[str],
+) -> list[tuple[str, str]]:
+    """(method label, every knob under ``method_prefixes`` it ran with), once per method.
+
+    Labels name only what separates methods (a class name, or a knob within one class); this
+    is the rest, for the report's legend. ``_target_`` keys are the label itself.
+    """
+    legend: dict[str, str] = {}
+    for configuration, split in zip(configurations, splits, strict=True):
+        if split.method in legend:
+            continue
+        knobs = [
+            f"{key.rsplit('.', 1)[-1]}={value}"
+            for key, value in configuration.config.items()
+            if _matches(key, method_prefixes) and not key.endswith("._target_")
+        ]
+        legend[split.method] = ", ".join(knobs) or "(none)"
+    return list(legend.items())
+
+
 def _matches(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
 

@@ -296,10 +296,28 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _separates_a_class(key: str, configs: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``key`` differs between two configs of the same ``<group>._target_`` class
+    (True for keys of groups without a class, and for the classes themselves)."""
+    group, _, name = key.rpartition(".")
+    target = f"{group}._target_"
+    if name == "_target_" or not group or not any(target in c for c in configs):
+        return True
+    missing = object()
+    values: dict[str, set[str]] = {}
+    for config in configs:
+        cls = repr(config.get(target, missing))
+        values.setdefault(cls, set()).add(repr(config.get(key, missing)))
+    return any(len(seen) > 1 for seen in values.values())
+
+
 def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Short labels naming what differs between flattened configs.
 
     Rule: keep the keys whose value differs between configs (a missing key counts as a value).
+    A knob of a group that names its class (``strategy.proximal_mu`` beside
+    ``strategy._target_``) is kept only when it separates two configs of the same class: the
+    class name already tells FedAvg from FedProx, and sixteen strategies' knobs would bury it.
     ``<group>._target_`` shows as ``<group>=<ClassName>``; any other key as ``<name>=<value>``,
     where ``<name>`` is the key's last dotted part (``strategy.proximal_mu`` -> ``proximal_mu``),
     or the whole dotted key if two kept keys share that last part. A config lacking a kept key
@@ -315,6 +333,7 @@ def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
         keys.extend(key for key in config if key not in keys)
     missing = object()
     kept = [key for key in keys if len({repr(c.get(key, missing)) for c in configs}) > 1]
+    kept = [key for key in kept if _separates_a_class(key, configs)]
     last_parts = [key.rsplit(".", 1)[-1] for key in kept]
     names = {
         key: key if last_parts.count(last) > 1 else last

@@ -162,10 +162,10 @@ def test_report_ranks_methods_within_settings(grid_sweep: Path, tmp_path: Path) 
     rows = table_rows(report, "Final accuracy and per-client accuracy")
     got = {(r["setting"], r["method"]): r for r in rows}
     assert list(got) == [  # by setting, then rank
-        ("alpha=0.1", "strategy=FedProx, proximal_mu=0.1"),
+        ("alpha=0.1", "strategy=FedProx"),
         ("alpha=0.1", "strategy=FedAvg"),
         ("alpha=1", "strategy=FedAvg"),
-        ("alpha=1", "strategy=FedProx, proximal_mu=0.1"),
+        ("alpha=1", "strategy=FedProx"),
     ]
     fedavg_low = got[("alpha=0.1", "strategy=FedAvg")]
     assert fedavg_low["final accuracy"] == "0.6200" and fedavg_low["std"] == "0.0283"
@@ -182,12 +182,22 @@ def test_report_ranks_methods_within_settings(grid_sweep: Path, tmp_path: Path) 
     never = cost[("alpha=0.1", "strategy=FedAvg")]
     assert never["seeds reaching 0.7"] == "0/2"
     assert never["rounds"] == never["simulated time"] == never["bytes up+down"] == "not reached"
-    fedprox = cost[("alpha=0.1", "strategy=FedProx, proximal_mu=0.1")]
+    fedprox = cost[("alpha=0.1", "strategy=FedProx")]
     assert fedprox["seeds reaching 0.7"] == "2/2" and fedprox["rounds"] == "2.00 ± 0.00"
     assert fedprox["simulated time"] == "2.00 ± 0.00 min"  # 60 s per round
     assert fedprox["bytes up+down"] == "6.00 ± 0.00 MB"  # 3 MB per round
     for name in ("accuracy_curves.png", "client_accuracy.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_lists_the_knobs_the_labels_leave_out(grid_sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main([str(grid_sweep), "--out", str(out)]) == 0
+    legend = table_rows((out / "report.md").read_text(), "What each method ran")
+    assert legend == [  # configurations come sorted by label
+        {"method": "strategy=FedAvg", "knobs": "(none)"},
+        {"method": "strategy=FedProx", "knobs": "proximal_mu=0.1"},
+    ]
 
 
 def test_report_default_target_and_single_setting(grid_sweep: Path, tmp_path: Path) -> None:
@@ -202,7 +212,7 @@ def test_report_default_target_and_single_setting(grid_sweep: Path, tmp_path: Pa
     rows = table_rows(report, "Final accuracy and per-client accuracy")
     assert "setting" not in rows[0]
     assert [(r["method"], r["rank"]) for r in rows] == [
-        ("strategy=FedProx, proximal_mu=0.1", "1"),
+        ("strategy=FedProx", "1"),
         ("strategy=FedAvg", "2"),
     ]
 

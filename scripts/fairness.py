@@ -149,14 +149,13 @@ def split_methods(
     configs = [c.config for c in configurations]
     if len(configs) == 1:
         return [MethodSplit(method=configurations[0].label, setting="")]
-    missing = object()
     keys = list(dict.fromkeys(key for config in configs for key in config))
-    differing = [k for k in keys if len({repr(c.get(k, missing)) for c in configs}) > 1]
+    differing = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]  # null = unset
     method_keys = [k for k in differing if _matches(k, method_prefixes)] or differing
     setting_keys = [k for k in differing if k not in method_keys]
 
     def labels(kept: Sequence[str]) -> list[str]:
-        parts = [{k: c[k] for k in kept if k in c} for c in configs]
+        parts = [{k: c[k] for k in kept if c.get(k) is not None} for c in configs]
         distinct = list({repr(sorted(p.items())): p for p in parts}.values())
         if len(distinct) == 1:
             return [""] * len(configs)

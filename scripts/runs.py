@@ -303,18 +303,17 @@ def _separates_a_class(key: str, configs: Sequence[Mapping[str, Any]]) -> bool:
     target = f"{group}._target_"
     if name == "_target_" or not group or not any(target in c for c in configs):
         return True
-    missing = object()
     values: dict[str, set[str]] = {}
     for config in configs:
-        cls = repr(config.get(target, missing))
-        values.setdefault(cls, set()).add(repr(config.get(key, missing)))
+        values.setdefault(repr(config.get(target)), set()).add(repr(config.get(key)))
     return any(len(seen) > 1 for seen in values.values())
 
 
 def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Short labels naming what differs between flattened configs.
 
-    Rule: keep the keys whose value differs between configs (a missing key counts as a value).
+    Rule: keep the keys whose value differs between configs (a missing key counts as a value,
+    the same as null: a knob added later with default null does not separate old runs).
     A knob of a group that names its class (``strategy.proximal_mu`` beside
     ``strategy._target_``) is kept only when it separates two configs of the same class: the
     class name already tells FedAvg from FedProx, and sixteen strategies' knobs would bury it.
@@ -331,8 +330,7 @@ def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     keys: list[str] = []
     for config in configs:
         keys.extend(key for key in config if key not in keys)
-    missing = object()
-    kept = [key for key in keys if len({repr(c.get(key, missing)) for c in configs}) > 1]
+    kept = [key for key in keys if len({repr(c.get(key)) for c in configs}) > 1]  # null = unset
     kept = [key for key in kept if _separates_a_class(key, configs)]
     last_parts = [key.rsplit(".", 1)[-1] for key in kept]
     names = {
@@ -343,13 +341,14 @@ def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     for config in configs:
         parts = []
         for key in kept:
-            if key not in config:
+            if config.get(key) is None:
                 continue
             if key.endswith("._target_"):
                 parts.append(f"{key.removesuffix('._target_')}={str(config[key]).split('.')[-1]}")
             else:
                 parts.append(f"{names[key]}={_format_value(config[key])}")
-        labels.append(", ".join(parts) or ", ".join(f"{names[key]}=unset" for key in kept))
+        unset = [f"{names[key]}={'null' if key in config else 'unset'}" for key in kept]
+        labels.append(", ".join(parts) or ", ".join(unset))
     return labels
 
 

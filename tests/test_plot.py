@@ -317,6 +317,8 @@ def test_main_target_nobody_reached_shows_dashes(device_runs: Path, tmp_path: Pa
             ],
             ["data.alpha=0.1, partition.alpha=0.5", "data.alpha=1, partition.alpha=5"],
         ),
+        # a key set to null is the same as a missing one (a knob added later, default null)
+        ([{"x": 1, "clock.max_sim_time_s": None}, {"x": 2}], ["x=1", "x=2"]),
         # None is spelled as in YAML and Hydra overrides
         (
             [{"clock.deadline_s": None}, {"clock.deadline_s": 0.3}],

@@ -26,6 +26,7 @@ __all__ = [
     "load_state",
     "arrays_nbytes",
     "content_nbytes",
+    "keep_dtypes",
 ]
 
 _NUMPY_STYPE = "numpy.ndarray"
@@ -135,3 +136,24 @@ def arrays_nbytes(arrays: ArrayRecord) -> int:
 def content_nbytes(content: RecordDict) -> int:
     """Bytes of all tensor data in a message's content (config and metrics are negligible)."""
     return sum(arrays_nbytes(record) for record in content.array_records.values())
+
+
+def keep_dtypes(new: ArrayRecord, like: ArrayRecord) -> tuple[ArrayRecord, list[str]]:
+    """``new`` with every array cast to the dtype of the same-named array of ``like``.
+
+    Returns the record and the names that needed it. A strategy's arithmetic may promote the
+    model (Flower 1.41's FedAdam multiplies float32 arrays by a NumPy float64 scalar, which
+    NumPy 2 keeps as float64): the global model would then travel at twice its size.
+    """
+    changed = [
+        name for name, array in new.items() if name in like and array.dtype != like[name].dtype
+    ]
+    if not changed:
+        return new, []
+    cast = {
+        name: Array(np.asarray(array.numpy(), dtype=like[name].numpy().dtype))
+        if name in changed
+        else array
+        for name, array in new.items()
+    }
+    return ArrayRecord(cast), changed

@@ -31,7 +31,7 @@ from fedsim.cohort import VirtualGrid, partition_id_of
 from fedsim.config import build, config_hash
 from fedsim.devices import SimClock
 from fedsim.evaluation import evaluate, evaluate_clients, sample_eval_clients
-from fedsim.params import arrays_nbytes, content_nbytes, load_arrays, to_arrays
+from fedsim.params import arrays_nbytes, content_nbytes, keep_dtypes, load_arrays, to_arrays
 from fedsim.progress import RoundProgress, format_sim_time
 from fedsim.results import CLIENT_EVAL_FILE, CLIENTS_FILE, RunWriter
 from fedsim.scheduler import (
@@ -52,6 +52,7 @@ from fedsim.workload import get_workload
 __all__ = ["run_rounds", "RoundRecord"]
 
 log = logging.getLogger("fedsim")
+_WARNED_DTYPES: set[str] = set()  # strategies already warned about promoting the model's dtype
 
 
 @dataclass
@@ -109,6 +110,19 @@ def train_round(
     new_arrays, metrics = (None, None)
     if settled.kept:
         new_arrays, metrics = strategy.aggregate_train(server_round, settled.kept)
+    if new_arrays is not None:
+        returned = new_arrays
+        new_arrays, promoted = keep_dtypes(returned, arrays)
+        if promoted and type(strategy).__name__ not in _WARNED_DTYPES:
+            _WARNED_DTYPES.add(type(strategy).__name__)
+            log.warning(
+                "%s returned %s arrays for the model's %s ones (%s, ...); cast back so that "
+                "the global model keeps its dtype and its size on the wire",
+                type(strategy).__name__,
+                returned[promoted[0]].dtype,
+                arrays[promoted[0]].dtype,
+                promoted[0],
+            )
     record = RoundRecord(
         num_sampled=len(messages),
         num_ok=len(settled.kept),
@@ -327,9 +341,7 @@ def run_rounds(
         loop = AsyncLoop(fed, state, partial(close_round, fed))
         rounds: Iterator[tuple[dict, RoundSettlement]] = loop.steps(num_rounds)
     else:
-        rounds = (
-            play_round(fed, state, r) for r in range(state.server_round + 1, num_rounds + 1)
-        )
+        rounds = (play_round(fed, state, r) for r in range(state.server_round + 1, num_rounds + 1))
     while True:
         try:
             row, settled = next(rounds)

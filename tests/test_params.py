@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedsim.params import decode_arrays, encode_state, load_arrays, to_arrays
+from fedsim.params import decode_arrays, encode_state, keep_dtypes, load_arrays, to_arrays
 
 STATE = {
     "conv": torch.randn(16, 1, 3, 3, generator=torch.Generator().manual_seed(0)),
@@ -56,3 +57,28 @@ def test_load_arrays_round_trips_a_model() -> None:
     foreign = ArrayRecord({"other": Array(torch.zeros(1).numpy())})
     with pytest.raises(KeyError, match="other"):
         load_arrays(target, foreign)
+
+
+def test_keep_dtypes_casts_promoted_arrays_back() -> None:
+    like = ArrayRecord({"w": Array(np.ones(3, dtype=np.float32)), "n": Array(np.ones(1, np.int64))})
+    new = ArrayRecord({"w": Array(np.full(3, 0.5)), "n": Array(np.ones(1, np.int64))})  # float64
+    kept, changed = keep_dtypes(new, like)
+    assert changed == ["w"]
+    assert kept["w"].numpy().dtype == np.float32 and kept["n"].numpy().dtype == np.int64
+    np.testing.assert_array_equal(kept["w"].numpy(), np.full(3, 0.5, dtype=np.float32))
+    same, none = keep_dtypes(like, like)
+    assert same is like and none == []
+
+
+def test_flowers_fedadam_keeps_the_model_float32_on_the_wire(tmp_path) -> None:
+    """Flower 1.41's FedAdam returns float64 arrays (NumPy 2 promotion); the round loop casts
+    them back, so round 2 downloads as many bytes as round 1 (FedAvg's size)."""
+    from fedsim.config import compose_config
+    from fedsim.results import read_metrics
+    from fedsim.simulation import simulate
+
+    args = ["strategy=fedadam", "num_clients=6", "num_rounds=2", "strategy.fraction_train=0.5",
+            "runtime.progress=false", "eval.num_clients_final=0"]
+    simulate(compose_config(args), tmp_path)
+    first, second = read_metrics(tmp_path)
+    assert second["bytes_down"] == first["bytes_down"]

@@ -17,6 +17,11 @@ from fedsim.simulation import simulate
 pytestmark = pytest.mark.slow
 
 TINY = ["num_clients=4", "num_rounds=1", "strategy.fraction_train=0.5", "runtime.progress=false"]
+#: Asynchronous strategies sample no fraction: their knobs replace it.
+ASYNC = {
+    "fedbuff": ["strategy.concurrency=2", "strategy.buffer_size=2"],
+    "fedcompass": [],
+}
 TEXT = ["data=chatterbot", "model=text_classifier", "model.max_length=16"]
 HF_CSV = "hf.csv"
 
@@ -48,7 +53,19 @@ VARIANTS: list[list[str]] = [
      "strategy.fisher_window=2", "strategy.reference_quantile=0.9", "num_rounds=2"],
     ["strategy=whale_fl", "client=side_tuning", *TEXT, "client.max_steps=2"],
     ["strategy=heterofl", "client=side_tuning", *TEXT, "client.max_steps=2"],
+    # asynchronous strategies on the side-tuning client (FedCompass sets its local steps)
+    ["strategy=fedbuff", "client=side_tuning", *TEXT, "client.max_steps=2", "num_rounds=2"],
+    ["strategy=fedcompass", "client=side_tuning", *TEXT, "client.max_steps=2", "num_rounds=2"],
+    ["strategy=fedcompass", "distillation=dfl", "devices=phones_mixed", "num_rounds=3"],
 ]
+
+
+def _tiny(overrides: list[str]) -> list[str]:
+    """TINY, with an asynchronous strategy's own knobs in place of the sampled fraction."""
+    for option, knobs in ASYNC.items():
+        if f"strategy={option}" in overrides:
+            return [o for o in TINY if not o.startswith("strategy.")] + knobs
+    return TINY
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -72,7 +89,7 @@ def test_every_group_has_options() -> None:
 def test_option_builds_and_runs_one_round(group: str, option: str, tmp_path: Path) -> None:
     _write_hf_csv(tmp_path)
     needs = [o.replace("{tmp}", str(tmp_path)) for o in NEEDS.get((group, option), [])]
-    overrides = [f"{group}={option}", *TINY, *needs]
+    overrides = [f"{group}={option}", *_tiny([f"{group}={option}"]), *needs]
     cfg = compose_config(overrides)
     summary = simulate(cfg, tmp_path / "run")
     every_row = read_metrics(tmp_path / "run")
@@ -86,7 +103,7 @@ def test_option_builds_and_runs_one_round(group: str, option: str, tmp_path: Pat
 
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda v: " ".join(v))
 def test_option_variant_runs(overrides: list[str], tmp_path: Path) -> None:
-    cfg = compose_config([*TINY, *overrides])
+    cfg = compose_config([*_tiny(overrides), *overrides])
     summary = simulate(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     assert summary["status"] == "completed"

@@ -172,8 +172,9 @@ class AsyncLoop:
     state
         The loop state; ``state.extra`` holds the event queue and counters (checkpointed).
     close
-        ``close(state, arrays, version) -> scores``: evaluates a new global model and updates
-        the run's totals (``fedsim.server.close_round``).
+        ``close(state, arrays, version, (bytes up, bytes down, energy)) -> row``: evaluates a
+        new global model, updates the run's totals and starts its metrics row
+        (``fedsim.server.close_round``).
 
     """
 
@@ -181,7 +182,7 @@ class AsyncLoop:
         self,
         fed: Any,
         state: RunState,
-        close: Callable[[RunState, ArrayRecord, int], dict[str, float]],
+        close: Callable[[RunState, ArrayRecord, int, tuple[int, int, float]], dict[str, Any]],
     ) -> None:
         self.fed, self.state, self._close = fed, state, close
         self.strategy: AsyncStrategy = fed.strategy
@@ -451,32 +452,23 @@ class AsyncLoop:
         counts = {o: sum(r.get("outcome") == o for r in rows) for o in OUTCOMES}
         round_time_s = self.now - self.ex["last_update_s"]
         self.ex["last_update_s"] = self.now
-        scores = self._close(self.state, arrays, version)
-        totals = self.state.totals
-        totals["bytes_up_total"] += step["bytes_up"]
-        totals["bytes_down_total"] += step["bytes_down"]
-        totals["energy_j_total"] += step["energy_j"]
-        row = {
-            keys.ROUND: version,
-            keys.PHASE: "train",
-            keys.ACCURACY: scores["accuracy"],
-            keys.LOSS: scores["loss"],
-            keys.MACRO_F1: scores["macro_f1"],
-            keys.NUM_CLIENTS: len(jobs),
-            keys.NUM_SAMPLED: step["num_sampled"],
-            keys.NUM_FAILED: counts[FAILED],
-            keys.BYTES_UP: step["bytes_up"],
-            keys.BYTES_DOWN: step["bytes_down"],
-            keys.TRAIN_LOSS: float(np.mean(losses)) if losses else None,
-            keys.SIM_TIME_S: self.state.sim_time_s,
-            keys.ROUND_TIME_S: round_time_s,
-            keys.NUM_STRAGGLERS: counts[LATE] + counts[STALE],
-            keys.NUM_OFFLINE: counts[OFFLINE],
-            keys.NUM_INFEASIBLE: counts[INFEASIBLE],
-            keys.ENERGY_J: step["energy_j"],
-            keys.STALENESS_MEAN: float(np.mean(staleness)) if staleness else None,
-            keys.STALENESS_MAX: max(staleness) if staleness else None,
-        }
+        traffic = (step["bytes_up"], step["bytes_down"], step["energy_j"])
+        row = self._close(self.state, arrays, version, traffic)
+        row.update(
+            {
+                keys.NUM_CLIENTS: len(jobs),
+                keys.NUM_SAMPLED: step["num_sampled"],
+                keys.NUM_FAILED: counts[FAILED],
+                keys.TRAIN_LOSS: float(np.mean(losses)) if losses else None,
+                keys.SIM_TIME_S: self.state.sim_time_s,
+                keys.ROUND_TIME_S: round_time_s,
+                keys.NUM_STRAGGLERS: counts[LATE] + counts[STALE],
+                keys.NUM_OFFLINE: counts[OFFLINE],
+                keys.NUM_INFEASIBLE: counts[INFEASIBLE],
+                keys.STALENESS_MEAN: float(np.mean(staleness)) if staleness else None,
+                keys.STALENESS_MAX: max(staleness) if staleness else None,
+            }
+        )
         settled = RoundSettlement(
             kept=[],
             round_time_s=round_time_s,

@@ -249,14 +249,27 @@ def initial_state(fed: Federation) -> RunState:
 
 
 def close_round(
-    fed: Federation, state: RunState, arrays: ArrayRecord, server_round: int
-) -> dict[str, float]:
-    """Install ``arrays`` as the global model of ``server_round``, score it, update the totals."""
+    fed: Federation,
+    state: RunState,
+    arrays: ArrayRecord,
+    server_round: int,
+    traffic: tuple[int, int, float],
+) -> dict[str, Any]:
+    """Install ``arrays`` as the global model of ``server_round``, score it, update the totals.
+
+    ``traffic`` is what the round moved and spent: (bytes up, bytes down, device energy in J).
+    Returns the start of its metrics row (round, phase, the scores, the traffic); the caller
+    adds what only it knows (synchronous rounds and asynchronous updates differ there).
+    """
     load_arrays(fed.model, arrays)
     scores = evaluate(fed.model, fed.test)
     state.arrays, state.server_round = arrays, server_round
     state.sim_time_s = fed.scheduler.clock.now_s
+    bytes_up, bytes_down, energy_j = traffic
     totals = state.totals
+    totals["bytes_up_total"] += bytes_up
+    totals["bytes_down_total"] += bytes_down
+    totals["energy_j_total"] += energy_j
     if totals["best_accuracy"] is None or scores["accuracy"] > totals["best_accuracy"]:
         totals["best_accuracy"], totals["best_round"] = scores["accuracy"], server_round
     totals.update(
@@ -265,7 +278,16 @@ def close_round(
         final_loss=scores["loss"],
         final_macro_f1=scores["macro_f1"],
     )
-    return scores
+    return {
+        keys.ROUND: server_round,
+        keys.PHASE: "train",
+        keys.ACCURACY: scores["accuracy"],
+        keys.LOSS: scores["loss"],
+        keys.MACRO_F1: scores["macro_f1"],
+        keys.BYTES_UP: bytes_up,
+        keys.BYTES_DOWN: bytes_down,
+        keys.ENERGY_J: energy_j,
+    }
 
 
 def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dict, RoundSettlement]:
@@ -282,30 +304,22 @@ def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dic
         fed.distillation.attach,
     )
     settled = record.settlement
-    scores = close_round(fed, state, arrays, server_round)
-    totals = state.totals
-    totals["bytes_up_total"] += record.bytes_up
-    totals["bytes_down_total"] += record.bytes_down
-    totals["energy_j_total"] += settled.energy_j
-    row = {
-        keys.ROUND: server_round,
-        keys.PHASE: "train",
-        keys.ACCURACY: scores["accuracy"],
-        keys.LOSS: scores["loss"],
-        keys.MACRO_F1: scores["macro_f1"],
-        keys.NUM_CLIENTS: record.num_ok,
-        keys.NUM_SAMPLED: record.num_sampled,
-        keys.NUM_FAILED: record.num_failed,
-        keys.BYTES_UP: record.bytes_up,
-        keys.BYTES_DOWN: record.bytes_down,
-        keys.TRAIN_LOSS: record.train_metrics.get(keys.TRAIN_LOSS),
-        keys.SIM_TIME_S: state.sim_time_s,
-        keys.ROUND_TIME_S: settled.round_time_s,
-        keys.NUM_STRAGGLERS: settled.counts[STRAGGLER],
-        keys.NUM_OFFLINE: settled.counts[OFFLINE],
-        keys.NUM_INFEASIBLE: settled.counts[INFEASIBLE],
-        keys.ENERGY_J: settled.energy_j,
-    }
+    row = close_round(
+        fed, state, arrays, server_round, (record.bytes_up, record.bytes_down, settled.energy_j)
+    )
+    row.update(
+        {
+            keys.NUM_CLIENTS: record.num_ok,
+            keys.NUM_SAMPLED: record.num_sampled,
+            keys.NUM_FAILED: record.num_failed,
+            keys.TRAIN_LOSS: record.train_metrics.get(keys.TRAIN_LOSS),
+            keys.SIM_TIME_S: state.sim_time_s,
+            keys.ROUND_TIME_S: settled.round_time_s,
+            keys.NUM_STRAGGLERS: settled.counts[STRAGGLER],
+            keys.NUM_OFFLINE: settled.counts[OFFLINE],
+            keys.NUM_INFEASIBLE: settled.counts[INFEASIBLE],
+        }
+    )
     return row, settled
 
 

@@ -79,6 +79,7 @@ LATE = "late"  # arrived after its group's latest time (FedCompass's general buf
 STALE = "stale"  # dropped: staler than the strategy accepts (FedBuff's max_staleness)
 OUTCOMES = (OK, LATE, STALE, OFFLINE, INFEASIBLE, FAILED)
 STALENESS_FNS = ("constant", "polynomial", "hinge")
+MAX_IDLE_RETRIES = 1000  # retries with nothing in flight before a run is declared stalled
 Tensors = dict[str, np.ndarray]
 
 
@@ -191,7 +192,7 @@ class AsyncLoop:
         self.max_failed = int(fed.cfg.runtime.max_failed_rounds)
         ex = state.extra
         ex.setdefault("events", [])  # heap of [time, order, kind, payload]
-        for name in ("order", "seq", "failed_streak", "latency_n", "last_update_s"):
+        for name in ("order", "seq", "failed_streak", "idle_streak", "latency_n", "last_update_s"):
             ex.setdefault(name, 0)
         ex.setdefault("latency_sum", 0.0)
         ex.setdefault("infeasible", [])
@@ -282,6 +283,7 @@ class AsyncLoop:
         )
         bound = client_latency(row["_state"], work, self.fed.scheduler.fleet.server_gflops)
         self._sends.append((message, row, cost, steps, self.now + bound.total_s))
+        self.ex["idle_streak"] = 0
         return True
 
     def set_timer(self, at_s: float, tag: int) -> None:
@@ -309,6 +311,7 @@ class AsyncLoop:
             if self._sends and (not events or min(s[4] for s in self._sends) <= events[0][0]):
                 self._flush()
             if not events:  # nobody in flight, no timer: look again after a typical latency
+                self._check_progress()
                 self._push(self.now + (self.mean_latency_s() or 1.0), "idle", 0)
             at_s, _, kind, payload = heapq.heappop(events)
             self.fed.scheduler.clock.now_s = max(self.now, float(at_s))
@@ -321,6 +324,17 @@ class AsyncLoop:
             if self._update is not None:
                 self._flush()  # a checkpoint may follow: nothing dispatched stays untrained
                 yield self._close_step()
+
+    def _check_progress(self) -> None:
+        """Stop a run that can no longer make an update (nothing in flight, nothing can go)."""
+        if not self.idle():
+            raise AsyncStalled(
+                "no client can take work: every device is too small for its training job "
+                "(infeasible in clients.jsonl)"
+            )
+        self.ex["idle_streak"] += 1
+        if self.ex["idle_streak"] > MAX_IDLE_RETRIES:
+            raise AsyncStalled(f"no device took work in {MAX_IDLE_RETRIES} tries (all offline)")
 
     def _push(self, at_s: float, kind: str, payload: Any) -> None:
         self.ex["order"] += 1

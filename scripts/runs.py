@@ -297,8 +297,10 @@ def _format_value(value: Any) -> str:
 
 
 def _separates_a_class(key: str, configs: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether ``key`` differs between two configs of the same ``<group>._target_`` class
-    (True for keys of groups without a class, and for the classes themselves)."""
+    """Whether ``key`` differs between two configs of the same ``<group>._target_`` class.
+
+    True for keys of groups without a class, and for the classes themselves.
+    """
     group, _, name = key.rpartition(".")
     target = f"{group}._target_"
     if name == "_target_" or not group or not any(target in c for c in configs):

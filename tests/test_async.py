@@ -240,6 +240,15 @@ def test_async_refuses_round_only_clock_knobs(tmp_path: Path) -> None:
     ]
 
 
+def test_a_fleet_too_small_for_the_job_stops_instead_of_waiting_forever(tmp_path: Path) -> None:
+    args = ["num_clients=4", "num_rounds=3", "strategy=fedbuff", "strategy.concurrency=2",
+            "strategy.buffer_size=2", "devices.profiles.0.memory_gb=0.0001",
+            "runtime.progress=false", "eval.num_clients_final=0"]
+    summary = simulate(compose_config(args), tmp_path)
+    assert summary["status"] == "failed" and summary["num_rounds"] == 0
+    assert read_metrics(tmp_path) == []
+
+
 def test_max_sim_time_stops_a_run(tmp_path: Path) -> None:
     args = ["num_clients=10", "num_rounds=6", "strategy=fedbuff", "strategy.concurrency=5",
             "strategy.buffer_size=2", "runtime.progress=false"]

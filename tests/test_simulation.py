@@ -85,7 +85,7 @@ def test_multirun_sweep_then_plot(tmp_path: Path) -> None:
     table = out.with_suffix(".md").read_text()
     # one row per strategy, each over the 2 seeds
     assert "| strategy=FedAvg | 2 |" in table
-    assert "| strategy=FedProx, proximal_mu=0.1 | 2 |" in table
+    assert "| strategy=FedProx | 2 |" in table
 
 
 def test_flwr_run_gives_the_same_metrics_as_the_fedsim_engine(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from fedsim.config import CONF_DIR
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
+from fedsim.interrupt import RunInterrupted, announce, exit_code
 
 
 def _fail(error: ConfigError) -> None:
@@ -27,18 +28,36 @@ def _run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = simulate(cfg, run_dir)
-    except ConfigError as error:
+    except (ConfigError, RunInterrupted) as error:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # Hydra made it; a refused run leaves no folder behind
-        _fail(error)
-    _report(summary, run_dir)
-    if summary["status"] == "failed":
-        sys.exit(EXIT_RUN_FAILED)
+            run_dir.rmdir()  # Hydra made it; a refused or interrupted start leaves no folder
+        if isinstance(error, RunInterrupted):
+            _stopped(error)
+        else:
+            _fail(error)
+    _finish(summary, run_dir)
     final = summary["final_accuracy"]
     return math.nan if final is None else float(final)  # nan: no round finished
 
 
 EXIT_RUN_FAILED = 1  # the engine lost every client for runtime.max_failed_rounds rounds
+# SIGINT / SIGTERM: 130 / 143 (128 + the signal's number), see fedsim/interrupt.py
+
+
+def _stopped(stop: RunInterrupted) -> None:
+    """A signal before the run claimed its folder: one line, nothing written."""
+    print(f"fedsim: {stop}; nothing was written", file=sys.stderr)
+    sys.exit(exit_code())
+
+
+def _finish(summary: dict, run_dir: Path) -> None:
+    """Report the run; exit 1 if it failed, 130 / 143 with the resume command if a signal hit."""
+    _report(summary, run_dir)
+    if summary["status"] == "interrupted":
+        announce(run_dir)
+        sys.exit(exit_code())
+    if summary["status"] == "failed":
+        sys.exit(EXIT_RUN_FAILED)
 
 
 def _report(summary: dict, run_dir: Path) -> None:
@@ -58,12 +77,15 @@ def _resume(argument: str, others: list[str]) -> None:
     """``fedsim resume=RUN_DIR [runtime.*=...]``: continue a run from its checkpoint.
 
     The run folder's saved config is the config (only ``runtime.*``, how it runs, may change);
-    Hydra is not involved, so no new folder is made.
+    Hydra is not involved, so no new folder is made. The folder may come from someone else, so
+    it is checked before anything is built: the config names only classes fedsim's config tree
+    names (:mod:`fedsim.saved_config`), the checkpoint is intact and of that config. A finished
+    run is left as it is.
     """
-    from omegaconf import OmegaConf
-
-    from fedsim.checkpoint import read_checkpoint
+    from fedsim.checkpoint import verify_checkpoint
+    from fedsim.config import config_hash
     from fedsim.results import CONFIG_FILE
+    from fedsim.saved_config import load_saved_config
     from fedsim.simulation import simulate
 
     run_dir = Path(argument.split("=", 1)[1]).expanduser()
@@ -74,13 +96,39 @@ def _resume(argument: str, others: list[str]) -> None:
             raise ConfigError(
                 "resume", override, "only runtime.* settings can change when resuming a run"
             )
-    read_checkpoint(run_dir)  # missing or corrupt: say so before loading anything
-    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
-    cfg.merge_with_dotlist(others)
+    cfg = load_saved_config(run_dir)  # refuses a tampered config before anything is built
+    meta = verify_checkpoint(run_dir, config_hash(cfg))  # missing, corrupt, another config
+    finished = _finished_status(run_dir)
+    if finished is not None:
+        print(
+            f"[fedsim] {run_dir} already finished ({finished}, round {meta['server_round']}); "
+            "nothing to resume",
+            file=sys.stderr,
+        )
+        return
+    try:
+        cfg.merge_with_dotlist(others)
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's errors are several lines
+        raise ConfigError("resume", " ".join(others), " ".join(str(exc).split())[:160]) from None
     summary = simulate(cfg, run_dir, resume=True)
-    _report(summary, run_dir)
-    if summary["status"] == "failed":
-        sys.exit(EXIT_RUN_FAILED)
+    _finish(summary, run_dir)
+
+
+#: Statuses after which a run has nothing left to do (failed and interrupted runs resume).
+FINAL_STATUSES = ("completed", "diverged")
+
+
+def _finished_status(run_dir: Path) -> str | None:
+    """The final status of a run whose summary says it ended for good, else None."""
+    import json
+
+    from fedsim.results import SUMMARY_FILE
+
+    try:
+        status = json.loads((run_dir / SUMMARY_FILE).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None  # no summary (killed) or an unreadable one: the checkpoint decides
+    return status if status in FINAL_STATUSES else None
 
 
 def _quiet_libraries() -> None:
@@ -113,6 +161,8 @@ def main() -> None:
         precheck_overrides(argv)
     except ConfigError as error:
         _fail(error)
+    except RunInterrupted as stop:  # a resume stopped before it reopened its folder
+        _stopped(stop)
     _run()
 
 

@@ -9,12 +9,15 @@ named by (seed, round, client), so no generator state needs saving.
 
 The file is ``checkpoint.safetensors`` in the run folder: tensors in the body, the rest as JSON in
 the safetensors header. It is written to a temporary file and renamed over the previous one, and
-loaded with ``safetensors`` only (no pickle: loading never executes code).
+loaded with ``safetensors`` only (no pickle: loading never executes code). The header keeps a
+SHA-256 of every tensor's name, dtype, shape and bytes: a flipped bit in the body is found before
+the run resumes, not after it has drifted (a checksum finds corruption; it is no signature).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -28,18 +31,24 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from fedsim.errors import ConfigError
+from fedsim.results import apply_umask
 
 __all__ = [
     "RunState",
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
+    "verify_checkpoint",
+    "tensors_digest",
     "CHECKPOINT_FILE",
     "FORMAT",
 ]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedsim-checkpoint/1"
+#: Header fields a checkpoint must have, with their JSON types.
+_REQUIRED = {"format": str, "config_hash": str, "server_round": int, "sim_time_s": (int, float),
+             "totals": dict, "arrays": dict, "strategy": dict, "clients": dict}
 _SCALARS = (bool, int, float, str)
 
 
@@ -200,11 +209,13 @@ def save_checkpoint(
             for pid, client in sorted(state.client_states.items())
         },
     }
+    meta["sha256"] = tensors_digest(tensors)
     path = Path(run_dir) / CHECKPOINT_FILE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"fedsim": json.dumps(meta)})
+        apply_umask(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -214,26 +225,70 @@ def save_checkpoint(
     return path
 
 
+def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 def read_checkpoint(run_dir: Path | str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The metadata and tensors of a run's checkpoint, or a one-line ConfigError."""
+    """The checked metadata and tensors of a run's checkpoint, or a one-line ConfigError.
+
+    Checked: the file parses, its header has every field of the format with the right type,
+    and its tensors match the header's checksum (checkpoints written before the checksum
+    existed have none and are taken as they are).
+    """
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise ConfigError("resume", run_dir, f"has no {CHECKPOINT_FILE}; nothing to resume")
     try:
         with safe_open(str(path), framework="numpy") as handle:
             header = handle.metadata() or {}
-        return json.loads(header["fedsim"]), load_file(str(path))
+        meta, tensors = json.loads(header["fedsim"]), load_file(str(path))
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:120]
         raise ConfigError(
             "resume", path, f"checkpoint is corrupt or unreadable ({reason})"
         ) from None
+    if not isinstance(meta, dict):
+        raise ConfigError("resume", path, "checkpoint header is not a fedsim header")
+    if meta.get("format") != FORMAT:
+        raise ConfigError(
+            "resume", path, f"checkpoint format {meta.get('format')!r}, expected {FORMAT}"
+        )
+    for name, kind in _REQUIRED.items():
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise ConfigError("resume", path, f"checkpoint header lacks a valid {name!r}")
+    if "sha256" in meta and meta["sha256"] != tensors_digest(tensors):
+        raise ConfigError(
+            "resume", path, "checkpoint data does not match its checksum: the file is corrupt"
+        )
+    return meta, tensors
+
+
+def verify_checkpoint(run_dir: Path | str, config_hash: str) -> dict[str, Any]:
+    """The checkpoint's header once it is known to be intact and of this config (builds nothing)."""
+    meta, _ = read_checkpoint(run_dir)
+    _check_config(meta, config_hash, Path(run_dir) / CHECKPOINT_FILE)
+    return meta
+
+
+def _check_config(meta: dict[str, Any], config_hash: str, path: Path) -> None:
+    if meta["config_hash"] != config_hash:
+        raise ConfigError("resume", path, "checkpoint was written by another config of this run")
 
 
 def load_checkpoint(
-    run_dir: Path | str, strategy: object, config_hash: str
+    run_dir: Path | str, strategy: object, config_hash: str, like: ArrayRecord | None = None
 ) -> RunState:
     """Read a run's checkpoint, restore ``strategy``'s state in place, return the loop state.
+
+    ``like`` (the freshly built model's arrays) is what the global model must look like: the
+    same names, shapes and dtypes, checked before anything starts.
 
     Raises
     ------
@@ -243,24 +298,47 @@ def load_checkpoint(
     """
     path = Path(run_dir) / CHECKPOINT_FILE
     meta, tensors = read_checkpoint(run_dir)
-    if meta.get("format") != FORMAT:
+    _check_config(meta, config_hash, path)
+    try:
+        restore_object_state(strategy, meta["strategy"], "strategy", tensors)
+        clients = {
+            int(pid): RecordDict(
+                {
+                    name: _decode(desc, f"client/{pid}/{name}", tensors)
+                    for name, desc in records.items()
+                }
+            )
+            for pid, records in meta["clients"].items()
+        }
+        state = RunState(
+            server_round=int(meta["server_round"]),
+            arrays=_decode(meta["arrays"], "global", tensors),
+            client_states=clients,
+            sim_time_s=float(meta["sim_time_s"]),
+            totals=dict(meta["totals"]),
+            extra=_decode(meta["extra"], "extra", tensors) if meta.get("extra") else {},
+        )
+        if like is not None:
+            _check_like(state.arrays, like, path)
+        return state
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a tampered or foreign file
+        reason = " ".join(str(exc).split())[:120]
         raise ConfigError(
-            "resume", path, f"checkpoint format {meta.get('format')!r}, expected {FORMAT}"
-        )
-    if meta["config_hash"] != config_hash:
-        raise ConfigError("resume", path, "checkpoint was written by another config of this run")
-    restore_object_state(strategy, meta["strategy"], "strategy", tensors)
-    clients = {
-        int(pid): RecordDict(
-            {name: _decode(desc, f"client/{pid}/{name}", tensors) for name, desc in records.items()}
-        )
-        for pid, records in meta["clients"].items()
-    }
-    return RunState(
-        server_round=int(meta["server_round"]),
-        arrays=_decode(meta["arrays"], "global", tensors),
-        client_states=clients,
-        sim_time_s=float(meta["sim_time_s"]),
-        totals=dict(meta["totals"]),
-        extra=_decode(meta["extra"], "extra", tensors) if meta.get("extra") else {},
-    )
+            "resume", path, f"checkpoint state cannot be decoded ({reason})"
+        ) from None
+
+
+def _check_like(arrays: ArrayRecord, like: ArrayRecord, path: Path) -> None:
+    """The checkpoint's global model has the model's tensors: names, shapes and dtypes."""
+    if list(arrays.keys()) != list(like.keys()):
+        raise ConfigError("resume", path, "checkpoint's model has other tensors than this model")
+    for name in like:
+        got, want = arrays[name], like[name]
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise ConfigError(
+                "resume", path,
+                f"checkpoint tensor {name} is {got.dtype}{list(got.shape)}, the model's "
+                f"{want.dtype}{list(want.shape)}",
+            )

@@ -15,6 +15,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,8 +67,11 @@ def precheck_overrides(argv: Sequence[str]) -> None:
             "override", " ".join(overrides), f"not valid Hydra syntax ({first})"
         ) from None
     single: list[str] = []
+    sweeps: list[tuple[str, list[str]]] = []  # (override key as typed, every value)
     for override, text in zip(parsed, overrides, strict=True):
         if override.is_hydra_override():
+            if override.key_or_group in ("hydra.run.dir", "hydra.sweep.dir"):
+                check_run_dir(override.key_or_group, override.get_value_element_as_str())
             continue
         key = override.key_or_group
         values = (
@@ -80,12 +86,69 @@ def precheck_overrides(argv: Sequence[str]) -> None:
             for value in values:
                 if value not in options:  # (Hydra cannot set a group to null either)
                     raise ConfigError(key, value, f"unknown option; accepted: {', '.join(options)}")
-        # Sweeps are checked by their first value (the others share the keys).
         single.append(f"{text.split('=', 1)[0]}={values[0]}" if values else text)
+        if override.is_sweep_override() and len(values) > 1:
+            sweeps.append((text.split("=", 1)[0], values))
     try:
         compose_config(single)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _compose_error(exc, single) from None
+    if sweeps:
+        check_sweep_jobs(single, sweeps)
+
+
+#: A sweep up to this many jobs is checked job by job; a larger one value by value.
+MAX_JOBS_CHECKED = 256
+
+
+def check_sweep_jobs(base: Sequence[str], sweeps: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Check every job of a ``--multirun`` before job 0 starts: compose, validate, build.
+
+    Without this, ``num_rounds=2,0`` would run job 0 to the end and only then refuse job 1.
+    Each job is composed and its run scalars and cheap groups (strategy, devices, faults,
+    client, distillation, warm start) are built, about 0.1 s a job; data and models are not
+    loaded. A sweep of more than :data:`MAX_JOBS_CHECKED` jobs checks each value once instead.
+    """
+    import itertools
+    import logging
+
+    import flwr.common.logger  # noqa: F401 - it sets Flower's level on import: import it first
+
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)  # FedAvg's notes are not for here
+    keys = [key for key, _ in sweeps]
+    if math.prod(len(values) for _, values in sweeps) <= MAX_JOBS_CHECKED:
+        jobs = [dict(zip(keys, combo, strict=True)) for combo in
+                itertools.product(*(values for _, values in sweeps))]
+    else:
+        jobs = [{key: value} for key, values in sweeps for value in values]
+    plain = {o.split("=", 1)[0]: o for o in base}
+    for job in jobs:
+        overrides = {**plain, **{key: f"{key}={value}" for key, value in job.items()}}
+        try:
+            cfg = compose_config(list(overrides.values()))
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise _compose_error(exc, list(overrides.values())) from None
+        validate(cfg)
+        for group in ("strategy", "devices", "faults", "client", "distillation", "warm_start"):
+            build(cfg, group)
+
+
+def check_run_dir(key: str, value: str) -> None:
+    """A run folder must be a folder (or not exist yet) inside a folder the user can write to."""
+    path = Path(value).expanduser()
+    if "${" in value:
+        return  # Hydra resolves it (the default's timestamp); the run checks it then
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, value, "must be a folder, not a file")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:  # a real write, not os.access: root passes that on read-only or special folders
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".fedsim-probe-"))
+    except OSError as exc:
+        raise ConfigError(
+            key, value, f"must be inside a folder you can write to ({existing}: {exc.strerror})"
+        ) from None
 
 
 def _compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigError:

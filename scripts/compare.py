@@ -5,16 +5,19 @@ From a Hydra multirun folder (``results/sweeps/<time>/<job>/``, each job a run f
 ``REPORT_DIR/report.md`` and, beside it:
 
 - ``accuracy_curves.png``: test accuracy against round, simulated time and bytes (mean over
-  seeds, min-max band), drawn by :func:`fedsim.scripts.plot.plot_curves`;
+  seeds, a 95% CI band by default, ``--band``), drawn by :func:`fedsim.scripts.plot.plot_curves`;
 - ``client_accuracy.png``: per-client accuracy of the final model, one box per configuration.
 
-Runs whose configs differ only in the seed form one configuration. A configuration's *method*
-is its value of the keys under ``--method`` (default ``strategy``) and its *setting* the other
-keys that differ (e.g. ``partition.alpha``): methods are ranked within each setting.
+Runs whose configs differ only in the seed form one configuration (one run per seed: see
+:func:`fedsim.scripts.runs.group_runs`). A configuration's *method* is its value of the keys
+under ``--method`` (default ``strategy``) and its *setting* the other keys that differ (e.g.
+``partition.alpha``): methods are ranked within each setting, with ties where a paired test
+across seeds finds no significant difference (:func:`fedsim.scripts.fairness.standings`).
+Every number is a mean over seeds with its 95% confidence interval.
 
 Example::
 
-    fedsim --multirun strategy=fedavg,fedprox seed=0,1,2 partition=dirichlet partition.alpha=0.1,1
+    fedsim -m strategy=fedavg,fedprox seed=range(5) partition=dirichlet partition.alpha=0.1,1
     fedsim-compare results/sweeps/<time> --out results/reports/alpha --target 0.8
 
 """
@@ -34,32 +37,43 @@ from fedsim.scripts.fairness import (
     WORST_SHARE,
     FairnessSummary,
     MethodSplit,
+    Standing,
     method_knobs,
-    rank_within,
     split_methods,
+    standings,
     summarize_fairness,
     target_default,
 )
 from fedsim.scripts.plot import (
-    BAND_CAPTION,
+    AUC_CAPTION,
+    BAND_CAPTIONS,
+    CI_CAPTION,
+    DEFAULT_BAND,
     _new_figure,
     _OneLineParser,
     _pick_unit,
     _save,
     _three_digits,
+    _time_text,
+    few_seeds_warning,
+    p_cell,
     plot_curves,
+    repeated_seeds_note,
 )
 from fedsim.scripts.runs import (
     SUMMARY_FILE,
     Configuration,
     Run,
     TargetSummary,
+    auc_horizon_s,
     group_runs,
     load_runs,
     markdown_table,
-    mean_std,
+    run_auc,
+    seeds_of,
     summarize_target,
 )
+from fedsim.scripts.stats import ALPHA, MIN_WILCOXON_PAIRS, mean_ci
 
 __all__ = ["build_parser", "main", "plot_client_accuracy", "write_report"]
 
@@ -81,10 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog=PROG,
         description="Compare the methods of a sweep: writes REPORT_DIR/report.md (final "
-        "accuracy with mean, std and rank per method; per-client accuracy of the final model; "
-        "time and bytes to a target accuracy) and its figures.",
-        epilog="Runs that differ only by seed form a configuration; std is the sample std "
-        "(ddof=1) over seeds. Every run folder needs summary.json and client_eval.jsonl.",
+        "accuracy per method with its 95% CI, a rank that ties where a paired test across seeds "
+        "finds no difference; per-client accuracy of the final model; time, rounds and bytes "
+        "to a target accuracy and the accuracy AUC over simulated time) and its figures.",
+        epilog="Runs that differ only by seed form a configuration, one run per seed (of two "
+        "runs of a seed, the finished one written last counts). Means come with the half-width "
+        "of their 95% CI (Student t over seeds); ranks use the paired t-test (scipy "
+        "ttest_rel) at p < 0.05, with the Wilcoxon signed-rank p beside it from 6 seeds. Every "
+        "run folder needs summary.json and client_eval.jsonl.",
     )
     parser.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR", help="a multirun folder")
     parser.add_argument(
@@ -106,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="config keys (or key prefixes) that make a method; the other keys that differ "
         "make the setting methods are ranked in (default: strategy)",
+    )
+    parser.add_argument(
+        "--band",
+        choices=list(BAND_CAPTIONS),
+        default=DEFAULT_BAND,
+        help=f"band around the mean curves: ci95, minmax or std (default: {DEFAULT_BAND})",
     )
     parser.add_argument(
         "--force", action="store_true", help="write into REPORT_DIR even if it is not empty"
@@ -152,21 +176,17 @@ def _load(sweep_dir: Path) -> list[Run]:
     return runs
 
 
-def _pm(mean_std_pair: tuple[float, float], decimals: int = 4) -> str:
-    mean, std = mean_std_pair
+def _pm(mean_ci_pair: tuple[float, float], decimals: int = 4) -> str:
+    mean, half_width = mean_ci_pair
     if math.isnan(mean):
         return "–"
-    return (
-        f"{mean:.{decimals}f}" if math.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
-    )
-
-
-def _num(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:.4f}"
+    if math.isnan(half_width):
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {half_width:.{decimals}f}"
 
 
 def _target_cells(target: TargetSummary) -> list[str]:
-    """Seeds reaching, rounds, sim time, bytes (means over the seeds that reached it)."""
+    """Seeds reaching, rounds, sim time, bytes (means and CIs over the seeds that reached it)."""
     reached = f"{target.num_reached}/{target.num_runs}"
     if target.num_reached == 0:
         return [reached, NOT_REACHED, NOT_REACHED, NOT_REACHED]
@@ -180,8 +200,12 @@ def _target_cells(target: TargetSummary) -> list[str]:
     ]
 
 
-def _row_order(splits: Sequence[MethodSplit], ranks: Sequence[int]) -> list[int]:
-    return sorted(range(len(splits)), key=lambda i: (splits[i].setting, ranks[i], splits[i].method))
+def _row_order(splits: Sequence[MethodSplit], ranked: Sequence[Standing]) -> list[int]:
+    def key(i: int) -> tuple[str, float, str]:
+        position = ranked[i].rank.position
+        return splits[i].setting, math.inf if position is None else position, splits[i].method
+
+    return sorted(range(len(splits)), key=key)
 
 
 def _lead(split: MethodSplit, with_setting: bool) -> list[str]:
@@ -192,21 +216,23 @@ def accuracy_table(
     configurations: Sequence[Configuration],
     splits: Sequence[MethodSplit],
     fairness: Sequence[FairnessSummary],
+    ranked: Sequence[Standing],
 ) -> str:
-    """Final accuracy (mean, std, rank within the setting) and per-client accuracy per method."""
-    finals = [mean_std([run.final_accuracy for run in c.runs]) for c in configurations]
-    bests = [mean_std([run.best_accuracy for run in c.runs]) for c in configurations]
-    ranks = rank_within([mean for mean, _ in finals], [s.setting for s in splits])
+    """Final accuracy per method (mean ± CI, tied rank, tests against the best); client accuracy."""
+    finals = [mean_ci([run.final_accuracy for run in c.runs]) for c in configurations]
+    bests = [mean_ci([run.best_accuracy for run in c.runs]) for c in configurations]
     with_setting = any(s.setting for s in splits)
     worst = f"worst {WORST_SHARE:.0%} clients"
     header = ["setting"] if with_setting else []
-    header += ["method", "seeds", "final accuracy", "std", "rank", "best accuracy"]
+    header += ["method", "seeds", "final accuracy", "rank", "p vs best (paired t)"]
+    header += ["p vs best (Wilcoxon)", "best accuracy"]
     header += ["clients scored", "client accuracy", "client std", worst]
     rows = []
-    for i in _row_order(splits, ranks):
+    for i in _row_order(splits, ranked):
         low, high = fairness[i].num_clients
         row = _lead(splits[i], with_setting) + [str(len(configurations[i].runs))]
-        row += [_num(finals[i][0]), _num(finals[i][1]), str(ranks[i]), _pm(bests[i])]
+        row += [_pm(finals[i]), str(ranked[i].rank), p_cell(ranked[i])]
+        row += [p_cell(ranked[i], "wilcoxon_p"), _pm(bests[i])]
         row += [str(high) if low == high else f"{low}–{high}"]
         row += [_pm(fairness[i].mean), _pm(fairness[i].std), _pm(fairness[i].worst)]
         rows.append(row)
@@ -214,19 +240,37 @@ def accuracy_table(
 
 
 def target_table(
-    configurations: Sequence[Configuration], splits: Sequence[MethodSplit], target: float
+    configurations: Sequence[Configuration],
+    splits: Sequence[MethodSplit],
+    target: float,
+    ranked: Sequence[Standing],
 ) -> str:
-    """Rounds, simulated time and bytes to first reach ``target`` accuracy, per method."""
+    """Rounds, simulated time and bytes to first reach ``target``; accuracy AUC over sim time.
+
+    The AUC's horizon is the shortest run's end among the runs of the row's setting; the
+    columns are left out when a run has no simulated time.
+    """
     summaries = [summarize_target(c.runs, target) for c in configurations]
-    finals = [mean_std([run.final_accuracy for run in c.runs])[0] for c in configurations]
-    ranks = rank_within(finals, [s.setting for s in splits])
     with_setting = any(s.setting for s in splits)
+    horizons = {
+        setting: auc_horizon_s(
+            run for c, s in zip(configurations, splits, strict=True) if s.setting == setting
+            for run in c.runs
+        )
+        for setting in {s.setting for s in splits}
+    }  # fmt: skip
+    with_auc = all(math.isfinite(h) for h in horizons.values())
     header = ["setting"] if with_setting else []
     header += ["method", f"seeds reaching {target:g}", "rounds", "simulated time", "bytes up+down"]
-    rows = [
-        _lead(splits[i], with_setting) + _target_cells(summaries[i])
-        for i in _row_order(splits, ranks)
-    ]
+    header += ["AUC horizon", "accuracy AUC"] if with_auc else []
+    rows = []
+    for i in _row_order(splits, ranked):
+        row = _lead(splits[i], with_setting) + _target_cells(summaries[i])
+        if with_auc:
+            horizon_s = horizons[splits[i].setting]
+            aucs = [run_auc(run, horizon_s) for run in configurations[i].runs]
+            row += [_time_text(horizon_s), _pm(mean_ci(aucs))]
+        rows.append(row)
     return markdown_table(header, rows)
 
 
@@ -262,8 +306,8 @@ def plot_client_accuracy(
     ]
     ax.set_xticks(positions, labels, fontsize="small")
     ax.set_ylabel("accuracy on the client's own data")
-    ax.set_xlabel(
-        "box: quartiles, whiskers to 1.5 IQR; line: median; triangle: mean; n = clients x seeds"
+    ax.set_xlabel(  # two lines: one is wider than a 3-box figure
+        "box: quartiles, whiskers to 1.5 IQR; line: median\ntriangle: mean; n = clients x seeds"
     )
     _save(fig, out)
 
@@ -275,35 +319,77 @@ def _intro(
     method_keys: Sequence[str],
 ) -> str:
     """One paragraph: what was compared, and how runs were grouped."""
-    seeds = sorted({run.config.get("seed") for run in runs}, key=str)
+    kept = [run for c in configurations for run in c.runs]
     num_methods = len({s.method for s in splits})
     num_settings = len({s.setting for s in splits if s.setting})
     shape = f"{num_methods} method(s)" + (f" x {num_settings} settings" if num_settings else "")
     text = (
-        f"{len(runs)} runs in {len(configurations)} configurations ({shape}), seeds "
-        f"{', '.join(map(str, seeds))}. Runs whose configs differ only in `seed` form a "
-        f"configuration; methods differ in `{'`, `'.join(method_keys)}` keys"
+        f"{len(kept)} runs in {len(configurations)} configurations ({shape}), seeds "
+        f"{', '.join(map(str, seeds_of(kept)))}. Runs whose configs differ only in `seed` form a "
+        f"configuration, one run per seed; methods differ in `{'`, `'.join(method_keys)}` keys"
     )
     if num_settings:
         text += ", settings in the other keys that differ; methods are ranked within a setting"
     return text + "."
 
 
+def _notes(configurations: Sequence[Configuration]) -> list[str]:
+    """Warning and note lines (fewer than 5 seeds, repeated seeds) as markdown quotes."""
+    notes = [few_seeds_warning(configurations), repeated_seeds_note(configurations)]
+    return [line for note in notes if note for line in (f"> {note}", "")]
+
+
+def _accuracy_caption() -> str:
+    return (
+        f"Final accuracy: test accuracy after the last round, {CI_CAPTION}. Rank: by mean final "
+        "accuracy within a setting; a method that the paired t-test across seeds (runs of two "
+        "methods paired by seed, `scipy.stats.ttest_rel`, two-sided) does not find "
+        f"significantly worse at p < {ALPHA:g} than the best method not yet ranked shares its "
+        "rank, marked `=` (a method sharing fewer than 2 seeds with it cannot be told apart "
+        "either). p vs best: the tests against the setting's best mean; Wilcoxon signed-rank "
+        f"(`scipy.stats.wilcoxon`, exact) from {MIN_WILCOXON_PAIRS} paired seeds, where it can "
+        f"first reach p < {ALPHA:g}, as a check that does not assume normal differences; the "
+        "ranks use the t-test. Client columns: the final global model on each scored client's "
+        "own data (`client_eval.jsonl`): per run the mean over clients, the std over clients "
+        f"and the mean of the worst {WORST_SHARE:.0%} of clients, then mean ± 95% CI over seeds."
+    )
+
+
+def _target_caption(with_auc: bool, with_setting: bool) -> str:
+    text = (
+        "At the first round with test accuracy ≥ the target: rounds, simulated time and "
+        "traffic up + down through that round, mean ± 95% CI over the seeds that reached it "
+        f"(k/n: k of the n seeds did; {NOT_REACHED}: none did)."
+    )
+    if with_auc:
+        text += f" {AUC_CAPTION}; mean ± 95% CI over seeds."
+    if with_auc and with_setting:
+        text += " Methods are compared within a setting, so each setting has its own horizon."
+    return text
+
+
 def write_report(
-    sweep_dir: Path, runs: Sequence[Run], out: Path, target: float | None, method_keys: list[str]
+    sweep_dir: Path,
+    runs: Sequence[Run],
+    out: Path,
+    target: float | None,
+    method_keys: list[str],
+    band: str = DEFAULT_BAND,
 ) -> str:
     """Write ``out``/report.md and its figures; return the report text."""
     configurations = group_runs(runs)
     splits = split_methods(configurations, method_keys)
     fairness = [summarize_fairness(c) for c in configurations]  # raises before writing
-    finals = [mean_std([run.final_accuracy for run in c.runs])[0] for c in configurations]
+    ranked = standings(configurations, [s.setting for s in splits])
+    finals = [mean_ci([run.final_accuracy for run in c.runs])[0] for c in configurations]
     chosen = target if target is not None else target_default(finals, DEFAULT_TARGET_SHARE)
+    kept = [run for c in configurations for run in c.runs]
     xs = ["round", "sim_time", "bytes"]
-    if not all(run.values("sim_time_s") for run in runs):
+    if not all(run.values("sim_time_s") for run in kept):
         xs.remove("sim_time")
     out.mkdir(parents=True, exist_ok=True)
-    title = f"accuracy: {len(configurations)} configuration(s), {len(runs)} run(s)"
-    plot_curves(configurations, "accuracy", xs, out / CURVES_FILE, title, target=chosen)
+    title = f"accuracy: {len(configurations)} configuration(s), {len(kept)} run(s)"
+    plot_curves(configurations, "accuracy", xs, out / CURVES_FILE, title, chosen, band)
     plot_client_accuracy(configurations, splits, fairness, out / CLIENTS_FIGURE_FILE)
     how = (
         f"given by --target {chosen:g}"
@@ -315,14 +401,11 @@ def write_report(
         "",
         _intro(runs, configurations, splits, method_keys),
         "",
+        *_notes(configurations),
         "## Final accuracy and per-client accuracy",
         "",
-        accuracy_table(configurations, splits, fairness),
-        "Final accuracy: test accuracy after the last round, mean and sample std (ddof=1) over "
-        "seeds; rank 1 = highest mean. Client columns: the final global model on each scored "
-        "client's own data (`client_eval.jsonl`): per run the mean over clients, the std over "
-        f"clients and the mean of the worst {WORST_SHARE:.0%} of clients, then mean ± sample std "
-        "over seeds.",
+        accuracy_table(configurations, splits, fairness, ranked),
+        _accuracy_caption(),
         "",
         f"![per-client accuracy]({CLIENTS_FIGURE_FILE})",
         "",
@@ -330,14 +413,12 @@ def write_report(
         "",
         f"Target accuracy {chosen:g} ({how}).",
         "",
-        target_table(configurations, splits, chosen),
-        "At the first round with test accuracy ≥ the target: rounds, simulated time and "
-        "traffic up + down through that round, mean ± sample std over the seeds that reached "
-        f"it; {NOT_REACHED}: no seed did.",
+        target_table(configurations, splits, chosen, ranked),
+        _target_caption("sim_time" in xs, any(s.setting for s in splits)),
         "",
         f"![accuracy curves]({CURVES_FILE})",
         "",
-        f"In the figure, {BAND_CAPTION}; dashed: the target accuracy.",
+        f"In the figure, {BAND_CAPTIONS[band]}; dashed: the target accuracy.",
         "",
         "## What each method ran",
         "",
@@ -360,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--target", args.target, "must be an accuracy in (0, 1]")
         _check_out(args.out, args.force)
         runs = _load(args.sweep_dir)
-        text = write_report(args.sweep_dir, runs, args.out, args.target, args.method)
+        text = write_report(args.sweep_dir, runs, args.out, args.target, args.method, args.band)
     except ConfigError as err:
         print(f"{PROG}: error: {err.one_line()}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -7,8 +7,11 @@ model's ``accuracy`` and ``loss`` on its local data. Run folders are loaded by
 :mod:`fedsim.scripts.runs`.
 
 Fairness numbers are per run first (each client counts once, whatever its size), then averaged
-over the seeds of a configuration, as in q-FFL (Li et al., ICLR 2020) and Ditto (Li et al.,
-ICML 2021), which report the worst 10% of devices and the spread over devices.
+over the seeds of a configuration (mean and 95% CI), as in q-FFL (Li et al., ICLR 2020) and
+Ditto (Li et al., ICML 2021), which report the worst 10% of devices and the spread over devices.
+
+Methods are ranked within a setting by :func:`standings`: tied ranks from paired tests across
+seeds (:mod:`fedsim.scripts.stats`).
 """
 
 from __future__ import annotations
@@ -27,18 +30,20 @@ from fedsim.scripts.runs import (
     Run,
     is_finite,
     label_configurations,
-    mean_std,
     read_jsonl,
 )
+from fedsim.scripts.stats import PairedTest, Rank, mean_ci, paired_test, tied_ranks
 
 __all__ = [
     "CLIENT_EVAL_FILE",
     "WORST_SHARE",
     "FairnessSummary",
     "MethodSplit",
+    "Standing",
     "client_accuracies",
     "rank_within",
     "split_methods",
+    "standings",
     "summarize_fairness",
     "target_default",
     "worst_share_mean",
@@ -49,7 +54,7 @@ WORST_SHARE = 0.1  # "worst 10%": the mean accuracy of the ceil(10% of n) least 
 
 @dataclass(frozen=True)
 class FairnessSummary:
-    """Per-client accuracy of one configuration: per run, then (mean, sample std) over seeds."""
+    """Per-client accuracy of one configuration: per run, then (mean, 95% CI) over seeds."""
 
     num_clients: tuple[int, int]  # (min, max) clients scored per run
     mean: tuple[float, float]  # mean over clients
@@ -103,9 +108,9 @@ def summarize_fairness(configuration: Configuration) -> FairnessSummary:
     sizes = [values.size for values in per_run]
     return FairnessSummary(
         num_clients=(min(sizes), max(sizes)),
-        mean=mean_std([float(values.mean()) for values in per_run]),
-        std=mean_std([float(values.std(ddof=0)) for values in per_run]),
-        worst=mean_std([worst_share_mean(values) for values in per_run]),
+        mean=mean_ci([float(values.mean()) for values in per_run]),
+        std=mean_ci([float(values.std(ddof=0)) for values in per_run]),
+        worst=mean_ci([worst_share_mean(values) for values in per_run]),
         pooled=np.concatenate(per_run),
     )
 
@@ -179,6 +184,42 @@ def rank_within(values: Sequence[float], groups: Sequence[Any]) -> list[int]:
         key = -math.inf if math.isnan(value) else value
         ranks.append(1 + sum((-math.inf if math.isnan(v) else v) > key for v in peers))
     return ranks
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A configuration's rank among the methods of its setting, and its test against the best."""
+
+    rank: Rank
+    against_best: PairedTest | None  # best - this over shared seeds; None for the best itself
+
+
+def by_seed(runs: Sequence[Run], value: Any) -> dict[Any, float]:
+    """Map seed -> ``value(run)``; a run without a seed is keyed by its path (pairs with none)."""
+    return {str(run.path) if run.seed is None else run.seed: value(run) for run in runs}
+
+
+def standings(
+    configurations: Sequence[Configuration], settings: Sequence[Any], value: Any = None
+) -> list[Standing]:
+    """Rank configurations within each setting, and test each against its setting's best.
+
+    Ranks are :func:`~fedsim.scripts.stats.tied_ranks` of ``value(run)`` (default the final
+    accuracy) paired by seed; the best is the configuration with the highest mean.
+    """
+    value = value or (lambda run: run.final_accuracy)
+    values = [by_seed(c.runs, value) for c in configurations]
+    result: list[Standing | None] = [None] * len(configurations)
+    for setting in dict.fromkeys(settings):
+        members = [i for i, s in enumerate(settings) if s == setting]
+        ranks = tied_ranks([values[i] for i in members])
+        means = [mean_ci(list(values[i].values()))[0] for i in members]
+        finite = [k for k, m in enumerate(means) if math.isfinite(m)]
+        best = members[max(finite, key=lambda k: means[k])] if finite else None
+        for i, rank in zip(members, ranks, strict=True):
+            test = None if i == best or best is None else paired_test(values[best], values[i])
+            result[i] = Standing(rank, test)
+    return [s for s in result if s is not None]
 
 
 def target_default(final_means: Sequence[float], share: float) -> float:

@@ -15,6 +15,11 @@ Add, per configuration, the simulated time, rounds and traffic to first reach 80
 
     fedsim-plot results/sweeps/devices --out fig.png --x round sim_time --target 0.8
 
+Table numbers are means over seeds with the half-width of their 95% confidence interval; ranks
+tie where a paired t-test across seeds finds no significant difference
+(:mod:`fedsim.scripts.stats`). ``--band`` picks the figure's band: ``ci95`` (default),
+``minmax`` or ``std``.
+
 Per-client latency by device tier, from the runs' ``clients.jsonl``::
 
     fedsim-plot results/fleet --latency --out results/figures/latency.png
@@ -37,19 +42,24 @@ from matplotlib.ticker import MaxNLocator
 
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
 from fedsim.scripts.clients_stats import LATENCY_PARTS, TierStats, load_client_rows, tier_stats
+from fedsim.scripts.fairness import Standing, standings
 from fedsim.scripts.runs import (
     X_AXES,
     Configuration,
+    Curve,
     Run,
     TargetSummary,
     aggregate_curve,
+    auc_horizon_s,
     available_metrics,
     group_runs,
     load_runs,
     markdown_table,
+    run_auc,
     summarize,
     summarize_target,
 )
+from fedsim.scripts.stats import ALPHA, MIN_SEEDS, mean_ci
 
 __all__ = ["build_parser", "main", "plot_curves", "plot_latency", "summary_table"]
 
@@ -59,8 +69,28 @@ PANEL_SIZE_IN = (5.5, 4.0)  # width, height of one panel in inches
 LEGEND_ROW_IN = 0.22  # height of one row of a small-font legend in inches
 BAND_ALPHA = 0.2
 MAX_ROUNDS_WITH_MARKERS = 30  # beyond this, markers clutter the line
-BAND_CAPTION = "line: mean over seeds; band: min–max over seeds"
-STD_CAPTION = "mean ± sample std (ddof=1) over seeds"
+# --band -> what the band around the mean line shows, for the legend title and captions.
+BAND_CAPTIONS = {
+    "ci95": "line: mean over seeds; band: its 95% CI (Student t)",
+    "minmax": "line: mean over seeds; band: min–max over seeds",
+    "std": "line: mean over seeds; band: ± sample std over seeds",
+}
+DEFAULT_BAND = "ci95"
+CI_CAPTION = (
+    "mean over seeds ± the half-width of its 95% confidence interval (Student t, n − 1 "
+    "degrees of freedom; no ± for one seed)"
+)
+RANK_CAPTION = (
+    "Rank by mean final accuracy; a configuration the paired t-test across seeds (runs paired "
+    f"by seed) does not find significantly worse (p ≥ {ALPHA:g}, or fewer than 2 shared seeds) "
+    "than the best configuration not yet ranked shares its rank, marked =. p vs best: that "
+    "test's two-sided p against the rank-1 configuration with the highest mean"
+)
+AUC_CAPTION = (
+    "Accuracy AUC: area under accuracy against simulated time from 0 to the horizon (the "
+    "shortest run's end, the same for every configuration compared), divided by the horizon: "
+    "the time-averaged accuracy of the latest global model, 0 before round 1 ends"
+)
 # Decimal units (1 MB = 10**6 bytes), largest that keeps the axis maximum >= 1.
 BYTE_UNITS = (("B", 1.0), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
 # Seconds shown in s below 2 min, in min below 2 h, else in h.
@@ -76,7 +106,8 @@ TOTALS_CAPTION = (
 )
 TARGET_CAPTION = (
     "Columns '… to {target:g}': at the first round with accuracy ≥ {target:g} (sim time and "
-    "traffic cumulative through it), mean ± sample std over the seeds that reached it"
+    "traffic cumulative through it), mean ± 95% CI over the seeds that reached it (k/n: k of "
+    "the n seeds reached it)"
 )
 
 
@@ -93,15 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Plot the runs found under DIRs (folders holding metrics.jsonl and "
         "config.yaml, at any depth). Runs that differ only by seed form one configuration: a "
-        "line (mean over seeds) with a band (min-max over seeds), labelled by the config keys "
+        "line (mean over seeds) with a band (--band), labelled by the config keys "
         "that differ between configurations. Writes FILE.png and a table FILE.md beside it.",
         epilog="labels: keys whose values differ between configurations; <group>._target_ "
         "shows as <group>=<ClassName>, other keys as <last part>=<value> (the full dotted key if "
         "two share a last part); seed, runtime.* and hydra* never count. A single "
-        "configuration is labelled by its strategy class. FILE.md: final and best accuracy as "
-        "mean ± sample std over seeds; with a device fleet, totals of stragglers, offline, "
-        "infeasible and failed client-rounds and of device energy (sum over rounds, mean over "
-        "seeds); with --target, the cost to reach it.",
+        "configuration is labelled by its strategy class. Two runs of one seed in one "
+        "configuration count once (the finished one written last). FILE.md: final and best "
+        "accuracy as mean ± 95% CI over seeds, a rank that ties where a paired t-test across "
+        "seeds finds no difference at p < 0.05; with a device fleet, the accuracy AUC over "
+        "simulated time and totals of stragglers, offline, infeasible and failed "
+        "client-rounds and of device energy (sum over rounds, mean over seeds); with --target, "
+        "the cost to reach it. Fewer than 5 seeds in a configuration gives a warning.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="results folder(s) to search")
     parser.add_argument("--out", required=True, type=Path, metavar="FILE.png", help="figure path")
@@ -124,8 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ACC",
         help="target accuracy in (0, 1]: the table adds, per configuration, how many seeds "
         "reached it and the simulated time, rounds and cumulative bytes up+down to the first "
-        "round at or above it (mean ± std over those seeds); a dashed line marks it when "
+        "round at or above it (mean ± 95%% CI over those seeds); a dashed line marks it when "
         "--metric is accuracy",
+    )
+    parser.add_argument(
+        "--band",
+        choices=list(BAND_CAPTIONS),
+        default=DEFAULT_BAND,
+        help="band around each mean line: 95%% CI of the mean (Student t), min-max or ± "
+        f"sample std over seeds (default: {DEFAULT_BAND})",
     )
     parser.add_argument(
         "--latency",
@@ -161,6 +202,14 @@ def _x_label(x: str, unit: str) -> str:
     }[x]
 
 
+def _band(curve: Curve, band: str) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of the band around the mean line, per round."""
+    if band == "minmax":
+        return curve.low, curve.high
+    width = curve.ci95 if band == "ci95" else curve.std
+    return curve.mean - width, curve.mean + width
+
+
 def _legend_label(configuration: Configuration) -> str:
     incomplete = sum(not run.complete for run in configuration.runs)
     extra = f", {incomplete} incomplete" if incomplete else ""
@@ -191,8 +240,9 @@ def plot_curves(
     out: Path,
     title: str,
     target: float | None = None,
+    band: str = DEFAULT_BAND,
 ) -> None:
-    """Draw one panel per x axis: per configuration, mean over seeds and a min-max band.
+    """Draw one panel per x axis: per configuration, mean over seeds and a band (``--band``).
 
     ``target`` (a value of ``metric``) is drawn as a dashed horizontal line.
     """
@@ -214,7 +264,8 @@ def plot_curves(
                 markersize=3,
                 label=_legend_label(configuration),
             )
-            ax.fill_between(x_scaled, curve.low, curve.high, color=color, alpha=BAND_ALPHA, lw=0)
+            low, high = _band(curve, band)
+            ax.fill_between(x_scaled, low, high, color=color, alpha=BAND_ALPHA, lw=0)
         if target is not None:
             ax.axhline(target, color="gray", linestyle="--", linewidth=1)
         if x == "round":
@@ -227,18 +278,19 @@ def plot_curves(
         labels,
         loc="outside lower center",
         ncols=min(len(labels), len(xs)),  # about one label per panel width
-        title=BAND_CAPTION,
+        title=BAND_CAPTIONS[band],
         fontsize="small",
         title_fontsize="small",
     )
     _save(fig, out)
 
 
-def _pm(mean_std: tuple[float, float]) -> str:
-    mean, std = mean_std
+def _pm(pair: tuple[float, float]) -> str:
+    """``mean ± CI half-width`` with 4 decimals; the mean alone for one seed, ``–`` for none."""
+    mean, half_width = pair
     if np.isnan(mean):
         return "–"
-    return f"{mean:.4f}" if np.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+    return f"{mean:.4f}" if np.isnan(half_width) else f"{mean:.4f} ± {half_width:.4f}"
 
 
 def _time_text(seconds: float) -> str:
@@ -246,13 +298,14 @@ def _time_text(seconds: float) -> str:
     return f"{seconds / scale:.1f} {unit}"
 
 
-def _three_digits(mean_std: tuple[float, float], scale: float = 1.0, unit: str = "") -> str:
-    """``mean ± std`` divided by ``scale``: 3 significant digits of the mean, at least 1 decimal."""
-    mean, std = (value / scale for value in mean_std)
+def _three_digits(pair: tuple[float, float], scale: float = 1.0, unit: str = "") -> str:
+    """``mean ± spread`` over ``scale``: 3 significant digits of the mean, at least 1 decimal."""
+    mean, spread = (value / scale for value in pair)
     if np.isnan(mean):
         return "–"
     decimals = max(1, 2 - int(np.floor(np.log10(abs(mean))))) if mean else 1
-    text = f"{mean:.{decimals}f}" if np.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+    text = f"{mean:.{decimals}f}"
+    text += "" if np.isnan(spread) else f" ± {spread:.{decimals}f}"
     return f"{text} {unit}".rstrip()
 
 
@@ -267,33 +320,78 @@ def _target_cells(target: TargetSummary, with_sim_time: bool) -> list[str]:
     return cells
 
 
-def summary_table(configurations: Sequence[Configuration], target: float | None = None) -> str:
-    """Return the markdown table: one row per configuration, accuracy mean ± std over seeds.
+def p_text(p: float) -> str:
+    """A p-value with 3 decimals, ``< 0.001`` below that, ``–`` for nan (no test possible)."""
+    if np.isnan(p):
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
-    Columns are added for a final simulated time, the totals of :data:`TOTAL_COLUMNS` when some
-    run reports them, and the cost to reach ``target`` accuracy when it is given.
+
+def p_cell(standing: Standing, which: str = "t_p") -> str:
+    """``best`` for the best configuration, else the p-value of its test against the best."""
+    if standing.against_best is None:
+        return "best" if standing.rank.position is not None else "–"
+    return p_text(getattr(standing.against_best, which))
+
+
+def few_seeds_warning(configurations: Sequence[Configuration]) -> str | None:
+    """One line naming the configurations with fewer than MIN_SEEDS seeds, or None."""
+    few = [f"{c.label} ({len(c.runs)})" for c in configurations if len(c.runs) < MIN_SEEDS]
+    if not few:
+        return None
+    return (
+        f"Warning: fewer than {MIN_SEEDS} seeds in {', '.join(few)}: wide confidence intervals, "
+        "and the paired test can rarely tell configurations apart."
+    )
+
+
+def repeated_seeds_note(configurations: Sequence[Configuration]) -> str | None:
+    """One line naming the runs left out because their seed was already in their configuration."""
+    ignored = [(c, run) for c in configurations for run in c.ignored]
+    if not ignored:
+        return None
+    names = "; ".join(f"{run.path} (seed {run.seed} of {c.label})" for c, run in ignored)
+    return (
+        f"{len(ignored)} run(s) repeat a seed of their configuration and are left out (per seed "
+        f"the finished run written last counts): {names}."
+    )
+
+
+def summary_table(configurations: Sequence[Configuration], target: float | None = None) -> str:
+    """Return the markdown table: one row per configuration, accuracy mean ± 95% CI over seeds.
+
+    Columns are added for a final simulated time and the accuracy AUC over it, the totals of
+    :data:`TOTAL_COLUMNS` when some run reports them, and the cost to reach ``target`` accuracy
+    when it is given.
     """
     summaries = [summarize(c) for c in configurations]
+    ranked = standings(configurations, [""] * len(configurations))
     with_sim_time = any(s.final_sim_time_s is not None for s in summaries)
+    horizon_s = auc_horizon_s(run for c in configurations for run in c.runs)
+    with_auc = not np.isnan(horizon_s)
     totals = [key for key in TOTAL_COLUMNS if any(key in s.totals for s in summaries)]
-    header = ["configuration", "seeds", "final accuracy", "best accuracy", "rounds"]
+    header = ["configuration", "seeds", "final accuracy", "rank", "p vs best", "best accuracy"]
+    header += ["rounds"]
     header += ["final sim time"] if with_sim_time else []
+    header += [f"accuracy AUC to {_time_text(horizon_s)}"] if with_auc else []
     if target is not None:
         header += [f"seeds reaching {target:g}"]
         header += [f"sim time to {target:g}"] if with_sim_time else []
         header += [f"rounds to {target:g}", f"traffic to {target:g}"]
     header += [TOTAL_COLUMNS[key] for key in totals]
     rows = []
-    for configuration, s in zip(configurations, summaries, strict=True):
+    for i, (configuration, s) in enumerate(zip(configurations, summaries, strict=True)):
         seeds = (
             f"{s.num_runs} ({s.num_incomplete} incomplete)" if s.num_incomplete else str(s.num_runs)
         )
         low, high = s.rounds
-        row = [s.label, seeds, _pm(s.final_accuracy), _pm(s.best_accuracy)]
-        row.append(str(high) if low == high else f"{low}–{high}")
+        row = [s.label, seeds, _pm(s.final_accuracy), str(ranked[i].rank), p_cell(ranked[i])]
+        row += [_pm(s.best_accuracy), str(high) if low == high else f"{low}–{high}"]
         if with_sim_time:
             sim = s.final_sim_time_s
             row.append("–" if sim is None else _time_text(sim))
+        if with_auc:
+            row.append(_pm(mean_ci([run_auc(run, horizon_s) for run in configuration.runs])))
         if target is not None:
             row += _target_cells(summarize_target(configuration.runs, target), with_sim_time)
         row += [_total_text(key, s.totals.get(key)) for key in totals]
@@ -380,8 +478,8 @@ def _check_inputs(
             )
 
 
-def _run(args: argparse.Namespace) -> tuple[str, str]:
-    """Load, draw and write; return (markdown table, caption)."""
+def _run(args: argparse.Namespace) -> tuple[str, str, list[str]]:
+    """Load, draw and write; return (markdown table, caption, warning and note lines)."""
     if args.latency and args.target is not None:
         raise ConfigError("--target", args.target, "applies to learning curves, not --latency")
     runs = load_runs(args.dirs)
@@ -391,22 +489,26 @@ def _run(args: argparse.Namespace) -> tuple[str, str]:
         title = args.title or f"per-client latency by device tier ({num_runs} run(s))"
         stats = tier_stats(rows)
         plot_latency(stats, args.out, title)
-        return latency_table(stats), "Pooled over all client-rounds of all runs."
+        return latency_table(stats), "Pooled over all client-rounds of all runs.", []
     _check_inputs(runs, args.metric, args.x, args.target)
     configurations = group_runs(runs)
     title = args.title or (
-        f"{args.metric}: {len(configurations)} configuration(s), {len(runs)} run(s)"
+        f"{args.metric}: {len(configurations)} configuration(s), "
+        f"{sum(len(c.runs) for c in configurations)} run(s)"
     )
     line = args.target if args.metric == "accuracy" else None
-    plot_curves(configurations, args.metric, args.x, args.out, title, target=line)
+    plot_curves(configurations, args.metric, args.x, args.out, title, target=line, band=args.band)
     table = summary_table(configurations, target=args.target)
-    captions = [f"Accuracy: {STD_CAPTION}"]
+    captions = [f"Accuracy, AUC and cost to the target: {CI_CAPTION}", RANK_CAPTION]
+    if "accuracy AUC to" in table.splitlines()[0]:
+        captions += [AUC_CAPTION]
     captions += [TARGET_CAPTION.format(target=args.target)] if args.target is not None else []
     captions += [TOTALS_CAPTION] if any(summarize(c).totals for c in configurations) else []
-    captions += [f"In the figure, {BAND_CAPTION}"]
+    captions += [f"In the figure, {BAND_CAPTIONS[args.band]}"]
     if line is not None:
         captions[-1] += f"; dashed: accuracy {line:g}"
-    return table, ". ".join(captions) + "."
+    notes = [few_seeds_warning(configurations), repeated_seeds_note(configurations)]
+    return table, ". ".join(captions) + ".", [note for note in notes if note]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -418,13 +520,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
         if args.out.suffix.lstrip(".").lower() not in formats:
             raise ConfigError("--out", args.out, f"must end in .{', .'.join(formats)}")
-        table, caption = _run(args)
+        table, caption, notes = _run(args)
     except ConfigError as err:
         print(f"{PROG}: error: {err.one_line()}", file=sys.stderr)
         return EXIT_BAD_INPUT
     table_path = args.out.with_suffix(".md")
-    table_path.write_text(f"{table}\n{caption} Figure: `{args.out.name}`.\n")
+    notes_text = "".join(f"\n{note}\n" for note in notes)
+    table_path.write_text(f"{table}\n{caption} Figure: `{args.out.name}`.\n{notes_text}")
     print(table)
+    for note in notes:
+        print(f"{PROG}: {note[0].lower()}{note[1:]}", file=sys.stderr)
     print(f"wrote {args.out}")
     print(f"wrote {table_path}")
     return 0

@@ -5,10 +5,13 @@ A *run folder* is any folder holding ``metrics.jsonl`` and ``config.yaml`` (writ
 ``fedsim.results``); a sweep folder holds many of them at any depth.
 
 Runs form one *configuration* when their flattened configs are equal once ``seed``,
-``runtime.*`` and ``hydra*`` keys are dropped. Labels name what differs between
-configurations (see :func:`label_configurations`).
+``runtime.*`` and ``hydra*`` keys are dropped; a configuration holds one run per seed (see
+:func:`group_runs` for repeated seeds). Labels name what differs between configurations (see
+:func:`label_configurations`).
 
-:func:`summarize` and :func:`summarize_target` reduce a configuration's runs to a table row.
+:func:`summarize` and :func:`summarize_target` reduce a configuration's runs to a table row:
+means with the half-width of their 95% confidence interval over seeds
+(:mod:`fedsim.scripts.stats`).
 Per-client rows (``clients.jsonl``) are read by :mod:`fedsim.scripts.clients_stats`.
 """
 
@@ -25,6 +28,7 @@ import numpy as np
 import yaml
 
 from fedsim.errors import ConfigError
+from fedsim.scripts.stats import accuracy_time_auc, ci_half_widths, mean_ci
 
 __all__ = [
     "CLIENTS_FILE",
@@ -37,6 +41,7 @@ __all__ = [
     "TargetSummary",
     "X_AXES",
     "aggregate_curve",
+    "auc_horizon_s",
     "available_metrics",
     "comparable_config",
     "find_run_dirs",
@@ -48,8 +53,9 @@ __all__ = [
     "load_run",
     "load_runs",
     "markdown_table",
-    "mean_std",
     "read_jsonl",
+    "run_auc",
+    "seeds_of",
     "summarize",
     "summarize_target",
 ]
@@ -128,14 +134,24 @@ class Run:
         """Rounds the run completed (the last train row's round)."""
         return int(self.rows[-1]["round"]) if self.rows else 0
 
+    @property
+    def seed(self) -> Any:
+        """The run's ``seed`` (None when its config has none)."""
+        return self.config.get("seed")
+
 
 @dataclass(frozen=True, eq=False)
 class Configuration:
-    """Runs that differ only by seed, with the label that tells them from the others."""
+    """Runs that differ only by seed, with the label that tells them from the others.
+
+    ``runs`` holds one run per seed; ``ignored`` the runs of a seed already present (see
+    :func:`group_runs`).
+    """
 
     label: str
     config: dict[str, Any]  # flattened comparable config, shared by all its runs
     runs: tuple[Run, ...]
+    ignored: tuple[Run, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,7 @@ class Curve:
     x: np.ndarray  # mean x over the runs that reached the round (rounds, bytes or seconds)
     mean: np.ndarray
     std: np.ndarray  # sample std (ddof=1); 0 where a single run contributes
+    ci95: np.ndarray  # half-width of the mean's 95% CI (Student t); 0 where a single run does
     low: np.ndarray  # min over runs
     high: np.ndarray  # max over runs
     num_runs: np.ndarray  # runs contributing at each round
@@ -153,13 +170,13 @@ class Curve:
 
 @dataclass(frozen=True)
 class ConfigSummary:
-    """Table row of one configuration; stds are sample stds over seeds (nan for one run)."""
+    """Table row of one configuration: (mean, 95% CI half-width) over seeds (nan for one run)."""
 
     label: str
     num_runs: int
     num_incomplete: int
-    final_accuracy: tuple[float, float]  # (mean, std)
-    best_accuracy: tuple[float, float]  # (mean, std)
+    final_accuracy: tuple[float, float]  # (mean, CI half-width)
+    best_accuracy: tuple[float, float]  # (mean, CI half-width)
     rounds: tuple[int, int]  # (min, max) completed rounds over runs
     final_sim_time_s: float | None  # mean over runs that report sim_time_s
     # TOTAL_KEYS some run reports -> mean over those runs of the run's total (sum over rounds)
@@ -177,10 +194,10 @@ class Reach:
 
 @dataclass(frozen=True)
 class TargetSummary:
-    """Cost to a target accuracy; (mean, sample std) over the seeds that reached it.
+    """Cost to a target accuracy; (mean, 95% CI half-width) over the seeds that reached it.
 
     Means are nan when no seed reached the target (``sim_time_s`` also without a device fleet);
-    stds are nan for fewer than two seeds.
+    half-widths are nan for fewer than two seeds.
     """
 
     target: float
@@ -354,11 +371,47 @@ def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     return labels
 
 
+def _one_run_per_seed(runs: Sequence[Run]) -> tuple[tuple[Run, ...], tuple[Run, ...]]:
+    """(kept, ignored): per seed, the finished run written last; runs without a seed all kept.
+
+    Two runs of one seed in one configuration are one sample, not two (fedsim is deterministic:
+    a repeated seed is a re-run or a copy). We keep the finished one (``summary.json``), and
+    among those the one whose ``metrics.jsonl`` was modified last (path order breaks ties): a
+    re-run replaces the run it repeats. The others are returned so that tools can name them.
+    """
+    by_seed: dict[Any, list[Run]] = {}
+    kept: list[Run] = []
+    for run in runs:
+        if run.seed is None:
+            kept.append(run)
+        else:
+            by_seed.setdefault(_hashable(run.seed), []).append(run)
+    ignored: list[Run] = []
+    for same_seed in by_seed.values():
+        order = sorted(
+            same_seed,
+            key=lambda r: (r.complete, (r.path / METRICS_FILE).stat().st_mtime_ns, str(r.path)),
+        )
+        kept.append(order[-1])
+        ignored.extend(order[:-1])
+    key = lambda r: str(r.path)  # noqa: E731 - the order runs were found in
+    return tuple(sorted(kept, key=key)), tuple(sorted(ignored, key=key))
+
+
+def seeds_of(runs: Iterable[Run]) -> list[Any]:
+    """The seeds of ``runs``, sorted (numbers before text; a run without a seed is None)."""
+    seeds = {run.seed for run in runs}
+    numbers = sorted(s for s in seeds if isinstance(s, int | float))
+    return numbers + sorted((s for s in seeds if not isinstance(s, int | float)), key=str)
+
+
 def group_runs(runs: Iterable[Run]) -> list[Configuration]:
-    """Group runs whose comparable configs are equal; sorted by label.
+    """Group runs whose comparable configs are equal, one run per seed; sorted by label.
 
     A key set to null counts as absent: a run made before a knob existed (``clock.max_sim_time_s``
-    added with default null) belongs with the runs made after it.
+    added with default null) belongs with the runs made after it. Two runs of one seed in one
+    configuration count once: the finished one written last is kept, the others go to
+    :attr:`Configuration.ignored` (see :func:`_one_run_per_seed`).
     """
     groups: dict[tuple[tuple[str, Any], ...], list[Run]] = {}
     flats: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
@@ -370,7 +423,7 @@ def group_runs(runs: Iterable[Run]) -> list[Configuration]:
         flats.setdefault(key, flat)
     labels = label_configurations(list(flats.values()))
     configurations = [
-        Configuration(label=label, config=flats[key], runs=tuple(groups[key]))
+        Configuration(label, flats[key], *_one_run_per_seed(groups[key]))
         for key, label in zip(flats, labels, strict=True)
     ]
     return sorted(configurations, key=lambda c: c.label)
@@ -430,22 +483,15 @@ def aggregate_curve(runs: Sequence[Run], metric: str, x: str = "round") -> Curve
         x=np.array(columns["x"]),
         mean=np.array(columns["mean"]),
         std=np.array(columns["std"]),
+        ci95=ci_half_widths(np.array(columns["std"]), np.array(columns["n"], dtype=int)),
         low=np.array(columns["low"]),
         high=np.array(columns["high"]),
         num_runs=np.array(columns["n"], dtype=int),
     )
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1) of the finite values; std is nan for fewer than two."""
-    finite = np.array([v for v in values if math.isfinite(v)], dtype=float)
-    if finite.size == 0:
-        return math.nan, math.nan
-    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else math.nan
-
-
 def summarize(configuration: Configuration) -> ConfigSummary:
-    """Summarize accuracy over seeds, completed rounds, final simulated time, run totals."""
+    """Accuracy over seeds (mean, 95% CI), completed rounds, final simulated time, run totals."""
     runs = configuration.runs
     sim_times = [run.values("sim_time_s")[-1] for run in runs if run.values("sim_time_s")]
     rounds = [run.num_rounds for run in runs]
@@ -458,8 +504,8 @@ def summarize(configuration: Configuration) -> ConfigSummary:
         label=configuration.label,
         num_runs=len(runs),
         num_incomplete=sum(not run.complete for run in runs),
-        final_accuracy=mean_std([run.final_accuracy for run in runs]),
-        best_accuracy=mean_std([run.best_accuracy for run in runs]),
+        final_accuracy=mean_ci([run.final_accuracy for run in runs]),
+        best_accuracy=mean_ci([run.best_accuracy for run in runs]),
         rounds=(min(rounds), max(rounds)),
         final_sim_time_s=float(np.mean(sim_times)) if sim_times else None,
         totals=totals,
@@ -486,18 +532,43 @@ def first_reach(
 def summarize_target(runs: Sequence[Run], target: float, metric: str = "accuracy") -> TargetSummary:
     """Simulated time, rounds and bytes to first reach ``target``, over the seeds that did.
 
-    A seed that never reached it (or stopped early) counts in ``num_runs`` only: the means are
-    over the reaching seeds, so read them together with ``num_reached``.
+    A seed that never reached it (or stopped early) counts in ``num_runs`` only: the means and
+    their 95% CIs are over the reaching seeds, so read them together with ``num_reached``.
     """
     reaches = [reach for run in runs if (reach := first_reach(run.rows, target, metric))]
     return TargetSummary(
         target=target,
         num_reached=len(reaches),
         num_runs=len(runs),
-        sim_time_s=mean_std([r.sim_time_s for r in reaches if r.sim_time_s is not None]),
-        rounds=mean_std([float(r.round) for r in reaches]),
-        bytes=mean_std([float(r.bytes) for r in reaches]),
+        sim_time_s=mean_ci([r.sim_time_s for r in reaches if r.sim_time_s is not None]),
+        rounds=mean_ci([float(r.round) for r in reaches]),
+        bytes=mean_ci([float(r.bytes) for r in reaches]),
     )
+
+
+def auc_horizon_s(runs: Iterable[Run]) -> float:
+    """The common time horizon of an AUC comparison: the shortest run's end (simulated s).
+
+    nan when a run has no ``sim_time_s`` (no device fleet): no AUC then.
+    """
+    ends = [run.values("sim_time_s")[-1] if run.values("sim_time_s") else math.nan for run in runs]
+    return min(ends) if ends and all(math.isfinite(end) for end in ends) else math.nan
+
+
+def run_auc(run: Run, horizon_s: float, metric: str = "accuracy") -> float:
+    """Area under ``metric`` against simulated time to ``horizon_s``, over the horizon.
+
+    See :func:`fedsim.scripts.stats.accuracy_time_auc`; rows lacking either value are skipped.
+    """
+    points = [
+        (float(row["sim_time_s"]), float(row[metric]))
+        for row in run.rows
+        if is_finite(row.get("sim_time_s")) and is_finite(row.get(metric))
+    ]
+    if not points or not math.isfinite(horizon_s):
+        return math.nan
+    times_s, values = zip(*points, strict=True)
+    return accuracy_time_auc(times_s, values, horizon_s)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ from fedsim.evaluation import evaluate_clients, sample_eval_clients
 from fedsim.scripts.compare import main
 from fedsim.scripts.fairness import rank_within, target_default, worst_share_mean
 from fedsim.scripts.runs import group_runs, load_runs
+from fedsim.scripts.stats import paired_test, tied_ranks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FEDSIM = [sys.executable, "-m", "fedsim"]
@@ -94,6 +96,45 @@ def test_rank_within_groups_ties_and_nan() -> None:
     groups = ["a", "a", "a", "b", "b", "b"]
     # a: 0.9 and 0.9 share rank 1, 0.8 comes 3rd; b: 0.7 first, 0.5 second, nan last
     assert rank_within(values, groups) == [3, 1, 1, 2, 3, 1]
+
+
+def test_paired_test_hand_checked() -> None:
+    # Paired on seeds 0-2 (seed 3 is in one config only): a - b = 0.10 0.11 0.12, mean 0.11, sd
+    # 0.01, t = 0.11 / (0.01 / sqrt 3) = 19.053; with 2 degrees of freedom the t distribution
+    # has a closed form: two-sided p = 1 - t / sqrt(t² + 2) = 1 - 19.053 / 19.105 = 0.00274.
+    a = {0: 0.80, 1: 0.83, 2: 0.86, 3: 0.99}
+    b = {0: 0.70, 1: 0.72, 2: 0.74}
+    test = paired_test(a, b)
+    t = 0.11 / (0.01 / math.sqrt(3))
+    assert test.num_pairs == 3 and test.mean_difference == pytest.approx(0.11)
+    assert test.t_p == pytest.approx(1 - t / math.sqrt(t**2 + 2), rel=1e-6)
+    assert test.a_better and not paired_test(b, a).a_better
+    assert math.isnan(test.wilcoxon_p)  # 3 pairs: its smallest p, 2 / 2³ = 0.25, can't reach 0.05
+    # 6 pairs all in a's favour: the exact Wilcoxon p is 2 / 2⁶ = 0.03125
+    six = paired_test({s: 1.0 + s for s in range(6)}, {s: 0.5 * s for s in range(6)})
+    assert six.wilcoxon_p == pytest.approx(0.03125)
+
+
+@pytest.mark.parametrize(
+    ("by_seed", "expected"),
+    [
+        # one clearly better, two within noise of each other
+        (
+            [{0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.8, 1: 0.82, 2: 0.81}, {0: 0.81, 1: 0.80, 2: 0.82}],
+            ["1", "2=", "2="],
+        ),
+        # noise only: all share rank 1
+        ([{0: 0.8, 1: 0.9}, {0: 0.9, 1: 0.8}, {0: 0.85, 1: 0.84}], ["1=", "1=", "1="]),
+        # one seed each: no test can separate them
+        ([{0: 0.9}, {0: 0.5}], ["1=", "1="]),
+        # no shared seeds: nothing to pair
+        ([{0: 0.9, 1: 0.91}, {2: 0.5, 3: 0.51}], ["1=", "1="]),
+        # a configuration without a finite value gets no rank
+        ([{0: 0.9, 1: 0.92}, {0: math.nan, 1: math.nan}], ["1", "–"]),
+    ],
+)
+def test_tied_ranks(by_seed: list[dict[int, float]], expected: list[str]) -> None:
+    assert [str(rank) for rank in tied_ranks(by_seed)] == expected
 
 
 def test_target_default_rounds_down_from_the_best_mean() -> None:
@@ -168,9 +209,15 @@ def test_report_ranks_methods_within_settings(grid_sweep: Path, tmp_path: Path) 
         ("alpha=1", "strategy=FedProx"),
     ]
     fedavg_low = got[("alpha=0.1", "strategy=FedAvg")]
-    assert fedavg_low["final accuracy"] == "0.6200" and fedavg_low["std"] == "0.0283"
+    # 0.60 0.64: sd 0.0283, 95% CI t(0.975, 1) x 0.0283 / sqrt 2 = 12.706 x 0.02 = 0.2541
+    assert fedavg_low["final accuracy"] == "0.6200 ± 0.2541"
+    # paired by seed FedProx - FedAvg = 0.10 0.10: no spread, so the t-test's p is 0 (its limit)
     assert fedavg_low["rank"] == "2" and fedavg_low["seeds"] == "2"
+    assert fedavg_low["p vs best (paired t)"] == "< 0.001"
+    assert fedavg_low["p vs best (Wilcoxon)"] == "–"  # 2 seeds: fewer than 6
     assert got[("alpha=1", "strategy=FedAvg")]["rank"] == "1"
+    assert got[("alpha=1", "strategy=FedAvg")]["p vs best (paired t)"] == "best"
+    assert "> Warning: fewer than 5 seeds in " in report
     for row in rows:
         assert row["clients scored"] == "10"  # the client without data is not scored
         assert row["client accuracy"] == "0.8000 ± 0.0000"
@@ -186,6 +233,10 @@ def test_report_ranks_methods_within_settings(grid_sweep: Path, tmp_path: Path) 
     assert fedprox["seeds reaching 0.7"] == "2/2" and fedprox["rounds"] == "2.00 ± 0.00"
     assert fedprox["simulated time"] == "2.00 ± 0.00 min"  # 60 s per round
     assert fedprox["bytes up+down"] == "6.00 ± 0.00 MB"  # 3 MB per round
+    # AUC to 3.0 min (every run ends at 180 s): (0.5 x 60 + (final + 0.05) x 60) / 180;
+    # FedProx finals 0.70 0.74 -> (0.5 + 0.75) / 3 = 0.4167 and (0.5 + 0.79) / 3 = 0.43
+    assert fedprox["AUC horizon"] == "3.0 min"
+    assert fedprox["accuracy AUC"].startswith("0.4233 ± ")
     for name in ("accuracy_curves.png", "client_accuracy.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
@@ -215,6 +266,73 @@ def test_report_default_target_and_single_setting(grid_sweep: Path, tmp_path: Pa
         ("strategy=FedProx", "1"),
         ("strategy=FedAvg", "2"),
     ]
+
+
+# 3 methods x 6 seeds, one setting: FedAdam clearly ahead on every seed, FedAvg and FedYogi
+# within noise of each other. Paired by seed:
+#   FedAdam - FedAvg  = 0.10 0.09 0.11 0.10 0.14 0.13 (t-test p 3e-5; every difference > 0, so
+#   the exact Wilcoxon p is 2 / 2⁶ = 0.03125); FedAdam - FedYogi likewise (p 4e-5, 0.03125);
+#   FedAvg - FedYogi = -0.01 0.02 -0.01 0.02 -0.02 0.02 (t-test p 0.68): a tie.
+# -> ranks FedAdam 1, FedAvg 2= (mean 0.8133), FedYogi 2= (mean 0.81).
+# FedAdam 0.90 ... 0.95: mean 0.925, sd sqrt(17.5e-4 / 5) = 0.018708, CI t(0.975, 5) = 2.5706
+# x 0.018708 / sqrt 6 = 0.0196.
+TIED_FINALS = {
+    "FedAdam": (0.90, 0.91, 0.92, 0.93, 0.94, 0.95),
+    "FedAvg": (0.80, 0.82, 0.81, 0.83, 0.80, 0.82),
+    "FedYogi": (0.81, 0.80, 0.82, 0.81, 0.82, 0.80),
+}
+
+
+@pytest.fixture()
+def tied_sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "tied"
+    for job, (strategy, seed) in enumerate(
+        (strategy, seed) for strategy in TIED_FINALS for seed in range(6)
+    ):
+        run = write_run(
+            root / str(job), make_config(strategy, seed), TIED_FINALS[strategy][seed], sim_time=True
+        )
+        write_client_eval(run, CLIENT_ACCURACIES)
+    return root
+
+
+def test_report_paired_tests_and_tied_ranks(tied_sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main([str(tied_sweep), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "18 runs in 3 configurations (3 method(s)), seeds 0, 1, 2, 3, 4, 5." in report
+    assert "Warning" not in report  # 6 seeds each
+    rows = table_rows(report, "Final accuracy and per-client accuracy")
+    got = {r["method"]: r for r in rows}
+    assert [r["method"] for r in rows] == [
+        "strategy=FedAdam",
+        "strategy=FedAvg",
+        "strategy=FedYogi",
+    ]
+    assert [r["rank"] for r in rows] == ["1", "2=", "2="]
+    assert got["strategy=FedAdam"]["final accuracy"] == "0.9250 ± 0.0196"
+    assert got["strategy=FedAdam"]["p vs best (paired t)"] == "best"
+    for method in ("strategy=FedAvg", "strategy=FedYogi"):
+        assert got[method]["p vs best (paired t)"] == "< 0.001"
+        assert got[method]["p vs best (Wilcoxon)"] == "0.031"
+    assert "paired t-test across seeds" in report and "scipy.stats.ttest_rel" in report
+    assert "Wilcoxon signed-rank" in report
+
+
+def test_report_counts_a_repeated_seed_once(tied_sweep: Path, tmp_path: Path) -> None:
+    """A copy of FedAvg's seed 0 written earlier, with a wild accuracy, is left out and named."""
+    stale = write_run(tied_sweep / "old", make_config("FedAvg", 0), 0.10, sim_time=True)
+    write_client_eval(stale, CLIENT_ACCURACIES)
+    older = (tied_sweep / "6" / "metrics.jsonl").stat().st_mtime_ns - 10**9  # job 6: FedAvg seed 0
+    os.utime(stale / "metrics.jsonl", ns=(older, older))
+    out = tmp_path / "report"
+    assert main([str(tied_sweep), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "18 runs in 3 configurations" in report
+    fedavg = {r["method"]: r for r in table_rows(report, "Final accuracy")}["strategy=FedAvg"]
+    assert fedavg["seeds"] == "6" and fedavg["final accuracy"].startswith("0.8133 ± ")
+    assert "> 1 run(s) repeat a seed of their configuration and are left out" in report
+    assert f"{stale.resolve()} (seed 0 of strategy=FedAvg)" in report
 
 
 def _one_error_line(capsys: Any) -> str:
@@ -300,23 +418,29 @@ def test_compare_real_sweep_matches_summaries_and_client_eval(
         for r in table_rows(report, "Final accuracy and per-client accuracy")
     }
     means = {}
+    t_2_seeds = 12.7062  # t(0.975, 1): the 95% CI half-width is 12.7062 x sd / sqrt 2
     for strategy, folders in runs.items():
         row = rows[f"strategy={strategy}"]
         finals = [json.loads((f / "summary.json").read_text())["final_accuracy"] for f in folders]
         means[strategy] = statistics.mean(finals)
-        assert float(row["final accuracy"]) == pytest.approx(means[strategy], abs=5e-5)
-        assert float(row["std"]) == pytest.approx(statistics.stdev(finals), abs=5e-5)
+        mean, half_width = (float(x) for x in row["final accuracy"].split(" ± "))
+        assert mean == pytest.approx(means[strategy], abs=5e-5)
+        ci = t_2_seeds * statistics.stdev(finals) / math.sqrt(2)
+        assert half_width == pytest.approx(ci, abs=5e-5)
         clients = [_client_accuracies(f) for f in folders]
         assert all(len(c) == 4 for c in clients) and row["clients scored"] == "4"
         worst = [min(c) for c in clients]  # 4 clients: the worst 10% is ceil(0.4) = 1 client
         spread = [statistics.pstdev(c) for c in clients]
         for column, per_run in (("worst 10% clients", worst), ("client std", spread)):
-            mean, std = (float(x) for x in row[column].split(" ± "))
+            mean, half_width = (float(x) for x in row[column].split(" ± "))
             assert mean == pytest.approx(statistics.mean(per_run), abs=5e-5), column
-            assert std == pytest.approx(statistics.stdev(per_run), abs=5e-5), column
+            ci = t_2_seeds * statistics.stdev(per_run) / math.sqrt(2)
+            assert half_width == pytest.approx(ci, abs=5e-5), column
     ranks = {s: rows[f"strategy={s}"]["rank"] for s in runs}
     best = max(means, key=means.get)
-    assert ranks[best] == "1" and sorted(ranks.values()) == ["1", "2"]
+    # two seeds: the paired t-test separates them (1, 2) or cannot (1=, 1=)
+    assert ranks[best] in ("1", "1=") and sorted(ranks.values()) in (["1", "2"], ["1=", "1="])
+    assert "> Warning: fewer than 5 seeds" in report
 
 
 @pytest.mark.slow

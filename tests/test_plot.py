@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from fedsim.scripts.clients_stats import OUTCOMES, load_client_rows, tier_stats
-from fedsim.scripts.plot import main
+from fedsim.scripts.plot import _band, main
 from fedsim.scripts.runs import (
     Reach,
     aggregate_curve,
@@ -25,14 +26,19 @@ from fedsim.scripts.runs import (
     summarize,
     summarize_target,
 )
+from fedsim.scripts.stats import accuracy_time_auc, mean_ci
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
 # Final accuracy per seed; round 2 peaks 0.05 above it (best), round 1 is 0.5 for everyone.
 # FedAvg  final 0.70 0.72 0.74 -> mean 0.72, sample std sqrt((0.02²+0+0.02²)/2) = 0.02
-#         best  0.75 0.77 0.79 -> mean 0.77 ± 0.02
+#         best  0.75 0.77 0.79 -> mean 0.77, std 0.02
 # FedProx final 0.80 0.83 0.86 -> mean 0.83, sample std sqrt((0.03²+0+0.03²)/2) = 0.03
-#         best  0.85 0.88 0.91 -> mean 0.88 ± 0.03
+#         best  0.85 0.88 0.91 -> mean 0.88, std 0.03
+# 95% CI half-width over 3 seeds: t(0.975, 2) x std / sqrt(3) = 4.3027 x std / 1.7321
+#   = 2.4841 x std: 0.0497 for FedAvg, 0.0745 for FedProx.
+# Paired by seed, FedProx - FedAvg = 0.10 0.11 0.12: mean 0.11, sd 0.01, t = 0.11 / (0.01 /
+# sqrt 3) = 19.05; with 2 dof the two-sided p is 1 - t / sqrt(t² + 2) = 0.0027 < 0.05.
 FINALS = {"FedAvg": (0.70, 0.72, 0.74), "FedProx": (0.80, 0.83, 0.86)}
 BYTES_UP, BYTES_DOWN = 1_000_000, 2_000_000  # per round: 3 MB, so 9 MB after round 3
 
@@ -129,12 +135,92 @@ def test_a_null_key_and_a_missing_key_are_one_configuration(tmp_path: Path) -> N
     assert sorted(len(c.runs) for c in configurations) == [1, 3]
 
 
-def test_summarize_mean_and_sample_std(sweep: Path) -> None:
+def test_mean_ci_hand_checked_on_five_numbers() -> None:
+    # mean 0.84; deviations -0.04 -0.02 0 0.02 0.04, squares sum 0.004, sample variance
+    # 0.004 / 4 = 0.001, sd 0.031623; t(0.975, 4) = 2.776; half-width 2.7764 x 0.031623 /
+    # sqrt 5 = 0.039264
+    mean, half_width = mean_ci([0.80, 0.82, 0.84, 0.86, 0.88])
+    assert mean == pytest.approx(0.84)
+    assert half_width == pytest.approx(2.7764 * 0.031623 / math.sqrt(5), rel=1e-4)
+    assert half_width == pytest.approx(0.039264, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [([0.7], (0.7, math.nan)), ([], (math.nan, math.nan)), ([0.5, math.nan, 0.5], (0.5, 0.0))],
+)
+def test_mean_ci_one_value_none_or_nan(values: list[float], expected: tuple[float, float]) -> None:
+    assert mean_ci(values) == pytest.approx(expected, nan_ok=True)  # nan values are skipped
+
+
+# A 3-point curve: rounds end at 1, 3 and 4 s with accuracy 0.5, 0.7, 0.9. Each accuracy holds
+# from its round's end to the next; 0 before the first round ends.
+@pytest.mark.parametrize(
+    ("horizon_s", "expected"),
+    [
+        (4.0, 0.425),  # (0 x 1 + 0.5 x 2 + 0.7 x 1) / 4 = 1.7 / 4; 0.9 arrives at the horizon
+        (3.5, 1.35 / 3.5),  # (0.5 x 2 + 0.7 x 0.5) / 3.5 = 0.3857: the cut is mid-round
+        (0.5, 0.0),  # before round 1 ends there is no trained model to score
+        (6.0, 3.5 / 6),  # (0.5 x 2 + 0.7 x 1 + 0.9 x 2) / 6: the last accuracy holds on
+    ],
+)
+def test_accuracy_time_auc_hand_checked(horizon_s: float, expected: float) -> None:
+    assert accuracy_time_auc([1.0, 3.0, 4.0], [0.5, 0.7, 0.9], horizon_s) == pytest.approx(expected)
+
+
+def test_duplicate_seed_counts_once_the_later_run_kept(sweep: Path, tmp_path: Path) -> None:
+    """A seed run twice in one configuration is one seed: the run written last counts."""
+    original = sweep / "FedAvg" / "day1" / "0"
+    rerun = write_run(sweep / "FedAvg" / "day2" / "0", make_config("FedAvg", 0), 0.60)
+    older = (original / "metrics.jsonl").stat().st_mtime_ns
+    os.utime(rerun / "metrics.jsonl", ns=(older + 10**9, older + 10**9))  # 1 s later
+    fedavg, _ = group_runs(load_runs([sweep]))
+    assert len(fedavg.runs) == 3 and [r.path for r in fedavg.ignored] == [original.resolve()]
+    # finals 0.60 (the re-run of seed 0), 0.72, 0.74: mean 0.6867, not the 4-run mean 0.69
+    assert summarize(fedavg).final_accuracy[0] == pytest.approx(0.6867, abs=1e-4)
+    out = tmp_path / "dup.png"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    table = out.with_suffix(".md").read_text()
+    assert "| strategy=FedAvg | 3 | 0.6867 ± " in table
+    assert "1 run(s) repeat a seed of their configuration and are left out" in table
+    assert f"{original.resolve()} (seed 0 of strategy=FedAvg)" in table
+
+
+def test_duplicate_seed_a_finished_run_beats_a_later_crashed_one(sweep: Path) -> None:
+    original = sweep / "FedAvg" / "day1" / "0"
+    crashed = write_run(
+        sweep / "FedAvg" / "day2" / "0", make_config("FedAvg", 0), 0.1, summary=False
+    )
+    newer = (original / "metrics.jsonl").stat().st_mtime_ns + 10**9
+    os.utime(crashed / "metrics.jsonl", ns=(newer, newer))
+    fedavg, _ = group_runs(load_runs([sweep]))
+    assert [r.path for r in fedavg.ignored] == [crashed.resolve()]
+    assert all(run.complete for run in fedavg.runs)
+
+
+@pytest.mark.parametrize(
+    ("band", "expected_last"),
+    [
+        ("minmax", (0.70, 0.74)),
+        ("std", (0.72 - 0.02, 0.72 + 0.02)),
+        ("ci95", (0.72 - 2.4841 * 0.02, 0.72 + 2.4841 * 0.02)),  # t(0.975, 2) / sqrt 3 = 2.4841
+    ],
+)
+def test_band_choices(sweep: Path, tmp_path: Path, band: str, expected_last: tuple) -> None:
+    fedavg = group_runs(load_runs([sweep]))[0]
+    low, high = _band(aggregate_curve(fedavg.runs, "accuracy"), band)
+    assert (low[-1], high[-1]) == pytest.approx(expected_last, abs=1e-5)
+    out = tmp_path / f"{band}.png"
+    assert main([str(sweep), "--out", str(out), "--band", band]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_summarize_mean_and_ci95(sweep: Path) -> None:
     fedavg, fedprox = (summarize(c) for c in group_runs(load_runs([sweep])))
-    assert fedavg.final_accuracy == pytest.approx((0.72, 0.02))
-    assert fedavg.best_accuracy == pytest.approx((0.77, 0.02))
-    assert fedprox.final_accuracy == pytest.approx((0.83, 0.03))
-    assert fedprox.best_accuracy == pytest.approx((0.88, 0.03))
+    assert fedavg.final_accuracy == pytest.approx((0.72, 2.4841 * 0.02), abs=1e-5)
+    assert fedavg.best_accuracy == pytest.approx((0.77, 2.4841 * 0.02), abs=1e-5)
+    assert fedprox.final_accuracy == pytest.approx((0.83, 2.4841 * 0.03), abs=1e-5)
+    assert fedprox.best_accuracy == pytest.approx((0.88, 2.4841 * 0.03), abs=1e-5)
     assert fedavg.rounds == (3, 3) and fedavg.num_incomplete == 0
 
 
@@ -145,6 +231,9 @@ def test_aggregate_curve_aligns_rounds_and_cumulates_bytes(sweep: Path) -> None:
     assert curve.x.tolist() == [3e6, 6e6, 9e6]  # cumulative 1 MB up + 2 MB down per round
     assert curve.mean[-1] == pytest.approx(0.72)
     assert (curve.low[-1], curve.high[-1]) == pytest.approx((0.70, 0.74))
+    assert curve.std[-1] == pytest.approx(0.02)
+    assert curve.ci95[-1] == pytest.approx(2.4841 * 0.02, abs=1e-5)
+    assert curve.ci95[0] == 0.0  # round 1 is 0.5 for every seed
     assert curve.num_runs.tolist() == [3, 3, 3]
 
 
@@ -178,8 +267,13 @@ def test_first_reach_without_sim_time_or_with_missing_accuracy() -> None:
 #   seed 0: 0.5 0.7  0.85 -> round 3, 180 s, 9 MB
 #   seed 1: 0.6 0.82 0.85 -> round 2, 120 s, 6 MB
 #   seed 2: 0.5 0.6  0.7  -> never
-# over the 2 seeds that reached: rounds mean 2.5, sample std sqrt((0.5² + 0.5²) / 1) = 0.7071;
-# time 150 ± 42.43 s (60 x the rounds); bytes 7.5e6 ± 2.1213e6 (3e6 x the rounds).
+# over the 2 seeds that reached: rounds mean 2.5, sample std sqrt((0.5² + 0.5²) / 1) = 0.7071,
+# 95% CI half-width t(0.975, 1) x 0.7071 / sqrt 2 = 12.706 x 0.5 = 6.353 (two seeds: wide);
+# time 150 ± 381.2 s (60 x the rounds); bytes 7.5e6 ± 1.9059e7 (3e6 x the rounds).
+# Accuracy AUC to the horizon 180 s (every run ends there), each accuracy held from its round's
+# end, 0 before round 1: seed 0 (0.5 x 60 + 0.7 x 60) / 180 = 0.4, seed 1 (0.6 + 0.82) x 60 /
+# 180 = 0.4733, seed 2 (0.5 + 0.6) x 60 / 180 = 0.3667 -> mean 0.4133, sample std 0.05457, CI
+# 4.3027 x 0.05457 / sqrt 3 = 0.1356.
 TARGET_ACCURACIES = {0: (0.5, 0.7, 0.85), 1: (0.6, 0.82, 0.85), 2: (0.5, 0.6, 0.7)}
 # Per-round device counters by seed; run totals (sum over 3 rounds), then mean over seeds:
 #   stragglers = seed each round -> 0, 3, 6 -> 3.0;  offline 1 each round -> 3, 3, 3 -> 3.0
@@ -216,9 +310,9 @@ def test_summarize_target_over_seeds_that_reached(device_runs: Path) -> None:
     (configuration,) = group_runs(load_runs([device_runs]))
     reach = summarize_target(configuration.runs, 0.8)
     assert (reach.num_reached, reach.num_runs) == (2, 3)
-    assert reach.rounds == pytest.approx((2.5, 0.7071), abs=1e-4)
-    assert reach.sim_time_s == pytest.approx((150.0, 42.4264), abs=1e-4)
-    assert reach.bytes == pytest.approx((7.5e6, 2.1213e6), rel=1e-4)
+    assert reach.rounds == pytest.approx((2.5, 6.3531), abs=1e-4)
+    assert reach.sim_time_s == pytest.approx((150.0, 381.186), abs=1e-3)
+    assert reach.bytes == pytest.approx((7.5e6, 1.90593e7), rel=1e-4)
     nobody = summarize_target(configuration.runs, 0.95)
     assert nobody.num_reached == 0 and all(math.isnan(v) for v in nobody.rounds)
 
@@ -247,16 +341,19 @@ def test_main_target_and_totals_columns(device_runs: Path, tmp_path: Path) -> No
     assert main(argv) == 0
     header, _, row = out.with_suffix(".md").read_text().splitlines()[:3]
     assert header.endswith(
-        "| final sim time | seeds reaching 0.8 | sim time to 0.8 | rounds to 0.8 | traffic to 0.8 "
-        "| stragglers | offline | infeasible | failed | energy (J) |"
+        "| final sim time | accuracy AUC to 3.0 min | seeds reaching 0.8 | sim time to 0.8 "
+        "| rounds to 0.8 | traffic to 0.8 | stragglers | offline | infeasible | failed "
+        "| energy (J) |"
     )
-    # 150 ± 42.43 s shows in min (>= 2 min): 2.50 ± 0.71; 7.5e6 ± 2.12e6 B -> MB; totals above
+    # 150 ± 381.2 s shows in min (>= 2 min): 2.50 ± 6.35; 7.5e6 ± 1.906e7 B -> MB; AUC and
+    # totals above
     assert row.endswith(
-        "| 3.0 min | 2/3 | 2.50 ± 0.71 min | 2.50 ± 0.71 | 7.50 ± 2.12 MB "
+        "| 3.0 min | 0.4133 ± 0.1356 | 2/3 | 2.50 ± 6.35 min | 2.50 ± 6.35 | 7.50 ± 19.06 MB "
         "| 3.0 | 3.0 | 0.0 | 0.3 | 60.0 |"
     )
     caption = out.with_suffix(".md").read_text()
     assert "first round with accuracy ≥ 0.8" in caption and "sum over a run's rounds" in caption
+    assert "the shortest run's end" in caption
 
 
 def test_main_target_without_device_fleet_has_no_sim_time(sweep: Path, tmp_path: Path) -> None:
@@ -342,10 +439,14 @@ def test_main_writes_png_and_table(sweep: Path, tmp_path: Path, capsys: Any) -> 
     header = out.read_bytes()[:8]
     assert header == PNG_MAGIC and out.stat().st_size > 1000
     table = out.with_suffix(".md").read_text()
-    assert "| strategy=FedAvg | 3 | 0.7200 ± 0.0200 | 0.7700 ± 0.0200 | 3 |" in table
-    assert "| strategy=FedProx | 3 | 0.8300 ± 0.0300 | 0.8800 ± 0.0300 | 3 |" in table
-    stdout = capsys.readouterr().out
-    assert "0.8300 ± 0.0300" in stdout and f"wrote {out}" in stdout
+    # seeds, final accuracy ± 95% CI, rank, paired t-test p against the best, best accuracy
+    assert "| strategy=FedAvg | 3 | 0.7200 ± 0.0497 | 2 | 0.003 | 0.7700 ± 0.0497 | 3 |" in table
+    assert "| strategy=FedProx | 3 | 0.8300 ± 0.0745 | 1 | best | 0.8800 ± 0.0745 | 3 |" in table
+    captured = capsys.readouterr()
+    assert "0.8300 ± 0.0745" in captured.out and f"wrote {out}" in captured.out
+    # 3 seeds each: a warning, in the table file and on stderr
+    warning = "fewer than 5 seeds in strategy=FedAvg (3), strategy=FedProx (3)"
+    assert warning in table and warning in captured.err
 
 
 def test_main_incomplete_run_and_sim_time(tmp_path: Path) -> None:
@@ -365,7 +466,8 @@ def test_main_incomplete_run_and_sim_time(tmp_path: Path) -> None:
     table = out.with_suffix(".md").read_text()
     # single configuration -> labelled by class; sim_time 180 s -> shown as 3.0 min
     assert (
-        "| FedAvg | 3 (1 incomplete) | 0.7200 ± 0.0200 | 0.7700 ± 0.0200 | 3 | 3.0 min |" in table
+        "| FedAvg | 3 (1 incomplete) | 0.7200 ± 0.0497 | 1 | best | 0.7700 ± 0.0497 | 3 | 3.0 min |"
+        in table
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fedsim.clients.base import TrainContext, TrainOutcome
-from fedsim.clients.loop import train_loop
+from fedsim.clients.loop import check_max_grad_norm, train_loop
 from fedsim.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.errors import ConfigError
 from fedsim.models import ModelFactory
@@ -45,6 +45,9 @@ class LocalSGD:
         L2 penalty.
     max_steps
         Optional cap on steps per round (null = no cap), e.g. to bound very large partitions.
+    max_grad_norm
+        Clip every step's gradient to this global L2 norm (null = no clipping), the same for
+        every strategy (clients/loop.py; default and source in conf/client/local_sgd.yaml).
 
     """
 
@@ -57,6 +60,7 @@ class LocalSGD:
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         max_steps: int | None = None,
+        max_grad_norm: float | None = 10.0,
     ) -> None:
         for key, value, ok, accepted in (
             ("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1"),
@@ -74,6 +78,7 @@ class LocalSGD:
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.max_steps = max_steps
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self._per_batch: dict[tuple, tuple[int, int]] = {}  # (batch size, shapes) -> (FLOPs, bytes)
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
@@ -120,4 +125,5 @@ class LocalSGD:
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
             max_steps=self.max_steps,
+            max_grad_norm=self.max_grad_norm,
         )

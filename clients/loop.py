@@ -9,8 +9,24 @@ hooks, in this order::
     before_train(model, ctx)                 once, the received global model loaded
     loss(model, batch, loss) -> loss         every step, after the forward pass
     after_backward(model, recompute)         every step, gradients in .grad, before the step
+    [clip]                                   every step: the shared ``client.max_grad_norm``
+    before_step(model)                       every step, after the clip (weight decay only)
     after_step(model)                        every step, after the optimizer step
     after_train(model, ctx, run) -> TermOutput   once: records for the reply, metrics
+
+**The same training rules for every strategy** (issue 14): every client behaviour steps through
+:func:`optimizer_step`, which clips the trainable parameters' gradient by its global norm
+(``torch.nn.utils.clip_grad_norm_``) to ``client.max_grad_norm`` *after* every term's ``loss``
+and ``after_backward`` hook and *before* the optimizer step. So the clip sees the whole loss
+gradient: the task loss, FedProx's and MOON's loss terms, DFL's distillation term, and what
+SCAFFOLD (c - c_i), FedDyn (linear + quadratic term) and FedSpeed (SAM gradient + prox-correction)
+add to ``.grad``; no strategy clips privately and no loss gradient bypasses the clip. This is
+FL-Simulator's rule (``client/client.py`` and every algorithm's client: ``loss.backward()``,
+``clip_grad_norm_(max_norm=10)``, ``optimizer.step()``), where SCAFFOLD's correction is a loss
+term and so clipped. Weight decay is not clipped, as in FL-Simulator where it lives inside the
+SGD optimizer: the optimizer's own ``weight_decay``, and FedSpeed's extra decay lambda * w
+(FL-Simulator: ``SGD(weight_decay=wd + lamb)``), which FedSpeed adds in ``before_step``; that
+hook is for such optimizer-side terms only, never for a loss gradient.
 
 A term object lives for one client-round, so per-round scratch (e.g. a copy of the global
 weights) is plain attributes; what must survive rounds goes to ``ctx.state``. Terms are
@@ -34,6 +50,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim import keys
 from fedsim.clients.base import TrainContext, TrainOutcome
+from fedsim.errors import ConfigError
 from fedsim.models import forward_with_features
 
 __all__ = [
@@ -42,6 +59,9 @@ __all__ = [
     "LocalRun",
     "TermOutput",
     "build_terms",
+    "check_max_grad_norm",
+    "clip_gradients",
+    "optimizer_step",
     "register_term",
     "snapshot",
     "state_tensors",
@@ -106,6 +126,13 @@ class ClientTerm:
         backpropagates it into fresh gradients (e.g. SAM's second gradient).
         """
 
+    def before_step(self, model: torch.nn.Module) -> None:
+        """Edit ``.grad`` after the shared clip, right before the optimizer step.
+
+        Only for what an optimizer would add itself (decoupled weight decay): a loss gradient
+        belongs in ``loss`` or ``after_backward``, where the clip sees it.
+        """
+
     def after_step(self, model: torch.nn.Module) -> None:
         """After every optimizer step."""
 
@@ -165,6 +192,46 @@ def state_tensors(
     if name in state:
         return dict(state[name].to_torch_state_dict())
     return {key: torch.zeros_like(value) for key, value in like.items()}
+
+
+# --- the step, shared by every client behaviour --------------------------------------------------
+def check_max_grad_norm(value: object) -> float | None:
+    """``client.max_grad_norm`` as a float (null: no clipping), or a one-line ConfigError."""
+    if value is None:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    if not ok:  # also refuses NaN (NaN > 0 is False)
+        raise ConfigError("client.max_grad_norm", value, "must be null (no clip) or a number > 0")
+    return float(value)  # type: ignore[arg-type]
+
+
+def clip_gradients(model: torch.nn.Module, max_grad_norm: float | None) -> None:
+    """Scale the trainable parameters' ``.grad`` so their global L2 norm is <= ``max_grad_norm``.
+
+    One norm over all tensors (not per tensor), as ``torch.nn.utils.clip_grad_norm_``: a
+    gradient (3, 4) with max norm 1 becomes (0.6, 0.8); below the norm nothing changes.
+    """
+    if max_grad_norm is not None:
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm=max_grad_norm)
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    terms: Sequence[ClientTerm],
+    recompute: Callable[[], None],
+    max_grad_norm: float | None,
+) -> None:
+    """One step after ``loss.backward()``: terms' gradients, the clip, the update (module doc)."""
+    for term in terms:
+        term.after_backward(model, recompute)
+    clip_gradients(model, max_grad_norm)
+    for term in terms:
+        term.before_step(model)
+    optimizer.step()
+    for term in terms:
+        term.after_step(model)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -232,6 +299,7 @@ def train_loop(
     max_steps: int | None = None,
     loss_fn: LossFn = torch.nn.functional.cross_entropy,
     terms: Sequence[ClientTerm] | None = None,
+    max_grad_norm: float | None = None,
 ) -> TrainOutcome:
     """Train ``model`` in place: ``local_epochs`` shuffled passes of mini-batch steps.
 
@@ -239,6 +307,7 @@ def train_loop(
     gives logits (B, C) and ``loss_fn(logits, labels)`` the task loss. Batches are shuffled with
     ``ctx.generator``; at most ``max_steps`` steps run. ``terms`` default to those the train
     config names (:func:`build_terms`). The reported loss includes the terms' loss hooks.
+    Every step clips the gradient to ``max_grad_norm`` (None: no clip; :func:`optimizer_step`).
     """
     terms = build_terms(ctx.config) if terms is None else list(terms)
     needs_features = any(term.needs_features for term in terms)
@@ -263,11 +332,7 @@ def train_loop(
             recompute = partial(
                 _backward, optimizer, model, inputs, labels, loss_fn, terms, needs_features, idx
             )
-            for term in terms:
-                term.after_backward(model, recompute)
-            optimizer.step()
-            for term in terms:
-                term.after_step(model)
+            optimizer_step(model, optimizer, terms, recompute, max_grad_norm)
             steps += 1
             loss_sum += float(loss.detach())
     group = optimizer.param_groups[0]

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedsim.clients.base import TrainContext, TrainOutcome
-from fedsim.clients.loop import train_loop
+from fedsim.clients.loop import check_max_grad_norm, train_loop
 from fedsim.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.errors import ConfigError
 from fedsim.models import ModelFactory, TextClassifier, TextClassifierModel, check_full_width
@@ -93,6 +93,9 @@ class PeftTuning:
         Keyword arguments of ``peft.LoraConfig`` / ``peft.IA3Config`` (empty for ``full``).
     local_epochs, batch_size, lr, weight_decay, max_steps
         Local AdamW training per round; the optimizer state is fresh every round.
+    max_grad_norm
+        Clip every step's gradient to this global L2 norm (null = no clipping), the same for
+        every strategy (clients/loop.py; default and source in conf/client/local_sgd.yaml).
 
     """
 
@@ -106,6 +109,7 @@ class PeftTuning:
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         max_steps: int | None = None,
+        max_grad_norm: float | None = 10.0,
     ) -> None:
         if method not in _METHODS:
             raise ConfigError("client.method", method, f"must be one of {list(_METHODS)}")
@@ -128,6 +132,7 @@ class PeftTuning:
         self.method, self.adapter = method, dict(adapter or {})
         self.local_epochs, self.batch_size, self.lr = local_epochs, batch_size, float(lr)
         self.weight_decay, self.max_steps = float(weight_decay), max_steps
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self._per_batch: dict[tuple, tuple[int, int]] = {}  # (batch size, shapes) -> (FLOPs, bytes)
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
@@ -149,6 +154,7 @@ class PeftTuning:
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
             max_steps=self.max_steps,
+            max_grad_norm=self.max_grad_norm,
         )
 
     def device_cost(

@@ -3,11 +3,16 @@
 Per local step (``client/fedspeed.py``, ``optimizer/ESAM.py`` of woodenchild95/FL-Simulator)::
 
     g1 = grad f(w);  w~ = w + rho * g1 / (||g1|| + 1e-7);  g2 = grad f(w~);  back to w
-    g  = clip(g2 + lambda * (h_i - w_t), max_norm = grad_clip) + lambda * w
+    g  = clip(g2 + lambda * (h_i - w_t), max_norm = 10) + lambda * w
     w <- SGD step with g (plus the client's own weight decay and momentum)
 
 The code writes the prox-correction as SGD ``weight_decay = wd + lambda`` plus the loss term
 ``lambda * <w, h_i - w_t>``; the clip sees the loss term's gradient but not the decay, as here.
+The clip is not FedSpeed's: FL-Simulator clips every algorithm's clients at max norm 10, and
+fedsim does the same for every strategy with ``client.max_grad_norm`` in the shared step
+(clients/loop.py ``optimizer_step``): this term adds g2 and the correction in ``after_backward``
+(before the clip) and the decay lambda * w in ``before_step`` (after it). The former private
+knob ``strategy.grad_clip`` is refused with a pointer to ``client.max_grad_norm``.
 After training ``h_i <- h_i + (w_i^K - w_t)`` (``server/FedSpeed.py``: the server keeps every
 h_i, an N x d tensor), and ``w_{t+1} = mean_S(w_i^K) + mean_{all N}(h_j)``.
 
@@ -42,10 +47,12 @@ from fedsim.clients.loop import (
     state_tensors,
     trainable,
 )
+from fedsim.errors import ConfigError
 from fedsim.strategies.common import (
     Tensors,
     check_number,
     client_models,
+    count_nodes,
     to_numpy,
     to_record,
     zeros_like,
@@ -83,13 +90,12 @@ def fedspeed_server_update(
 
 @register_term(NAME)
 class FedSpeedTerm(ClientTerm):
-    """Client side: ESAM gradient, prox-correction, clip; h_i updated after training."""
+    """Client side: ESAM gradient, prox-correction, (shared clip), decay; h_i updated after."""
 
     def __init__(self, config: ConfigRecord) -> None:
         super().__init__(config)
         self.rho = float(config[keys.FEDSPEED_RHO])
         self.lamb = float(config[keys.FEDSPEED_LAMBDA])
-        self.grad_clip = float(config[keys.FEDSPEED_GRAD_CLIP])
 
     def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
         """Keep w_t; read h_i (zero at first); precompute lambda * (h_i - w_t)."""
@@ -98,7 +104,7 @@ class FedSpeedTerm(ClientTerm):
         self.correction = {k: self.lamb * (self.dual[k] - self.w_global[k]) for k in self.dual}
 
     def after_backward(self, model: torch.nn.Module, recompute: Callable[[], None]) -> None:
-        """Replace ``.grad`` (g1, the task gradient) by the FedSpeed gradient above."""
+        """Replace ``.grad`` (g1, the task gradient) by ``g2 + lambda * (h_i - w_t)``."""
         params = trainable(model)
         if self.rho > 0:
             with_grad = {k: p for k, p in params.items() if p.grad is not None}
@@ -114,10 +120,12 @@ class FedSpeedTerm(ClientTerm):
             for name, p in params.items():
                 corr = self.correction[name]
                 p.grad = corr.clone() if p.grad is None else p.grad.add_(corr)
-        torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm=self.grad_clip)
+
+    def before_step(self, model: torch.nn.Module) -> None:
+        """After the shared clip: ``+ lambda * w``, the code's extra SGD weight decay (no clip)."""
         with torch.no_grad():
-            for p in params.values():
-                p.grad.add_(p, alpha=self.lamb)  # the code's extra weight decay lambda
+            for p in trainable(model).values():
+                p.grad.add_(p, alpha=self.lamb)
 
     def after_train(self, model: torch.nn.Module, ctx: TrainContext, run: LocalRun) -> TermOutput:
         """``h_i <- h_i + (w_i^K - w_t)`` into the client's state."""
@@ -138,19 +146,25 @@ class FedSpeed(FedAvg):
     lamb
         Prox-correction weight lambda (FL-Simulator default 0.1).
     grad_clip
-        Max global gradient norm per step (FL-Simulator's ``max_norm`` = 10).
+        Removed (issue 14), kept only to refuse a value: null, or a ConfigError pointing to
+        ``client.max_grad_norm``, the one clip of every strategy.
     **fedavg_kwargs
         Flower FedAvg's arguments (sampling fractions, minimum nodes, ...).
 
     """
 
     def __init__(
-        self, *, rho: float = 0.1, lamb: float = 0.1, grad_clip: float = 10.0, **fedavg_kwargs: Any
+        self, *, rho: float = 0.1, lamb: float = 0.1, grad_clip: None = None, **fedavg_kwargs: Any
     ) -> None:
+        if grad_clip is not None:  # an old command line or run folder: say where the clip went
+            raise ConfigError(
+                "strategy.grad_clip",
+                grad_clip,
+                "removed: one gradient clip for every strategy, set client.max_grad_norm",
+            )
         super().__init__(**fedavg_kwargs)
         self.rho = check_number("rho", rho, 0.0)
         self.lamb = check_number("lamb", lamb, 0.0)
-        self.grad_clip = check_number("grad_clip", grad_clip, 0.0, inclusive=False)
         self.mean_dual: Tensors | None = None  # H = mean over all N clients of h_j
         self.current_arrays: ArrayRecord | None = None  # w_t
         self.num_clients = 0  # N, all clients
@@ -162,11 +176,10 @@ class FedSpeed(FedAvg):
         if self.mean_dual is None:
             self.mean_dual = zeros_like(arrays)
         self.current_arrays = arrays
-        self.num_clients = len(list(grid.get_node_ids()))
+        self.num_clients = count_nodes(grid)
         config[keys.CLIENT_TERMS] = [NAME]
         config[keys.FEDSPEED_RHO] = self.rho
         config[keys.FEDSPEED_LAMBDA] = self.lamb
-        config[keys.FEDSPEED_GRAD_CLIP] = self.grad_clip
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(

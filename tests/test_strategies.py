@@ -129,7 +129,7 @@ def test_moon_contrastive_loss_by_hand() -> None:
         (FedNova, {"eta_g": -1.0}, "strategy.eta_g"),
         (FedDyn, {"alpha": 0.0}, "strategy.alpha"),
         (FedSpeed, {"rho": -0.1}, "strategy.rho"),
-        (FedSpeed, {"grad_clip": 0}, "strategy.grad_clip"),
+        (FedSpeed, {"grad_clip": 10.0}, "strategy.grad_clip"),  # removed: client.max_grad_norm
         (Moon, {"temperature": 0.0}, "strategy.temperature"),
         (Moon, {"mu": "big"}, "strategy.mu"),
     ],
@@ -152,7 +152,9 @@ def _half_square(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((outputs.squeeze(-1) - labels) ** 2).mean()
 
 
-def _train(model, config: dict, state=None, received=None, steps: int = 2, lr: float = 0.1):
+def _train(
+    model, config, state=None, received=None, steps: int = 2, lr: float = 0.1, max_grad_norm=None
+):
     data = {"input": torch.ones(steps, 1), "label": torch.zeros(steps)}  # two identical examples
     ctx = TrainContext(
         0,
@@ -164,7 +166,14 @@ def _train(model, config: dict, state=None, received=None, steps: int = 2, lr: f
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     outcome = train_loop(
-        model, data, ctx, optimizer, local_epochs=1, batch_size=1, loss_fn=_half_square
+        model,
+        data,
+        ctx,
+        optimizer,
+        local_epochs=1,
+        batch_size=1,
+        loss_fn=_half_square,
+        max_grad_norm=max_grad_norm,
     )
     return outcome, ctx
 
@@ -220,9 +229,8 @@ def test_fedspeed_term_one_step_by_hand() -> None:
         keys.CLIENT_TERMS: ["fedspeed"],
         keys.FEDSPEED_RHO: 0.1,
         keys.FEDSPEED_LAMBDA: 0.1,
-        keys.FEDSPEED_GRAD_CLIP: 10.0,
     }
-    _, ctx = _train(model, config, state, steps=1)
+    _, ctx = _train(model, config, state, steps=1, max_grad_norm=10.0)
     # g1 = 1; w~ = 1 + 0.1 * 1 / 1 = 1.1; g2 = 1.1; + lambda (h - w_t) = 0.1 * (0.5 - 1)
     # -> 1.05 (below the clip); + lambda * w = 0.1 -> 1.15; w = 1 - 0.1 * 1.15 = 0.885
     assert _w(model) == pytest.approx(0.885, abs=1e-6)
@@ -236,9 +244,8 @@ def test_fedspeed_term_clips_before_the_decay() -> None:
         keys.CLIENT_TERMS: ["fedspeed"],
         keys.FEDSPEED_RHO: 0.0,
         keys.FEDSPEED_LAMBDA: 0.1,
-        keys.FEDSPEED_GRAD_CLIP: 0.5,
     }
-    _train(model, config, steps=1)
+    _train(model, config, steps=1, max_grad_norm=0.5)  # the shared clip, before FedSpeed's decay
     # g = 1 + 0.1 * (0 - 1) = 0.9 -> clipped to 0.5; + 0.1 * 1 = 0.6; w = 1 - 0.06 = 0.94
     assert _w(model) == pytest.approx(0.94, abs=1e-6)
 

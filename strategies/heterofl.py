@@ -10,7 +10,11 @@ Width assignment, our decision for a device fleet (HeteroFL assigns rates by fix
 ``widths`` whose job fits its device's memory and, if ``latency_budget_s`` is set, whose latency
 under the device's *nominal* capacities (profile compute and bandwidth, no dynamics) fits the
 budget; if none fits, the smallest. This is the "assign as large a subnetwork as the full
-capacity allows" baseline WHALE-FL argues against (methods.md 3.2).
+capacity allows" baseline WHALE-FL argues against (methods.md 3.2). The budget is the
+strategy's own estimate; the clock's deadline (``clock.deadline_s``, the scheduler drops updates
+later than it) is separate, so the WHALE-FL tables show both "HeteroFL" (budget only: the round
+waits for every phone) and "HeteroFL with the same deadline" (``strategy.latency_budget_s=D
+clock.deadline_s=D``, the deadline WHALE-FL runs with).
 
 Not implemented (our model has no BatchNorm and every client sees every class): HeteroFL's
 static BN, its ``Scaler`` (``x / p`` in training) and the label-split masked loss. With every
@@ -61,14 +65,16 @@ def expected_latency_s(
     payload_bytes: int,
     server_flops: int,
     server_gflops: float,
+    extra_upload_bytes: float = 0.0,
 ) -> float:
     """Download + compute + upload + server seconds of a job, before it runs.
 
-    The model travels both ways (``payload_bytes`` each); bytes a method uploads besides the
-    model (side-tuning's activations) are measured only after the round, so they are not in
-    the estimate.
+    The model travels both ways (``payload_bytes`` each); the device also uploads
+    ``extra_upload_bytes`` (side-tuning's activations: an estimate, they are measured only after
+    the round, ``FederationView.observed``).
     """
-    work = ClientWork(train_flops, payload_bytes, payload_bytes, 0, server_flops)
+    upload = payload_bytes + round(extra_upload_bytes)
+    work = ClientWork(train_flops, payload_bytes, upload, 0, server_flops)
     return client_latency(state, work, server_gflops).total_s
 
 
@@ -122,13 +128,18 @@ class HeteroFL(FedAvg):
         self.layout: SlimLayout | None = None
         self.current: Tensors | None = None  # the global tensors sliced this round
         self.assigned: dict[int, Indices] = {}  # partition id -> indices it trains this round
+        # The view's ObservationLog state (what the server measured): kept here so that it is
+        # checkpointed with the strategy; bind() takes a resumed run's back.
+        self.observed: dict[str, Any] = {}
         self._fixed: dict[int, tuple[float, float]] = {}  # pid -> (width, nominal latency s)
 
     # ------------------------------------------------------------------ hooks for subclasses
     def bind(self, view: FederationView) -> None:
-        """Injected by ``Federation.build``: the fleet, its conditions and the cost model."""
+        """Injected by ``Federation.build``: what the server knows of the fleet, the cost model."""
         self.view = view
         self.layout = view.slim_layout()
+        view.observations.restore(self.observed)  # a resumed run: what it had measured
+        self.observed = view.observations.state()  # the log's own containers, checkpointed
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Before the run folder is claimed: the model must have width axes (ConfigError)."""
@@ -217,7 +228,9 @@ class HeteroFL(FedAvg):
         assert self.layout is not None
         return self.layout
 
-    def expected_latency(self, pid: int, width: float, state: DeviceState) -> float:
+    def expected_latency(
+        self, pid: int, width: float, state: DeviceState, extra_upload_bytes: float = 0.0
+    ) -> float:
         """Seconds the client's job at ``width`` would take under ``state``."""
         view = self._view()
         cost = view.cost(pid, width)
@@ -227,7 +240,20 @@ class HeteroFL(FedAvg):
             view.payload_bytes(width),
             cost.server_flops,
             view.server_gflops,
+            extra_upload_bytes,
         )
+
+    def extra_upload_estimate(self, pid: int, server_round: int, width: float) -> float:
+        """Bytes the device will send besides its tensors in ``server_round`` (activations).
+
+        Its own last measurement; never measured: the fleet's bytes per device FLOP measured so
+        far times its job's FLOPs (0 before any measurement).
+        """
+        view = self._view()
+        sent = view.observed(pid, server_round).extra_upload_bytes
+        if sent is not None:
+            return sent
+        return view.extra_upload_bytes_per_flop(server_round) * view.cost(pid, width).train_flops
 
     def fits_memory(self, pid: int, width: float) -> bool:
         """Whether the job at ``width`` fits the device's memory (the scheduler's own test)."""

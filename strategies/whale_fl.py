@@ -1,51 +1,147 @@
-"""WHALE-FL (Su et al., arXiv 2405.00885): every device picks its sub-model width every round.
+"""WHALE-FL (Su et al., arXiv 2405.00885): every device's sub-model width is chosen every round.
 
-Verified structure (methods.md 3.2): each round a device chooses its subnetwork size from a
-utility of (a) its compute and communication capacity, (b) its *current* conditions and (c) the
-FL training status, mapped to a discrete set of widths; sub-models are width slices (HeteroFL
-extraction, ``fedsim/slicing.py``) merged coordinate-wise. The paper's formula is OPEN
-(methods.md 8); everything below is the methods file's decision (3.4), not the paper's, and
-every term is a constructor argument (conf/strategy/whale_fl.yaml)::
+Sub-models are width slices (HeteroFL extraction, ``fedsim/slicing.py``) merged coordinate-wise
+(HeteroFL's ``combine``), as in the official code. The utility is a knob, ``utility``:
 
-    T_i^t(p)  = expected download + compute + upload (+ server) seconds of client i's job at
-                width p, under its conditions of round t (the device model's dynamics): FLOPs
-                and memory counted on the width-p sub-model, bytes of its tensors
-    T_ref^t   = the reference_quantile of T_i^t(max width) over the round's online clients
-    phi_t     = FI_t / max_{tau <= t} FI_tau      FI_t = mean of the last fisher_window FIs
-    U_i^t(p)  = -T_i^t(p) / T_ref^t + tradeoff * phi_t * p
-    p_i^t     = argmax of U over the widths whose job fits the device's memory (and
-                latency_budget_s, if set); ties go to the larger width
+``paper`` (default): the official code's formula (BESTTOOLBOX/WHALE-FL ``On-Server/train_main.py``
+@bf43bae, methods.md 3.5), per sampled device n of round t::
 
-Decisions beyond methods.md 3.4, each flagged here:
+    t_cmp  = its compute seconds for the round's job at the smallest width (1/16)
+    t_com  = its seconds to upload the full-width tensors plus the bytes it sends besides them
+             (side-tuning's activations)
+    T_n    = its compute seconds at the width it was sent last time (never: the smallest) + t_com
+    T_min  = min of T over the round's devices;  L1, L2 = its last two reported training losses
+    D1     = (1 + |L2 - L1|) ** (a + b) if L2 >= loss_threshold else (1 + |L2 - L1|) ** b
+    D2     = c * T_min / T_n if |L2 - L1| <= loss_change_threshold else 0
+    W_n    = (1 / t_cmp + 1 / t_com) * (1 + L2 / D1) ** D2          (times in time_unit_s)
+    s_n    = sigmoid(W_n), min-max scaled over the round's devices
+    width  = 1 if s >= 0.8, 1/2 if s >= 0.6, 1/4 if s >= 0.4, 1/8 if s >= 0.2, else 1/16
 
-* **Fisher information** (OPEN how the paper computes it). methods.md suggests the empirical
-  Fisher trace of the global model on a probe batch per client; a side-tuning client trains on
-  the server without the shared loop, so no client-side probe runs everywhere. We use the
-  empirical Fisher of the clients' *pseudo-gradients*: per client the mean over its sub-model's
-  coordinates of (w_local - w_global)^2, example-weighted over the round's clients. Per
-  coordinate, so sub-models of different widths are comparable. It is measured after round t,
-  so phi for round t uses rounds < t; before any measurement phi = ``initial_status``.
-* **T_ref** (OPEN normalisation): a per-round quantile over clients, so a device slower than
-  the reference pays more per unit width. With T roughly proportional to p^2 the optimum is
-  near ``p = tradeoff * phi * T_ref / (2 T_i(1))``.
-* Bytes a method uploads besides the model (side-tuning's activations) are known only after
-  the round: T leaves them out.
+Defaults a = 1, b = 0, c = 1, thresholds 1.5 and 0.5, losses starting at 1: the code's values.
+The device speeds come from ``FederationView.observed``: what the server measured in the
+device's earlier rounds (the profile's nominal values before its first), never the draw of the
+round being decided (the code uses a table measured once per device; neither sees the future).
+What the code leaves to us, each a decision, each a knob or flagged here:
+
+* **Units** (``time_unit_s``, default 1 s as in the code). W has units 1/time, and the sigmoid
+  saturates near W = 37: in float64 sigmoid(W) is then exactly 1. The code's devices need
+  0.1-0.3 s per round at width 1/16 (W ~ 5-15); a job that takes microseconds at 1/16 (the
+  digits CNN: 6-35 us on our phones, W ~ 3e4) saturates for every device, and all tie.
+* **Ties**: when every scaled score is equal (one device, identical devices, or a saturated
+  sigmoid) the code divides 0 by 0; we give every device scaled score 1, i.e. the full width
+  (no device is slower than another). On ``devices=uniform`` every device then trains width 1
+  and WHALE-FL is FedAvg (tests/test_whale_fl.py).
+* **Which devices are scaled together**: the round's sampled devices that checked in (online);
+  the code scales over its whole (fully participating) population.
+* **Losses**: a device's last two reported mean training losses (methods.md 3.5). Under partial
+  participation the code copies L2 into L1 for every device every round, so a device that did
+  not train last round has |L2 - L1| = 0; we keep its own last two. A dropped straggler's loss
+  never reaches the strategy.
+* **Fit**: a width whose job does not fit the device's memory (or ``latency_budget_s``, if set,
+  under the observed rates) is replaced by the largest smaller one that fits (the code's devices
+  all fit every width).
+* **The width set**: any ``widths`` (largest first, k of them) split [0, 1] at (k-1)/k, ...,
+  1/k: for the five default widths exactly the code's 0.8, 0.6, 0.4, 0.2.
+
+``latency_fisher``: the methods file's candidate before the code was known (methods.md 3.4, all
+decisions)::
+
+    U_i^t(p)  = -T_i^t(p) / T_ref^t + tradeoff * phi_t * p,   p_i^t = argmax over fitting widths
+
+with T_i^t(p) the expected download + compute + upload (+ server) seconds under the device's
+last measured rates (including the bytes it sends besides its tensors), T_ref^t the
+``reference_quantile`` of the round's full-width T, phi_t = FI_t / max FI over rounds, FI the
+windowed (``fisher_window``) example-weighted mean squared pseudo-gradient per coordinate
+(``initial_status`` before any). It peaks near p = phi T_ref / (2 T(1)): on a uniform fleet
+every device gets width 1/2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedsim import keys
+from fedsim.cohort import partition_id_of
+from fedsim.devices import ClientWork, DeviceState, client_latency
 from fedsim.errors import ConfigError
 from fedsim.slicing import Indices, slice_state
 from fedsim.strategies.heterofl import DEFAULT_WIDTHS, HeteroFL
 
-__all__ = ["WhaleFL", "choose_width", "pseudo_gradient_fisher", "training_status", "utility"]
+__all__ = [
+    "UTILITIES",
+    "WhaleFL",
+    "choose_width",
+    "loss_factors",
+    "paper_score",
+    "pseudo_gradient_fisher",
+    "scaled_scores",
+    "training_status",
+    "utility",
+    "width_of_scaled",
+]
+
+#: ``strategy.utility``: the official code's formula, or methods.md 3.4's candidate.
+UTILITIES = ("paper", "latency_fisher")
 
 
+# --- the official code's utility (module docstring, ``utility: paper``) -------------------------
+def loss_factors(
+    loss_prev: float,
+    loss_last: float,
+    t_min_s: float,
+    t_last_s: float,
+    *,
+    a: float,
+    b: float,
+    c: float,
+    loss_threshold: float,
+    loss_change_threshold: float,
+) -> tuple[float, float]:
+    """``(D1, D2)``: how the training status bends a device's speed score."""
+    change = abs(loss_last - loss_prev)
+    d1 = (1.0 + change) ** (a + b if loss_last >= loss_threshold else b)
+    d2 = c * t_min_s / t_last_s if change <= loss_change_threshold else 0.0
+    return d1, d2
+
+
+def paper_score(t_cmp: float, t_com: float, loss_last: float, d1: float, d2: float) -> float:
+    """``W = (1 / t_cmp + 1 / t_com) * (1 + L2 / D1) ** D2`` (times in one unit; 0 s: W = inf)."""
+    speed = sum(1.0 / t if t > 0 else math.inf for t in (t_cmp, t_com))
+    return speed * (1.0 + loss_last / d1) ** d2
+
+
+def scaled_scores(scores: Sequence[float], among: Sequence[int] | None = None) -> list[float]:
+    """sigmoid(W), min-max scaled over ``among`` (indices; default all), clipped to [0, 1].
+
+    All equal (including a sigmoid saturated to 1.0 in float64): every one scaled 1 (decision:
+    the code divides 0 by 0 there).
+    """
+    sig = [1.0 / (1.0 + math.exp(-w)) if w > -700 else 0.0 for w in scores]
+    ref = [sig[i] for i in (range(len(sig)) if among is None else among)] or sig
+    low, high = min(ref), max(ref)
+    if high == low:
+        return [1.0] * len(sig)
+    return [min(1.0, max(0.0, (x - low) / (high - low))) for x in sig]
+
+
+def width_of_scaled(scaled: float, widths: Sequence[float]) -> float:
+    """``widths`` (largest first, k of them): scaled >= (k-1-i)/k -> widths[i], else the last.
+
+    For k = 5: >= 0.8 -> widths[0], >= 0.6 -> widths[1], ..., < 0.2 -> widths[4] (the code's).
+    """
+    k = len(widths)
+    for i, width in enumerate(widths[:-1]):
+        if scaled >= (k - 1 - i) / k:
+            return width
+    return widths[-1]
+
+
+# --- methods.md 3.4's candidate (``utility: latency_fisher``) -----------------------------------
 def utility(
     latency_s: float, reference_s: float, status: float, width: float, tradeoff: float
 ) -> tuple[float, float, float]:
@@ -100,7 +196,7 @@ def pseudo_gradient_fisher(
     return total / weight if weight else 0.0
 
 
-def _positive(key: str, value: Any, *, allow_zero: bool = False) -> float:
+def _number(key: str, value: Any, *, allow_zero: bool = True) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
@@ -110,27 +206,49 @@ def _positive(key: str, value: Any, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def _compute_upload_s(
+    state: DeviceState, train_flops: int, upload_bytes: float
+) -> tuple[float, float]:
+    """Compute and upload seconds of a job under ``state`` (the clock's own formula)."""
+    latency = client_latency(state, ClientWork(train_flops, 0, round(upload_bytes), 0), 1.0)
+    return latency.compute_s, latency.upload_s
+
+
 class WhaleFL(HeteroFL):
-    """Per-round width choice by a latency / training-status utility (module docstring).
+    """Per-round widths from the official code's utility or methods.md 3.4's (module docstring).
 
     Parameters
     ----------
-    tradeoff
-        lambda: weight of the training term against the system term (decision: 1.0).
-    fisher_window
-        W: rounds in the Fisher window (decision: 5).
-    initial_status
-        phi before any Fisher measurement (decision: 1.0, the status at its peak).
-    reference_quantile
-        Which quantile of the round's full-width latencies is T_ref (decision: 0.5, median).
+    utility
+        ``paper`` (the official code's formula) or ``latency_fisher`` (methods.md 3.4).
+    loss_power_a, loss_power_b, speed_weight_c
+        The code's a, b, c (1, 0, 1): D1's exponents and D2's weight (``paper``).
+    loss_threshold, loss_change_threshold
+        The code's L_th (1.5) and dL_th (0.5) (``paper``).
+    initial_loss
+        L1 and L2 of a device that has not reported yet (the code: 1) (``paper``).
+    time_unit_s
+        Seconds per unit of the times in W (decision: 1, the code's seconds) (``paper``).
+    tradeoff, fisher_window, initial_status, reference_quantile
+        ``latency_fisher`` only: lambda (1.0), W (5), phi before any measurement (1.0), which
+        quantile of the round's full-width latencies is T_ref (0.5); all decisions.
     widths, latency_budget_s, **fedavg_kwargs
-        As :class:`~fedsim.strategies.heterofl.HeteroFL` (the budget, if set, removes widths).
+        As :class:`~fedsim.strategies.heterofl.HeteroFL` (the budget, if set, removes widths
+        whose estimated round under the observed rates is longer).
 
     """
 
     def __init__(
         self,
         *,
+        utility: str = "paper",
+        loss_power_a: float = 1.0,
+        loss_power_b: float = 0.0,
+        speed_weight_c: float = 1.0,
+        loss_threshold: float = 1.5,
+        loss_change_threshold: float = 0.5,
+        initial_loss: float = 1.0,
+        time_unit_s: float = 1.0,
         tradeoff: float = 1.0,
         fisher_window: int = 5,
         initial_status: float = 1.0,
@@ -140,7 +258,17 @@ class WhaleFL(HeteroFL):
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(widths=widths, latency_budget_s=latency_budget_s, **fedavg_kwargs)
-        self.tradeoff = _positive("tradeoff", tradeoff, allow_zero=True)
+        if utility not in UTILITIES:
+            raise ConfigError("strategy.utility", utility, f"must be one of {', '.join(UTILITIES)}")
+        self.utility = utility
+        self.loss_power_a = _number("loss_power_a", loss_power_a)
+        self.loss_power_b = _number("loss_power_b", loss_power_b)
+        self.speed_weight_c = _number("speed_weight_c", speed_weight_c)
+        self.loss_threshold = _number("loss_threshold", loss_threshold)
+        self.loss_change_threshold = _number("loss_change_threshold", loss_change_threshold)
+        self.initial_loss = _number("initial_loss", initial_loss)
+        self.time_unit_s = _number("time_unit_s", time_unit_s, allow_zero=False)
+        self.tradeoff = _number("tradeoff", tradeoff)
         if (
             isinstance(fisher_window, bool)
             or not isinstance(fisher_window, int)
@@ -148,7 +276,7 @@ class WhaleFL(HeteroFL):
         ):
             raise ConfigError("strategy.fisher_window", fisher_window, "must be an integer >= 1")
         self.fisher_window = fisher_window
-        self.initial_status = _positive("initial_status", initial_status, allow_zero=True)
+        self.initial_status = _number("initial_status", initial_status)
         if (
             isinstance(reference_quantile, bool)
             or not isinstance(reference_quantile, int | float)
@@ -158,19 +286,101 @@ class WhaleFL(HeteroFL):
                 "strategy.reference_quantile", reference_quantile, "must be in [0, 1]"
             )
         self.reference_quantile = float(reference_quantile)
-        self.fisher_history = np.zeros(0)  # FI_t per aggregated round (checkpointed)
+        # Checkpointed state: FI_t per aggregated round (latency_fisher); per device its last
+        # two reported training losses [L1, L2] and the width it was sent last (paper).
+        self.fisher_history = np.zeros(0)
+        self.losses: dict[int, list[float]] = {}
+        self.sent_width: dict[int, float] = {}
 
     def assign_widths(
         self, partition_ids: Sequence[int], server_round: int
     ) -> dict[int, tuple[float, dict[str, float]]]:
-        """Each client's utility-maximising width under its conditions of this round."""
-        view = self._view()
-        states = {pid: view.conditions(pid, server_round) for pid in partition_ids}
-        latencies = {
-            pid: [self.expected_latency(pid, w, states[pid]) for w in self.widths]
-            for pid in partition_ids
+        """Each sampled client's width this round, from what the server knows before it."""
+        if self.utility == "paper":
+            return self._paper_widths(partition_ids, server_round)
+        return self._latency_fisher_widths(partition_ids, server_round)
+
+    def _fitting_width(self, pid: int, width: float, latency_s: Mapping[float, float]) -> float:
+        """``width``, or the largest smaller one whose job fits memory (and the budget)."""
+        for w in (w for w in self.widths if w <= width):
+            budget_ok = self.latency_budget_s is None or latency_s[w] <= self.latency_budget_s
+            if self.fits_memory(pid, w) and budget_ok:
+                return w
+        return self.widths[-1]
+
+    def _expected_latencies(self, pid: int, server_round: int) -> dict[float, float]:
+        """Width -> estimated round seconds under the last measured rates, all it sends."""
+        state = self._view().observed(pid, server_round).state()
+        return {
+            w: self.expected_latency(
+                pid, w, state, self.extra_upload_estimate(pid, server_round, w)
+            )
+            for w in self.widths
         }
-        online = [pid for pid in partition_ids if states[pid].online] or list(partition_ids)
+
+    def _paper_times(self, pid: int, server_round: int) -> tuple[float, float, float]:
+        """``(t_cmp, t_com, T_n)`` in seconds, under the device's last measured rates."""
+        view = self._view()
+        state = view.observed(pid, server_round).state()
+        largest, smallest = self.widths[0], self.widths[-1]
+        sent = view.payload_bytes(largest) + self.extra_upload_estimate(pid, server_round, largest)
+        t_com = _compute_upload_s(state, 0, sent)[1]
+        t_cmp = _compute_upload_s(state, view.cost(pid, smallest).train_flops, 0)[0]
+        last = view.cost(pid, self.sent_width.get(pid, smallest)).train_flops
+        return t_cmp, t_com, _compute_upload_s(state, last, 0)[0] + t_com
+
+    def _paper_score(self, pid: int, times: tuple[float, float, float], t_min: float) -> dict:
+        """W of one device and its terms (the clients.jsonl fields)."""
+        t_cmp, t_com, t_last = times
+        loss_prev, loss_last = self.losses.get(pid, [self.initial_loss] * 2)
+        d1, d2 = loss_factors(
+            loss_prev,
+            loss_last,
+            t_min,
+            t_last,
+            a=self.loss_power_a,
+            b=self.loss_power_b,
+            c=self.speed_weight_c,
+            loss_threshold=self.loss_threshold,
+            loss_change_threshold=self.loss_change_threshold,
+        )
+        unit = self.time_unit_s
+        return {
+            "score": paper_score(t_cmp / unit, t_com / unit, loss_last, d1, d2),
+            "t_cmp_s": t_cmp,
+            "t_com_s": t_com,
+            "t_last_s": t_last,
+            "loss_change": abs(loss_last - loss_prev),
+            "d1": d1,
+            "d2": d2,
+        }
+
+    def _paper_widths(
+        self, partition_ids: Sequence[int], server_round: int
+    ) -> dict[int, tuple[float, dict[str, float]]]:
+        view = self._view()
+        times = {pid: self._paper_times(pid, server_round) for pid in partition_ids}
+        online = [i for i, pid in enumerate(partition_ids) if view.online(pid, server_round)]
+        t_min = min(times[partition_ids[i]][2] for i in online or range(len(partition_ids)))
+        fields = [self._paper_score(pid, times[pid], t_min) for pid in partition_ids]
+        scaled = scaled_scores([f["score"] for f in fields], online or None)
+        out = {}
+        for pid, terms, s in zip(partition_ids, fields, scaled, strict=True):
+            latency = self._expected_latencies(pid, server_round)
+            width = self._fitting_width(pid, width_of_scaled(s, self.widths), latency)
+            self.sent_width[pid] = width
+            row = {"width": width, "latency_est_s": latency[width], "scaled_score": s}
+            out[pid] = (width, row | terms)
+        return out
+
+    def _latency_fisher_widths(
+        self, partition_ids: Sequence[int], server_round: int
+    ) -> dict[int, tuple[float, dict[str, float]]]:
+        view = self._view()
+        latencies = {
+            pid: list(self._expected_latencies(pid, server_round).values()) for pid in partition_ids
+        }
+        online = [p for p in partition_ids if view.online(p, server_round)] or list(partition_ids)
         reference = float(np.quantile([latencies[p][0] for p in online], self.reference_quantile))
         status = training_status(self.fisher_history, self.fisher_window, self.initial_status)
         out = {}
@@ -200,10 +410,27 @@ class WhaleFL(HeteroFL):
             )
         return out
 
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """HeteroFL's merge; first each device's reported training loss (the paper's L2)."""
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                continue
+            loss = reply.content[keys.METRICS].get(keys.TRAIN_LOSS)
+            if loss is not None and math.isfinite(float(loss)):
+                pid = partition_id_of(reply.metadata.src_node_id)
+                prev = self.losses.get(pid, [self.initial_loss] * 2)
+                self.losses[pid] = [prev[1], float(loss)]
+        return super().aggregate_train(server_round, replies)
+
     def on_aggregate(
         self, updates: Sequence[tuple[Mapping[str, np.ndarray], Indices, float]]
     ) -> None:
-        """Record this round's Fisher proxy for the next rounds' training status."""
+        """``latency_fisher``: record this round's Fisher proxy for the next rounds' status."""
+        if self.utility != "latency_fisher":
+            return
         assert self.current is not None
         layout = self._layout()
         fisher = pseudo_gradient_fisher(

@@ -49,8 +49,10 @@ VARIANTS: list[list[str]] = [
     ["strategy=heterofl", "devices=phones_mixed", "strategy.latency_budget_s=0.02"],
     ["strategy=fedrolex", "strategy.index_policy=random"],
     ["strategy=fedrolex", "strategy.index_policy=static"],
-    ["strategy=whale_fl", "devices=phones_mixed", "strategy.tradeoff=0.5",
-     "strategy.fisher_window=2", "strategy.reference_quantile=0.9", "num_rounds=2"],
+    ["strategy=whale_fl", "devices=phones_mixed", "strategy.utility=latency_fisher",
+     "strategy.tradeoff=0.5", "strategy.fisher_window=2", "strategy.reference_quantile=0.9",
+     "num_rounds=2"],
+    ["strategy=whale_fl", "devices=phones_mixed", "strategy.time_unit_s=1e-5", "num_rounds=3"],
     ["strategy=whale_fl", "client=side_tuning", *TEXT, "client.max_steps=2"],
     ["strategy=heterofl", "client=side_tuning", *TEXT, "client.max_steps=2"],
     # asynchronous strategies on the side-tuning client (FedCompass sets its local steps)

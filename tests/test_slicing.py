@@ -289,7 +289,7 @@ def test_heterofl_at_full_width_equals_fedavg() -> None:
 
 
 def test_whale_fl_logs_its_utility_and_picks_smaller_widths_for_slow_devices() -> None:
-    strategy, model = _bound(WhaleFL(fraction_train=1.0))
+    strategy, model = _bound(WhaleFL(fraction_train=1.0, utility="latency_fisher"))
     messages, _, _ = _round(strategy, model)
     rows = [dict(m.content[keys.CONFIG]) for m in messages]
     for row in rows:

@@ -66,7 +66,7 @@ class LinkMemo:
         mask = None if entries[0][2] is None else torch.stack([e[2] for e in entries])  # type: ignore[misc]
         last_dim = int(data[TAPS_KEY].shape[-1])
         activations = QuantizedTensor(codes, scale, client.spec.bits, last_dim)
-        labels, delta = client.device_targets(model, data, rows)
+        labels, delta = client.device_targets(model, data, rows, partition_id)
         return DevicePayload(rows.to(torch.int32), activations, mask, labels, delta)
 
     def _remember(

@@ -10,6 +10,14 @@ one device->server payload (:class:`DevicePayload`), :meth:`SideTuning.server_lo
 and every payload passes :meth:`SideTuning.send`, where ``uplink_observer`` can inspect it. The
 strategy then aggregates the side networks (side + head tensors) across clients.
 
+Traffic as the paper places it (issue 14 item 4): the side network lives on the server. The Ray
+worker that trains it plays the server, so the side-network tensors in its messages, and the
+strategy's FedAvg of them, are server-internal: zero device bytes (``DeviceCost.model_on_server``).
+Per client-round the device downloads nothing (its backbone is frozen and already installed)
+and uploads only its payloads (``extra_upload_bytes``); the clock charges exactly that. With
+``charge_final_download`` each device downloads the tuned side network once after the last
+round, for on-device inference (run summary ``final_download_bytes``; not on the clock).
+
 PAE MobiLLM (arXiv 2507.01216) switches, each OPEN in detail (methods.md 2.3-2.4), our decisions:
 
 * ``activation_cache``: the server keeps every payload it received, keyed by (client, sample
@@ -23,16 +31,29 @@ PAE MobiLLM (arXiv 2507.01216) switches, each OPEN in detail (methods.md 2.3-2.4
   device sends every real token's vectors (pad positions, an artefact of batching, are not
   sent; chatterbot texts fill 11.8 of 32 positions) plus the (n, T) token mask.
 * ``additive``: no labels leave the device. It sends the prediction difference
-  ``delta = softmax(z_b) - onehot(y)`` (z_b: the backbone's own logits; 0 for an AutoModel
-  backbone) with its classes permuted by a device-held key (``label_key_seed``; the devices share
-  it out of band, the server never gets it; in simulation only device-side code reads it). A
-  plain delta leaks y (its only negative entry, methods.md 2.4); permuted, the server sees
-  pi(y) and, without the key, guesses y at chance (tests/test_side_tuning.py checks this with a
-  binomial test). It still learns which samples share a label: an attacker who knows the class
-  frequencies can match them (also tested). ``delta_loss: ce`` recovers pi(y) = argmin(delta)
-  and p_b = delta + onehot(pi(y)) and minimises CE(log p_b + z_side, pi(y)): the gradient equals
-  central cross-entropy fine-tuning of the additive model (methods.md 2.4 ``grad``, one-way since
-  delta fixes p_b). ``mse`` fits z_side to -delta (methods.md ``residual_mse``).
+  ``delta = softmax(z_b) - onehot(y)`` (z_b: the backbone's own logits, ``base_head``: 0, or a
+  frozen zero-shot head over the class names, fedsim/side_network.py) with its classes permuted
+  by a device-held key (in simulation only device-side code reads it). ``per_device_keys``
+  (default): each device draws its own key from (``label_key_seed``, partition id), the same in
+  every round; otherwise one key for the fleet. A plain delta leaks y (its only negative entry,
+  methods.md 2.4); permuted, the server sees pi_k(y), which groups a device's samples by label.
+  ``delta_loss: ce`` recovers pi(y) = argmin(delta) and p_b = delta + onehot(pi(y)) and
+  minimises CE(log p_b + z_side, pi(y)): the gradient equals central cross-entropy fine-tuning
+  of the additive model (methods.md 2.4 ``grad``, one-way since delta fixes p_b). ``mse`` fits
+  z_side to -delta (methods.md ``residual_mse``).
+  Per-device keys and a shared head do not mix: index j of device k's head is another class
+  than index j of device k', and the server cannot align them without the keys. So the server
+  keeps one head per device (its client state, in that device's key order; zero at the first
+  visit) and only the adapter chain is shared (FedPer's split); the reply carries the device's
+  head decoded to true order, and the strategy's mean of those is the global model's head, a
+  measurement (what the devices hold, as if they aggregated their heads securely) that no
+  device's training reads.
+  What the server can still infer (fedsim/label_attack.py, tests/test_side_tuning.py, measured
+  on one real client-round of the 20 showcase phones): frequency matching recovers 0.95 of the
+  labels under one fleet key and 0.32 under per-device keys (chance, the majority class: 0.27);
+  a server that runs the public backbone's zero-shot head on the activations it receives and
+  names each device's groups by it recovers 0.76 under either; with ``base_head: zero_shot`` it
+  recomputes p_b from the last layer it receives and reads every key (1.00).
 
 ``cache_features`` is a simulation speed switch, not a method: with it the device's forward
 pass is read from the frozen features computed once; without it the backbone runs every time a
@@ -49,19 +70,30 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedsim.clients.base import TrainContext, TrainOutcome
-from fedsim.clients.loop import Batch, ClientTerm, LocalRun, build_terms, step_budget
+from fedsim.clients.loop import (
+    Batch,
+    ClientTerm,
+    LocalRun,
+    build_terms,
+    check_max_grad_norm,
+    optimizer_step,
+    step_budget,
+)
 from fedsim.clients.side_link import LinkMemo
 from fedsim.devices import count_forward_flops, count_train_flops
 from fedsim.errors import ConfigError
 from fedsim.models import ModelFactory
+from fedsim.params import arrays_nbytes, to_arrays
 from fedsim.quantize import QuantizedTensor, check_quant_config, dequantize, quantize
 from fedsim.scheduler import DeviceCost
 from fedsim.side_network import (
+    BASE_KEY,
     TAPS_KEY,
     SideSpec,
     SideTunedModel,
     SideTuningFactory,
     estimate_forward_memory_bytes,
+    label_permutation,
     pack_tokens,
 )
 
@@ -73,6 +105,8 @@ __all__ = [
 ]
 
 CACHE_STATE_KEY = "side_tuning.activation_cache"
+HEAD_STATE_KEY = "side_tuning.device_head"  # per-device keys: the device's head, its key's order
+_BASE_HEADS = ("none", "zero_shot")
 _PIVOT_RULES = ("auto", "first", "last", "mean")
 _DELTA_LOSSES = ("ce", "mse")
 _FEATURE_DTYPES = ("float16", "float32")
@@ -216,6 +250,9 @@ class SideTuning:
     local_epochs, batch_size, lr, weight_decay, max_steps
         Server-side AdamW training of the side network per client-round (fresh optimizer state
         every round); ``batch_size`` is also the device's forward micro-batch.
+    max_grad_norm
+        Clip every server-side step's gradient (side network + head) to this global L2 norm
+        (null = no clipping): the shared step of clients/loop.py, the same for every strategy.
     num_taps, reduction_factor, gate_temperature, gate_init
         Side network (fedsim/side_network.py): tapped layers (null = all), bottleneck
         ``d // reduction_factor``, gate ``sigmoid(alpha / T)`` with alpha starting at gate_init.
@@ -223,8 +260,14 @@ class SideTuning:
         Activation link: 32 (none), 16 (float16), 8 or 4 bits; per_token or per_tensor absmax.
     activation_cache, pivot_token, pivot_rule, additive, delta_loss, label_key_seed
         PAE MobiLLM switches (module docstring). ``label_key_seed`` null sends plain deltas.
+    per_device_keys, base_head, zero_shot_scale
+        PAE: one label key (and server-side head) per device, or one key for the fleet; the
+        backbone's own prediction z_b in delta (``none``: uniform; ``zero_shot``: the class
+        names' prototypes, ``zero_shot_scale`` x cosine).
     cache_features, feature_cache_dir, feature_dtype
         Simulation speed: compute the frozen hidden states once (disk memmap if a folder).
+    charge_final_download
+        Charge each device one download of the tuned side network after the last round.
 
     """
 
@@ -236,6 +279,7 @@ class SideTuning:
         lr: float = 1e-2,
         weight_decay: float = 0.0,
         max_steps: int | None = None,
+        max_grad_norm: float | None = 10.0,
         num_taps: int | None = None,
         reduction_factor: int = 8,
         gate_temperature: float = 1.0,
@@ -248,9 +292,13 @@ class SideTuning:
         additive: bool = False,
         delta_loss: str = "ce",
         label_key_seed: int | None = 0,
+        per_device_keys: bool = True,
+        base_head: str = "none",
+        zero_shot_scale: float = 20.0,
         cache_features: bool = True,
         feature_cache_dir: str | None = "~/.cache/fedsim/hidden_states",
         feature_dtype: str = "float32",
+        charge_final_download: bool = False,
     ) -> None:
         num = (int, float)
         _check("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1")
@@ -280,6 +328,13 @@ class SideTuning:
             label_key_seed is None or _is_int(label_key_seed, 0),
             "null or an integer >= 0",
         )
+        _check("base_head", base_head, base_head in _BASE_HEADS, f"one of {_BASE_HEADS}")
+        _check(
+            "zero_shot_scale",
+            zero_shot_scale,
+            isinstance(zero_shot_scale, num) and zero_shot_scale > 0,
+            "a number > 0",
+        )
         _check(
             "feature_dtype",
             feature_dtype,
@@ -288,7 +343,12 @@ class SideTuning:
         )
         self.local_epochs, self.batch_size, self.lr = local_epochs, batch_size, float(lr)
         self.weight_decay, self.max_steps = float(weight_decay), max_steps
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.activation_cache, self.delta_loss = bool(activation_cache), delta_loss
+        self.charge_final_download = bool(charge_final_download)
+        self.label_key_seed = label_key_seed if additive else None
+        # one key per device (from (label_key_seed, partition id)) and so one head per device
+        self.per_device_keys = bool(per_device_keys) and self.label_key_seed is not None
         self.spec = SideSpec(
             num_taps=num_taps,
             reduction_factor=reduction_factor,
@@ -299,10 +359,13 @@ class SideTuning:
             bits=bits,
             quant_scheme=quant_scheme,
             additive=bool(additive),
-            label_key_seed=label_key_seed if additive else None,
+            # the model decodes the fleet's one key; per-device keys are decoded per device here
+            label_key_seed=None if self.per_device_keys else self.label_key_seed,
             cache_features=bool(cache_features),
             feature_cache_dir=None if feature_cache_dir is None else str(feature_cache_dir),
             feature_dtype=feature_dtype,
+            base_head=base_head if additive else "none",
+            zero_shot_scale=float(zero_shot_scale),
         )
         #: Called with every device->server payload (tests inspect what the server receives).
         self.uplink_observer: Callable[[DevicePayload], None] | None = None
@@ -315,11 +378,15 @@ class SideTuning:
 
     # ----------------------------------------------------------------------- the two ends
     def device_step(
-        self, model: SideTunedModel, data: dict[str, torch.Tensor], rows: torch.Tensor
+        self,
+        model: SideTunedModel,
+        data: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        partition_id: int = 0,
     ) -> DevicePayload:
-        """Device: forward ``rows`` through the frozen backbone, quantize, build the payload."""
+        """Device ``partition_id``: forward ``rows`` through the frozen backbone; the payload."""
         activations, token_mask = self.device_activations(model, data, rows)
-        labels, delta = self.device_targets(model, data, rows)
+        labels, delta = self.device_targets(model, data, rows, partition_id)
         return DevicePayload(rows.to(torch.int32), activations, token_mask, labels, delta)
 
     def device_activations(
@@ -336,16 +403,63 @@ class SideTuning:
         return quantize(tokens, model.spec.bits, model.spec.quant_scheme), token_mask  # type: ignore[arg-type]
 
     def device_targets(
-        self, model: SideTunedModel, data: dict[str, torch.Tensor], rows: torch.Tensor
+        self,
+        model: SideTunedModel,
+        data: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        partition_id: int = 0,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Device: what it sends about the labels of ``rows``: labels (MobiLLM) or delta (PAE)."""
         labels = data["label"][rows]
         if model.spec.additive:
             dtype = torch.float32 if model.spec.bits == 32 else torch.float16
-            delta = encode_delta(labels, model.backbone_logits(len(rows)), model.label_perm, dtype)
-            return None, delta
+            base = data[BASE_KEY][rows] if BASE_KEY in data else torch.zeros(len(rows), 1)
+            base = base.expand(len(rows), len(model.label_perm))  # z_b = 0: a uniform p_b
+            key = self.device_key(model, partition_id)
+            return None, encode_delta(labels, base, key, dtype)
         small = len(model.label_perm) < _UINT8_CLASSES
         return labels.to(torch.uint8 if small else torch.int32), None
+
+    def device_key(self, model: SideTunedModel, partition_id: int) -> torch.Tensor:
+        """Device: its label key (class c at index ``key[c]``), never sent to the server.
+
+        Per device: drawn from (``label_key_seed``, partition id), the same in every round;
+        otherwise the fleet's one key (the model's, identity when ``label_key_seed`` is null).
+        """
+        if self.per_device_keys:
+            return label_permutation(self.label_key_seed, len(model.label_perm), partition_id)
+        return model.label_perm
+
+    def _swap_in_device_head(
+        self, model: SideTunedModel, ctx: TrainContext
+    ) -> dict[str, torch.Tensor] | None:
+        """Server, per-device keys: put the device's own head in ``model``; return the replaced one.
+
+        A head trained on one device's permuted targets means nothing to another, and the server
+        cannot align them without the keys, so it keeps one head per device (its client state,
+        in that device's key order) and shares only the adapter chain (FedPer's split). A
+        device's first head is zero (decision): the additive model starts at the base prediction.
+        """
+        if not self.per_device_keys:
+            return None
+        replaced = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+        record = ctx.state.get(HEAD_STATE_KEY)
+        with torch.no_grad():
+            if isinstance(record, ArrayRecord):
+                model.head.load_state_dict(record.to_torch_state_dict())
+            else:
+                for param in model.head.parameters():
+                    param.zero_()
+        return replaced
+
+    def _keep_device_head(self, model: SideTunedModel, ctx: TrainContext) -> None:
+        """Server keeps the trained head; the reply carries it in true order (see train)."""
+        head = model.head.state_dict()
+        ctx.state[HEAD_STATE_KEY] = ArrayRecord({k: v.detach().clone() for k, v in head.items()})
+        key = self.device_key(model, ctx.partition_id)
+        with torch.no_grad():  # row c of the true-order head = row key[c] of the device's
+            for param in model.head.parameters():
+                param.copy_(param[key])
 
     def send(self, payload: DevicePayload) -> int:
         """The uplink: the only way device data reaches the server; returns its bytes."""
@@ -388,33 +502,42 @@ class SideTuning:
         optimizer.zero_grad(set_to_none=True)
         self.server_loss(model, payload, terms).backward()
 
-    def predict_logits(
+    def predict(
         self, model: torch.nn.Module, data: dict[str, torch.Tensor], ctx: TrainContext
-    ) -> torch.Tensor:
-        """Server: logits (n, C) of the trained side network on every row, in the training space.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Server: logits (n, C) and labels (n,) of every row, in the space the server trains in.
 
-        For DFL's soft targets (clients/distillation.py): from the payloads of the rows (what
-        the server received, or a cached copy), so PAE's permuted label space is kept.
+        PAE: key-permuted, the label pi(y) = argmin delta; MobiLLM: y as sent. For DFL's soft
+        targets (clients/distillation.py): from the payloads of the rows (what the server
+        received, or a cached copy), so DFL never needs the device's key.
         """
         assert isinstance(model, SideTunedModel)
         rows = torch.arange(len(data["label"]))
         was_training = model.training
         model.eval()
-        chunks = []
+        replaced = self._swap_in_device_head(model, ctx)
+        chunks, labels = [], []
         with torch.no_grad():
             for start in range(0, len(rows), self.batch_size):
                 part = rows[start : start + self.batch_size]
                 payload = (
                     self._link.payload(self, model, data, part, ctx.partition_id)
                     if self._link.applies(self, data)
-                    else self.device_step(model, data, part)
+                    else self.device_step(model, data, part, ctx.partition_id)
                 )
                 logits = model.side_logits(dequantize(payload.activations), payload.token_mask)
                 if payload.delta is not None:
-                    logits = delta_targets(payload.delta)[1] + logits
+                    target, log_base = delta_targets(payload.delta)
+                    logits = log_base + logits
+                else:
+                    assert payload.labels is not None
+                    target = payload.labels
                 chunks.append(logits)
+                labels.append(target.long())
         model.train(was_training)
-        return torch.cat(chunks).float()
+        if replaced is not None:
+            model.head.load_state_dict(replaced)
+        return torch.cat(chunks).float(), torch.cat(labels)
 
     # ----------------------------------------------------------------------- behaviour hooks
     def train(
@@ -432,6 +555,7 @@ class SideTuning:
                 int(model.side.down[0].in_features),
                 record if isinstance(record, ArrayRecord) else None,
             )
+        self._swap_in_device_head(model, ctx)
         params = [p for p in model.parameters() if p.requires_grad]
         # fused: one kernel for all of the side network's small tensors (16% faster a step on
         # CPU than the per-tensor loop; the same update up to float rounding, ~3e-8)
@@ -461,7 +585,7 @@ class SideTuning:
                     payload = (
                         self._link.payload(self, model, data, new, ctx.partition_id)
                         if self._link.applies(self, data)
-                        else self.device_step(model, data, new)
+                        else self.device_step(model, data, new, ctx.partition_id)
                     )
                     uploaded += self.send(payload)
                     forwarded += len(new)
@@ -473,13 +597,8 @@ class SideTuning:
                 loss = self.server_loss(model, received, terms)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                for term in terms:
-                    term.after_backward(
-                        model, partial(self._recompute, optimizer, model, received, terms)
-                    )
-                optimizer.step()
-                for term in terms:
-                    term.after_step(model)
+                recompute = partial(self._recompute, optimizer, model, received, terms)
+                optimizer_step(model, optimizer, terms, recompute, self.max_grad_norm)
                 steps += 1
                 loss_sum += float(loss.detach())
         metrics = {
@@ -494,6 +613,8 @@ class SideTuning:
             out = term.after_train(model, ctx, LocalRun(steps, self.lr, 0.0))
             records.update(out.records)
             metrics.update(out.metrics)
+        if self.per_device_keys:
+            self._keep_device_head(model, ctx)
         return TrainOutcome(
             num_examples=n,
             num_steps=steps,
@@ -538,4 +659,8 @@ class SideTuning:
             train_flops=round(forward * device_examples / size),
             peak_memory_bytes=memory,
             server_flops=round(side * server_examples / size),
+            model_on_server=True,  # the side network never crosses the device's link
+            final_download_bytes=(
+                arrays_nbytes(to_arrays(model)) if self.charge_final_download else 0
+            ),
         )

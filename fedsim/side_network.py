@@ -28,11 +28,16 @@ is OPEN for MobiLLM (reference/methods.md sections 1.5, 8). Our decisions, each 
 * **Head** (decision, methods.md 1.5 (a)): the side output is pooled like the classifier pools
   (masked mean, or the single pivot vector) and read by a trainable linear head (the classifier
   factory's own head, same init as the baselines'), trained and aggregated with the side net.
-* **Additive output** (PAE, decision (b)): logits = backbone logits + side logits. An AutoModel
-  backbone (MiniLM) has no task head, so its own prediction is uniform (z_b = 0): a constant
-  shift, which changes neither softmax nor argmax, so the forward adds nothing. PAE's label-free
-  training targets live in ``clients/side_tuning.py``. With ``label_key_seed`` set, the side head
-  predicts in a label space permuted by a device-held key; ``forward`` decodes it.
+* **Additive output** (PAE, decision (b)): logits = backbone logits z_b + side logits. An
+  AutoModel backbone (MiniLM) has no task head, so ``base_head`` says what z_b is: ``none``, a
+  uniform prediction (z_b = 0); ``zero_shot``, a frozen zero-shot head, ``zero_shot_scale`` x
+  the cosine between the text's sentence embedding and each class name's (both the backbone's
+  pooled last layer; the latent-embedding approach of Veeranna et al. 2016 and Davison's
+  "Zero-Shot Learning in Modern NLP", 2020, with Sentence-BERT embeddings; all-MiniLM-L6-v2 is
+  such a model). Class names come from the dataset's ClassLabel (``_`` read as a space). The
+  device computes z_b once per text (feature ``BASE_KEY``). PAE's label-free training targets
+  live in ``clients/side_tuning.py``. With ``label_key_seed`` set (one key for the fleet), the
+  side head predicts in a label space permuted by that key; ``forward`` decodes it.
 
 Frozen features: the backbone's hidden states never change, so the factory computes them once per
 text (``featurize``) and the model reads them instead of running the backbone (``cache_features``).
@@ -72,6 +77,9 @@ __all__ = [
     "SideTunedModel",
     "SideTuningFactory",
     "TAPS_KEY",
+    "BASE_KEY",
+    "class_names_of",
+    "zero_shot_logits",
     "estimate_forward_memory_bytes",
     "label_permutation",
     "pack_tokens",
@@ -81,6 +89,7 @@ __all__ = [
 ]
 
 TAPS_KEY = "taps"  # feature key: (N, K, T', d) hidden states at the tapped layers and tokens
+BASE_KEY = "base_logits"  # feature key: (N, C) the frozen zero-shot head's logits z_b (PAE)
 _FORMAT_VERSION = "hidden-states-v1"  # bump when the cached array layout changes
 _FEATURIZE_BATCH = 64  # rows per backbone forward while filling the cache
 _FLOAT32_BYTES = 4
@@ -100,10 +109,12 @@ class SideSpec:
     bits: int
     quant_scheme: str
     additive: bool
-    label_key_seed: int | None
+    label_key_seed: int | None  # one key shared by the fleet (None: none, or one per device)
     cache_features: bool
     feature_cache_dir: str | None
     feature_dtype: str  # float16 | float32
+    base_head: str = "none"  # none | zero_shot: the backbone's own prediction z_b
+    zero_shot_scale: float = 20.0  # z_b = scale x cosine (zero_shot)
 
 
 # --------------------------------------------------------------------------- pure selections
@@ -129,11 +140,35 @@ def select_tokens(hidden: torch.Tensor, mask: torch.Tensor, pivot: str | None) -
     return pooled.reshape(batch, layers, 1, width)
 
 
-def label_permutation(seed: int | None, num_classes: int) -> torch.Tensor:
-    """The device-held label key: class c is predicted at index ``perm[c]`` (identity if None)."""
+def label_permutation(seed: int | None, num_classes: int, *names: object) -> torch.Tensor:
+    """A device-held label key: class c is predicted at index ``perm[c]`` (identity if None).
+
+    ``names`` name whose key it is (a device's partition id); none: the fleet's one key.
+    """
     if seed is None:
         return torch.arange(num_classes)
-    return torch.from_numpy(numpy_rng(seed, "label-key").permutation(num_classes))
+    return torch.from_numpy(numpy_rng(seed, "label-key", *names).permutation(num_classes))
+
+
+def class_names_of(ds: datasets.Dataset) -> list[str]:
+    """The label texts of a dataset's ClassLabel column, ``_`` read as a space."""
+    from fedsim.errors import ConfigError
+
+    feature = ds.features.get("label")
+    names = getattr(feature, "names", None)
+    if not names:
+        raise ConfigError(
+            "client.base_head", "zero_shot", "needs class names (a ClassLabel 'label' column)"
+        )
+    return [str(name).replace("_", " ") for name in names]
+
+
+def zero_shot_logits(
+    embeddings: torch.Tensor, prototypes: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``scale`` x cosine of each embedding (N, d) with each class prototype (C, d): (N, C)."""
+    unit = nn.functional.normalize(embeddings.float(), dim=-1)
+    return scale * unit @ nn.functional.normalize(prototypes.float(), dim=-1).T
 
 
 # --------------------------------------------------------------------------- the side network
@@ -263,10 +298,6 @@ class SideTunedModel(nn.Module):
         hidden = torch.stack([out.hidden_states[i] for i in self.layers], dim=1)
         return select_tokens(hidden, attention_mask, self.pivot).float()
 
-    def backbone_logits(self, batch_size: int) -> torch.Tensor:
-        """The backbone's own logits z_b (B, C): zero, since an AutoModel has no task head."""
-        return torch.zeros(batch_size, len(self.label_perm))
-
     def token_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Where the sent token vectors sit (B, T) bool; None with the pivot (one per sample)."""
         return attention_mask.bool() if self.pivot is None else None
@@ -293,13 +324,21 @@ class SideTunedModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         taps: torch.Tensor | None = None,
+        base_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, C) in true label order, as the device would see them at inference.
 
+        ``base_logits`` (B, C): the backbone's own prediction z_b, added (PAE's additive output).
         Evaluation on cached hidden states (``taps`` given, no autograd) sees the same batch
         every round: what the link delivers for it is a pure function of the batch, so it is
         computed once and remembered, keyed by the batch tensors' identity.
         """
+        side = self._side_forward(input_ids, attention_mask, taps)
+        return side if base_logits is None else base_logits.float() + side
+
+    def _side_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, taps: torch.Tensor | None
+    ) -> torch.Tensor:
         if taps is None:
             taps = self.device_activations(input_ids, attention_mask)
         elif not torch.is_grad_enabled():
@@ -376,7 +415,7 @@ class SideTuningFactory:
         """Token ids, mask and labels; plus the frozen backbone's tapped states if cached."""
         features = self.inner.featurize(ds)
         if not self.spec.cache_features:
-            return features
+            return self._with_base(ds, features, None)
         with torch.random.fork_rng(devices=[]):  # building draws inits: leave the caller's RNG
             probe = SideTunedModel(self.inner.build(1), self.spec, 1)
         stack = self._hidden_stack(probe.backbone, features)  # (N, L+1, T, d)
@@ -399,6 +438,24 @@ class SideTuningFactory:
                     for i in range(0, len(mask), _FEATURIZE_BATCH)
                 ]
             )
+        return self._with_base(ds, features, stack)
+
+    def _with_base(
+        self, ds: datasets.Dataset, features: dict[str, torch.Tensor], stack: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """``features`` plus the frozen zero-shot head's logits z_b (``base_head: zero_shot``)."""
+        if self.spec.base_head != "zero_shot":
+            return features
+        import datasets as hf_datasets
+
+        with torch.random.fork_rng(devices=[]):  # building draws a head init: leave the RNG
+            base = self.inner.build(1)
+        backbone = base.backbone.eval()  # frozen: no dropout
+        names = class_names_of(ds)
+        labels = hf_datasets.Dataset.from_dict({"text": names, "label": list(range(len(names)))})
+        prototypes = _pooled_last(backbone, self.inner.featurize(labels), None, base.pooling)
+        embeddings = _pooled_last(backbone, features, stack, base.pooling)
+        features[BASE_KEY] = zero_shot_logits(embeddings, prototypes, self.spec.zero_shot_scale)
         return features
 
     def _hidden_stack(
@@ -444,6 +501,26 @@ class SideTuningFactory:
                 input_ids=ids[rows], attention_mask=mask[rows], output_hidden_states=True
             ).hidden_states
             out[rows] = torch.stack(hidden, dim=1).to(out.dtype)
+
+
+@torch.no_grad()
+def _pooled_last(
+    backbone: nn.Module,
+    features: dict[str, torch.Tensor],
+    stack: torch.Tensor | None,
+    pooling: str,
+) -> torch.Tensor:
+    """Each row's pooled last hidden state (N, d): from ``stack`` (N, L+1, T, d), or computed."""
+    ids, mask = features["input_ids"], features["attention_mask"]
+    out = []
+    for start in range(0, len(ids), _FEATURIZE_BATCH):
+        rows = slice(start, start + _FEATURIZE_BATCH)
+        if stack is not None:
+            hidden = stack[rows, -1].float()
+        else:
+            hidden = backbone(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
+        out.append(pool_hidden_states(hidden, mask[rows], pooling))  # type: ignore[arg-type]
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------- device memory

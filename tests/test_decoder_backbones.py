@@ -166,5 +166,5 @@ def test_simulation_pae_cache_cuts_round_two_upload(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "run" / "clients.jsonl").open()]
     up = {(r["round"], r["partition_id"]): r["bytes_up"] for r in rows if "bytes_up" in r}
     assert len(up) == 6  # uniform fleet: always online, every client trains in both rounds
-    for pid in range(3):  # round 2 uploads only the side network: its activations are cached
+    for pid in range(3):  # round 2 uploads nothing: its activations are cached (server-side)
         assert up[(2, pid)] < up[(1, pid)]

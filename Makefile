@@ -30,19 +30,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The same app through Flower's own CLI: `flwr run .` starts a managed local SuperLink.
-# FLWR_HOME stays in the project; the SuperLink runs in this venv (no per-run `uv sync`, which
-# would fetch a CUDA build of torch), and is stopped afterwards. OVERRIDES="num_rounds=5 ...".
+# The same app through Flower's own CLI: `flwr run .` on a SuperLink of the run's own (a free
+# port, a Flower home in .flwr/run-*), started in this venv (no per-run `uv sync`, which would
+# fetch a CUDA build of torch) and stopped by its process id afterwards: concurrent runs never
+# share or stop each other's. OVERRIDES="num_rounds=5 ...".
 OVERRIDES ?=
 RESULTS_DIR ?= results/runs
 flwr-run: $(STAMP)
-	mkdir -p .flwr
-	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_HOME="$(CURDIR)/.flwr" \
-	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 \
-	RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 \
-	$(BIN)/flwr run . --stream --run-config 'overrides="$(OVERRIDES)" results-dir="$(RESULTS_DIR)"'; \
-	status=$$?; pkill -f "^[^ ]*python[^ ]* $(CURDIR)/$(BIN)/flower-superlink" || true; \
-	exit $$status
+	$(BIN)/python -m fedsim.scripts.flwr_run --overrides "$(OVERRIDES)" --results-dir "$(RESULTS_DIR)"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from fedsim.config import CONF_DIR
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
-from fedsim.interrupt import RunInterrupted, announce, exit_code
+from fedsim.interrupt import RunInterrupted, announce, exit_now
 
 
 def _fail(error: ConfigError) -> None:
@@ -47,7 +47,7 @@ EXIT_RUN_FAILED = 1  # the engine lost every client for runtime.max_failed_round
 def _stopped(stop: RunInterrupted) -> None:
     """A signal before the run claimed its folder: one line, nothing written."""
     print(f"fedsim: {stop}; nothing was written", file=sys.stderr)
-    sys.exit(exit_code())
+    exit_now()
 
 
 def _finish(summary: dict, run_dir: Path) -> None:
@@ -55,7 +55,7 @@ def _finish(summary: dict, run_dir: Path) -> None:
     _report(summary, run_dir)
     if summary["status"] == "interrupted":
         announce(run_dir)
-        sys.exit(exit_code())
+        exit_now()
     if summary["status"] == "failed":
         sys.exit(EXIT_RUN_FAILED)
 

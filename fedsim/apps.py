@@ -13,6 +13,7 @@ import logging
 import shlex
 import warnings
 from pathlib import Path
+from typing import cast
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
 from fedsim.checkpoint import RunState
+from fedsim.interrupt import AbandonableGrid, round_loop
 from fedsim.results import RunWriter
 from fedsim.server import run_rounds
 from fedsim.worker import handle_lane
@@ -59,7 +61,10 @@ def make_server_app(
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary.update(run_rounds(grid, cfg, strategy, writer, resume, started_at))
+        # After a signal, the grid stops the round in progress when it must be abandoned.
+        grid = cast(Grid, AbandonableGrid(grid))
+        with round_loop():
+            summary.update(run_rounds(grid, cfg, strategy, writer, resume, started_at))
 
     return app
 

@@ -36,12 +36,14 @@ checkpoints: the event queue is in the checkpoint, so a resumed run continues bi
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
+import operator
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -50,7 +52,6 @@ from fedsim import keys
 from fedsim.cohort import node_id_of, partition_id_of
 from fedsim.devices import ClientWork, client_latency
 from fedsim.errors import ConfigError
-from fedsim.params import content_nbytes
 from fedsim.scheduler import (
     FAILED,
     INFEASIBLE,
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # the loop only reads the Federation; server.py imports this 
     from fedsim.checkpoint import RunState
 
 __all__ = [
+    "ClientIdsExcept",
     "AsyncLoop",
     "AsyncStalled",
     "AsyncStrategy",
@@ -163,6 +165,50 @@ def apply_step(global_arrays: Tensors, step: Tensors) -> Tensors:
     return {k: (w - step[k]).astype(w.dtype, copy=False) for k, w in global_arrays.items()}
 
 
+class ClientIdsExcept(Sequence[int]):
+    """The client ids ``0 .. num_clients - 1`` without ``excluded``, ascending, never listed.
+
+    ``random.Random.sample`` draws the same clients from it as from the equivalent list (it only
+    takes its length and indexes it, or lists it when small), but a population of 1,000,000
+    costs no list of idle ids per dispatch: an index is found by binary search over the sorted
+    excluded ids, O(log(len(excluded))^2).
+    """
+
+    def __init__(self, num_clients: int, excluded: Iterable[int]) -> None:
+        self._num_clients = num_clients
+        self._excluded = sorted(pid for pid in set(excluded) if 0 <= pid < num_clients)
+
+    def __len__(self) -> int:
+        return self._num_clients - len(self._excluded)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        position = operator.index(index)
+        position += len(self) if position < 0 else 0
+        if not 0 <= position < len(self):
+            raise IndexError(f"index {index} of {len(self)} idle clients")
+        # The smallest id with position + 1 non-excluded ids at or below it (binary search).
+        low, high = position, position + len(self._excluded)
+        while low < high:
+            middle = (low + high) // 2
+            if middle + 1 - bisect.bisect_right(self._excluded, middle) > position:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    def __iter__(self) -> Iterator[int]:
+        skip = set(self._excluded)
+        return (pid for pid in range(self._num_clients) if pid not in skip)
+
+
 class AsyncLoop:
     """The event loop of one asynchronous run (module docstring).
 
@@ -232,10 +278,9 @@ class AsyncLoop:
         in_flight = {e[3]["pid"] for e in self.ex["events"] if e[2] == "arrival"}
         return in_flight | {partition_id_of(m.metadata.dst_node_id) for m, *_ in self._sends}
 
-    def idle(self) -> list[int]:
+    def idle(self) -> ClientIdsExcept:
         """Clients that may be sent work now (not in flight, not too big for their device)."""
-        busy, never = self.busy(), set(self.ex["infeasible"])
-        return [pid for pid in range(self.num_clients) if pid not in busy and pid not in never]
+        return ClientIdsExcept(self.num_clients, self.busy() | set(self.ex["infeasible"]))
 
     def sample_idle(self, count: int) -> list[int]:
         """Up to ``count`` idle clients, drawn by (seed, the event's order)."""
@@ -390,7 +435,7 @@ class AsyncLoop:
             if id(sent) not in bases:
                 bases[id(sent)] = self.global_tensors() if sent is self.arrays else to_tensors(sent)
             base = bases[id(sent)]
-            self.step["bytes_down"] += content_nbytes(message.content)
+            self.step["bytes_down"] += row["bytes_down"]  # as the scheduler charged the link
             latency = self.fed.scheduler.measure(row, reply, cost)
             if latency is None:
                 failed += 1

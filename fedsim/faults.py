@@ -1,13 +1,19 @@
 """Failure injection for reliability tests: a client raises, hangs, or kills its Ray worker.
 
 Each fault is drawn per client-round from ``derive_seed(seed, "fault", round, client)``, so the
-same config fails the same clients in the same rounds. What fedsim does about each:
+same config fails the same clients in the same rounds, whatever the lanes, the number of workers
+or the wall clock. A fault strikes for real only in the first attempt at a lane: fedsim sends
+the clients of a lane that crashed or timed out again (fedsim/cohort.py), and there a fault
+that already struck is reported, not repeated. What each fault does:
 
-* an exception: the client is reported failed; the other clients of its lane still answer;
-* a hang longer than ``runtime.round_timeout_s``: the server stops waiting for that lane, whose
-  clients are reported failed; the round goes on with the others;
+* an exception: the client fails; the other clients of its lane still answer;
+* a hang of ``hang_s >= runtime.round_timeout_s``: the worker sleeps until the lane's timeout
+  (never longer: the lane message carries it) and gives the lane up; the server stops waiting
+  for it at its timeout and sends its clients again: the hung client fails, the others train.
+  A shorter hang only delays its client, which trains;
 * a killed worker process (``os._exit``): Ray restarts the worker (fedsim asks for
-  ``max_restarts=-1``); the lane's clients are reported failed for that round.
+  ``max_restarts=-1``); the server waits until the workers answer again and sends the lane's
+  clients again: the client that killed it fails, the others train.
 
 Failures are counted in ``metrics.jsonl`` (``num_failed``) and ``clients.jsonl`` (``failed``).
 """
@@ -21,13 +27,17 @@ from dataclasses import dataclass
 from fedsim.errors import ConfigError
 from fedsim.seeding import numpy_rng
 
-__all__ = ["FaultInjector", "InjectedFault", "Faults"]
+__all__ = ["FaultInjector", "InjectedFault", "LaneGivenUp", "Faults"]
 
 KILLED_WORKER_EXIT_CODE = 13
 
 
 class InjectedFault(RuntimeError):
     """The exception an injected client failure raises."""
+
+
+class LaneGivenUp(RuntimeError):
+    """A hang outlasted the lane's timeout: the server has given the lane up; stop it."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +95,50 @@ class FaultInjector:
             exception=bool(u[2] < self.exception_prob),
         )
 
-    def strike(self, seed: int, server_round: int, partition_id: int) -> None:
-        """Make this client-round's faults happen (called in the worker before training)."""
+    def strike(
+        self,
+        seed: int,
+        server_round: int,
+        partition_id: int,
+        *,
+        first_attempt: bool = True,
+        timeout_s: float | None = None,
+        time_left_s: float | None = None,
+    ) -> None:
+        """Make this client-round's faults happen (called in the worker before training).
+
+        ``timeout_s`` is the lane's timeout (None: none) and ``time_left_s`` what is left of it.
+        Only a ``first_attempt`` kills the worker or sleeps; a later attempt at the same
+        client-round (its lane crashed or timed out) reports a kill or a hang past the timeout
+        as the client's failure at once, and skips a shorter hang, which already happened.
+
+        Raises
+        ------
+        LaneGivenUp
+            First attempt, after a hang past the timeout: the lane is no longer waited for.
+        InjectedFault
+            The client fails (an exception; a later attempt: a kill or a hang past the timeout).
+        """
         if not (self.kill_worker_prob or self.hang_prob or self.exception_prob):
             return  # fault-free runs skip the draw (a generator per client-round)
         faults = self.draw(seed, server_round, partition_id)
+        where = f"round {server_round}, client {partition_id}"
         if faults.kill_worker:
-            os._exit(KILLED_WORKER_EXIT_CODE)  # no cleanup, like an OOM kill
-        if faults.hang:
-            time.sleep(self.hang_s)
+            if first_attempt:
+                os._exit(KILLED_WORKER_EXIT_CODE)  # no cleanup, like an OOM kill
+            raise InjectedFault(f"injected worker kill ({where})")
+        hang_outlasts = timeout_s is not None and self.hang_s >= timeout_s
+        if faults.hang and first_attempt:
+            # Never past the lane's timeout: the worker is free again when the server stops
+            # waiting for it, so that a hang never reaches into a later round.
+            left_s = self.hang_s if time_left_s is None else max(0.0, time_left_s)
+            time.sleep(min(self.hang_s, left_s))
+            if hang_outlasts:
+                raise LaneGivenUp(f"injected hang of {self.hang_s:g} s ({where})")
+        if faults.hang and hang_outlasts:
+            raise InjectedFault(
+                f"injected hang of {self.hang_s:g} s, past the lane timeout of {timeout_s:g} s "
+                f"({where})"
+            )
         if faults.exception:
-            raise InjectedFault(f"injected failure (round {server_round}, client {partition_id})")
+            raise InjectedFault(f"injected failure ({where})")

@@ -9,9 +9,9 @@ SERVER_ROUND = "server-round"  # injected by Flower strategies into the train co
 PROXIMAL_MU = "proximal-mu"  # sent by Flower's FedProx; the client adds the proximal term
 CLIENT_TERMS = "fedsim.client-terms"  # list[str]: registered client terms the client must add
 WIDTH = "fedsim.width"  # float in (0, 1]: the width-sliced sub-model the client trains (slicing.py)
-# Train-config keys starting with this prefix are per-client log fields: the scheduler copies
-# them, prefix stripped, into the client's clients.jsonl row (e.g. "log.width", "log.utility");
-# they never overwrite a field the scheduler itself writes.
+# Train-config keys and reply metrics starting with this prefix are per-client log fields: the
+# scheduler copies them, prefix stripped, into the client's clients.jsonl row (e.g. "log.width",
+# "log.utility", DFL's "log.dfl_beta"); they never overwrite a field the scheduler itself writes.
 LOG_PREFIX = "log."
 # int >= 1: train exactly this many mini-batch steps this round (FedCompass's Q_i), epochs as needed
 LOCAL_STEPS = "fedsim.local-steps"
@@ -35,11 +35,14 @@ DFL_TEMPERATURE = "dfl.temperature"
 DFL_BETA0 = "dfl.beta0"
 DFL_SCHEDULE = "dfl.beta-schedule"
 DFL_RAMP_ROUNDS = "dfl.ramp-rounds"
-DFL_MODE = "dfl.soft-target-mode"
+DFL_TEACHER = "dfl.teacher"  # stale_local | global | class_global
+DFL_T_SQUARED = "dfl.t-squared"  # bool: scale the KD term by T^2 (Hinton)
 DFL_SOFT_TARGETS = "dfl.soft-targets"  # client state: (n, C) softmax(z / T) of its last local model
 DFL_CLASS_STATS = "dfl.class-stats"  # client state: per-class sums (C, C) and counts (C,)
-DFL_GENERATIONS = "dfl.generations"  # client state: how many times it stored soft targets
+DFL_GENERATIONS = "dfl.generations"  # client state: how many rounds it trained under DFL
 DFL_CLASS_TARGETS = "dfl.class-targets"  # message: the server's per-class average (C, C)
+DFL_GLOBAL_READY = "dfl.global-ready"  # message (teacher global): the global model has trained
+DFL_GLOBAL_TARGETS = "dfl.global-targets"  # on the client only: received model's (n, C) targets
 
 # --- the lane envelope: one physical message carries several virtual clients --------------------
 JOB = "fedsim.job"  # ConfigRecord: the resolved job config (YAML text) and its hash
@@ -49,6 +52,9 @@ LANE = "fedsim.lane"  # ConfigRecord: which virtual clients ride in this message
 LANE_PARTITION_IDS = "partition-ids"
 LANE_CONTENT_INDEX = "content-index"  # per client: which deduplicated content it received
 LANE_ERRORS = "errors"  # per client in a reply: "" or the error text
+LANE_ATTEMPT = "attempt"  # 1 = the clients' first send this round; 2 = sent again (cohort.py)
+LANE_TIMEOUT_S = "timeout-s"  # how long the server waits for this lane (absent: no limit)
+LANE_HOLD_S = "hold-s"  # an empty lane (a probe) keeps its worker this long
 CONTENT_PREFIX = "c"  # "c<k>/<record name>": k-th distinct content sent in a lane message
 CLIENT_PREFIX = "p"  # "p<partition id>/<record name>": one client's reply records
 STATE_PREFIX = "s"  # "s<partition id>/<record name>": one client's persistent state

@@ -11,18 +11,18 @@ advances by the round's length. The numbers come from fedsim/devices.py (pure fu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from fedsim import keys
 from fedsim.cohort import partition_id_of
 from fedsim.devices import (
     ClientWork,
-    DeviceProfile,
+    DeviceAssignment,
     Fleet,
     SimClock,
     client_energy_j,
@@ -33,7 +33,14 @@ from fedsim.devices import (
 from fedsim.errors import ConfigError
 from fedsim.params import content_nbytes
 
-__all__ = ["RoundScheduler", "DeviceCost", "RoundPlan", "RoundSettlement", "CostModel"]
+__all__ = [
+    "RoundScheduler",
+    "DeviceCost",
+    "RoundPlan",
+    "RoundSettlement",
+    "CostModel",
+    "device_link_bytes",
+]
 
 OK, STRAGGLER, OFFLINE, INFEASIBLE, FAILED = "ok", "straggler", "offline", "infeasible", "failed"
 
@@ -45,6 +52,13 @@ class DeviceCost:
     train_flops: int  # FLOPs the device executes this round
     peak_memory_bytes: int  # peak training memory of the device-side job
     server_flops: int = 0  # FLOPs a method offloads to the server (side-tuning)
+    # The trained model lives on the server (MobiLLM's side network): the worker that trains it
+    # plays the server, so the tensors of its messages never cross the device's radio. The
+    # device's link then carries only what the client reports (``extra_upload_bytes``).
+    model_on_server: bool = False
+    # Bytes each device downloads once after the last round (the tuned model, for on-device
+    # inference); 0 = none. Charged at the end of the run, never per round.
+    final_download_bytes: int = 0
 
 
 class CostModel(Protocol):
@@ -74,6 +88,11 @@ class RoundSettlement:
     records: list[dict[str, Any]]
     counts: dict[str, int] = field(default_factory=dict)
     energy_j: float = 0.0
+
+
+def device_link_bytes(content: RecordDict, cost: DeviceCost) -> int:
+    """Bytes of a message's tensors on the device's link (0: the model stays on the server)."""
+    return 0 if cost.model_on_server else content_nbytes(content)
 
 
 def _extra_upload_bytes(reply: Message) -> int:
@@ -115,10 +134,14 @@ class RoundScheduler:
             raise ConfigError("clock.over_selection", over_selection, "must be a number >= 1")
         self.fleet = fleet
         self.seed = seed
-        self.profiles: list[DeviceProfile] = fleet.assign(num_clients, seed)
+        # Drawn per client when asked for: a population of millions costs no list of them.
+        self.profiles: DeviceAssignment = fleet.assignment(num_clients, seed)
         self.deadline_s = deadline_s
         self.over_selection = float(over_selection)
         self.clock = SimClock()
+        # Called with a settled round's rows (fedsim/view.py ObservationLog.record: what the
+        # server measured, for the strategies' view of later rounds).
+        self.observers: list[Callable[[Sequence[dict[str, Any]]], None]] = []
 
     def plan(
         self, server_round: int, messages: Sequence[Message], costs: dict[int, DeviceCost]
@@ -141,7 +164,7 @@ class RoundScheduler:
                 "downlink_mbps": state.downlink_mbps,
                 "train_flops": cost.train_flops,
                 "peak_memory_bytes": cost.peak_memory_bytes,
-                "bytes_down": content_nbytes(msg.content),
+                "bytes_down": device_link_bytes(msg.content, cost),
             }
             config = msg.content.get(keys.CONFIG)
             for name, value in config.items() if config is not None else ():
@@ -172,13 +195,14 @@ class RoundScheduler:
         work = ClientWork(
             train_flops=cost.train_flops,
             bytes_down=row["bytes_down"],
-            bytes_up=content_nbytes(reply.content) + _extra_upload_bytes(reply),
+            bytes_up=device_link_bytes(reply.content, cost) + _extra_upload_bytes(reply),
             peak_memory_bytes=cost.peak_memory_bytes,
             server_flops=cost.server_flops,
         )
         latency = client_latency(row["_state"], work, self.fleet.server_gflops)
         row.update(
             bytes_up=work.bytes_up,
+            extra_upload_bytes=_extra_upload_bytes(reply),
             latency_s=latency.total_s,
             download_s=latency.download_s,
             compute_s=latency.compute_s,
@@ -186,6 +210,10 @@ class RoundScheduler:
             server_s=latency.server_s,
             energy_j=client_energy_j(self.profiles[pid], latency),
         )
+        metrics = reply.content.get(keys.METRICS)
+        for name, value in metrics.items() if metrics is not None else ():
+            if name.startswith(keys.LOG_PREFIX):  # a client's own log fields (e.g. DFL's beta)
+                row.setdefault(name[len(keys.LOG_PREFIX) :], value)
         return latency.total_s
 
     def settle(
@@ -216,6 +244,8 @@ class RoundScheduler:
         rows = [{k: v for k, v in row.items() if k != "_state"} for row in plan.records.values()]
         outcomes = (OK, STRAGGLER, OFFLINE, INFEASIBLE, FAILED)
         counts = {o: sum(r["outcome"] == o for r in rows) for o in outcomes}
+        for observe in self.observers:
+            observe(rows)
         return RoundSettlement(
             kept=[by_pid[pid] for pid in sorted(kept)],
             round_time_s=timing.round_time_s,

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
-from fedsim import keys
+from fedsim import interrupt, keys
 from fedsim.asynchronous import AsyncLoop, AsyncStalled, is_asynchronous
 from fedsim.checkpoint import RunState, save_checkpoint
 from fedsim.clients.distillation import NoDistillation, distillation_of
@@ -31,7 +31,7 @@ from fedsim.cohort import VirtualGrid, partition_id_of
 from fedsim.config import build, config_hash
 from fedsim.devices import SimClock
 from fedsim.evaluation import evaluate, evaluate_clients, sample_eval_clients
-from fedsim.params import arrays_nbytes, content_nbytes, keep_dtypes, load_arrays, to_arrays
+from fedsim.params import arrays_nbytes, keep_dtypes, load_arrays, to_arrays
 from fedsim.progress import RoundProgress, format_sim_time
 from fedsim.results import CLIENT_EVAL_FILE, CLIENTS_FILE, RunWriter
 from fedsim.scheduler import (
@@ -44,7 +44,7 @@ from fedsim.scheduler import (
     RoundSettlement,
 )
 from fedsim.seeding import derive_seed, python_random_seeded
-from fedsim.view import FederationView, slim_layout_of
+from fedsim.view import FederationView, ObservationLog, slim_layout_of
 from fedsim.warm_start import warm_start_of
 from fedsim.worker import job_record
 from fedsim.workload import get_workload
@@ -127,8 +127,12 @@ def train_round(
         num_sampled=len(messages),
         num_ok=len(settled.kept),
         num_failed=settled.counts[FAILED],
-        # Each device downloads its own copy and uploads its own update (stragglers too).
-        bytes_down=sum(content_nbytes(m.content) for m in plan.to_send),
+        # Each device downloads its own copy and uploads its own update (stragglers too), as the
+        # scheduler charged its link (nothing for a model that stays on the server).
+        bytes_down=sum(
+            plan.records[partition_id_of(m.metadata.dst_node_id)]["bytes_down"]
+            for m in plan.to_send
+        ),
         bytes_up=sum(row.get("bytes_up", 0) for row in settled.records),
         settlement=settled,
         train_metrics=dict(metrics) if metrics is not None else {},
@@ -210,21 +214,33 @@ def federation_view(
     model_at: Callable[[float], torch.nn.Module],
     cost_fn: Callable[[int, float], DeviceCost],
 ) -> FederationView:
-    """The read-only view a device-aware strategy is bound to (fedsim/view.py)."""
+    """The read-only view a device-aware strategy is bound to (fedsim/view.py).
+
+    It never reads the conditions the clock charges for a round: only the check-in (online
+    flag) of the round decided, and what ``scheduler`` measured in the rounds before (its
+    settled rounds feed the view's ObservationLog).
+    """
     fleet, seed = scheduler.fleet, scheduler.seed
     payloads: dict[float, int] = {}
+    observations = ObservationLog()
+    scheduler.observers.append(observations.record)
 
-    def payload_bytes(width: float) -> int:
+    def online(pid: int, rnd: int) -> bool:  # the check-in: availability, not the round's rates
+        return fleet.conditions(scheduler.profiles[pid], seed, pid, rnd).online
+
+    def payload_bytes(width: float) -> int:  # on the device's link: 0 for a server-side model
         if width not in payloads:
-            payloads[width] = arrays_nbytes(to_arrays(model_at(width)))
+            on_server = cost_fn(0, width).model_on_server
+            payloads[width] = 0 if on_server else arrays_nbytes(to_arrays(model_at(width)))
         return payloads[width]
 
     return FederationView(
         seed=seed,
-        profiles=tuple(scheduler.profiles),
+        profiles=scheduler.profiles,  # drawn per client on demand (devices.DeviceAssignment)
         server_gflops=fleet.server_gflops,
         deadline_s=scheduler.deadline_s,
-        conditions=lambda pid, rnd: fleet.conditions(scheduler.profiles[pid], seed, pid, rnd),
+        online=online,
+        observations=observations,
         cost=cost_fn,
         payload_bytes=payload_bytes,
         slim_layout=lambda: slim_layout_of(model_at(1.0)),
@@ -356,10 +372,22 @@ def run_rounds(
         rounds: Iterator[tuple[dict, RoundSettlement]] = loop.steps(num_rounds)
     else:
         rounds = (play_round(fed, state, r) for r in range(state.server_round + 1, num_rounds + 1))
+    if time_budget_s is not None and state.sim_time_s >= time_budget_s:
+        rounds = iter(())  # resumed after the round that spent the budget: nothing left to play
+    checkpointed = state.server_round  # the round the checkpoint in the folder holds
     while True:
+        if interrupt.stop_requested() and state.server_round < num_rounds:
+            status = "interrupted"  # SIGINT/SIGTERM: end on the last complete round
+            if every and state.server_round > checkpointed:
+                writer.sync()
+                save_checkpoint(writer.run_dir, state, strategy, config_hash(cfg))
+            break
         try:
             row, settled = next(rounds)
         except StopIteration:
+            break
+        except interrupt.RunInterrupted:  # the round in progress abandoned: the last one stands
+            status = "interrupted"
             break
         except AsyncStalled as exc:
             status = "failed"
@@ -413,7 +441,9 @@ def run_rounds(
             break
         out_of_time = time_budget_s is not None and state.sim_time_s >= time_budget_s
         if every and (server_round % every == 0 or server_round == num_rounds or out_of_time):
+            writer.sync()  # the rows it counts are on disk before it is
             save_checkpoint(writer.run_dir, state, strategy, config_hash(cfg))
+            checkpointed = server_round
         if out_of_time:
             log.info(
                 "round %d: simulated time %s reached clock.max_sim_time_s; stopping",
@@ -421,9 +451,15 @@ def run_rounds(
                 format_sim_time(state.sim_time_s),
             )
             break
-    if state.server_round > 0:
+    if state.server_round > 0 and status != "interrupted":  # scored once a resume finishes
         writer.write_rows(evaluate_final_clients(fed, state), CLIENT_EVAL_FILE)
     summary = {"status": status, **state.totals, "sim_time_s": state.sim_time_s}
+    if state.server_round > 0 and status != "interrupted":
+        # Each device downloads the tuned model once for on-device inference (side-tuning's
+        # client.charge_final_download; 0 otherwise); not part of any round, nor of the clock.
+        final_bytes = fed.cost_fn(0, 1.0).final_download_bytes * int(cfg.num_clients)
+        summary["final_download_bytes"] = final_bytes
+        summary["bytes_down_total"] += final_bytes
     summary[keys.STARTUP_S] = startup_s
     writer.finish(summary)
     return summary

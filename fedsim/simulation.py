@@ -9,8 +9,11 @@ here, and the same ServerApp/ClientApp also run under ``flwr run .`` (see fedsim
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from queue import Queue
 
@@ -23,6 +26,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # CPU-only runs: keeps Ray from printing a FutureWarning about accelerator env vars.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
+import psutil  # noqa: E402
 import ray  # noqa: E402
 from flwr.app import Message  # noqa: E402
 from flwr.server.superlink.fleet.vce import vce_api  # noqa: E402
@@ -30,11 +34,14 @@ from flwr.server.superlink.fleet.vce.backend import raybackend  # noqa: E402
 from flwr.server.superlink.linkstate import LinkState  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
+from fedsim import interrupt  # noqa: E402
 from fedsim.apps import client_app, make_server_app, quiet_flower  # noqa: E402
 from fedsim.checkpoint import load_checkpoint  # noqa: E402
 from fedsim.clients.distillation import distillation_of  # noqa: E402
 from fedsim.cohort import MESSAGES_PUSHED  # noqa: E402
 from fedsim.config import build, config_hash, validate  # noqa: E402
+from fedsim.errors import ConfigError  # noqa: E402
+from fedsim.params import to_arrays  # noqa: E402
 from fedsim.results import RunWriter  # noqa: E402
 from fedsim.warm_start import warm_start_of  # noqa: E402
 from fedsim.workload import get_workload  # noqa: E402
@@ -79,6 +86,7 @@ class KeptRayBackend(raybackend.RayBackend):
 
 
 _ray_target: str | None = None  # the runtime.ray_address ("" = local) Ray was started for
+_ray_head: list[psutil.Process] = []  # what ray.init started here: a local instance's processes
 
 
 def release_engine() -> None:
@@ -90,6 +98,7 @@ def release_engine() -> None:
     if ray.is_initialized():
         ray.shutdown()
     _ray_target = None
+    _ray_head.clear()
 
 
 def _prepare_ray(cfg: DictConfig) -> None:
@@ -141,7 +150,10 @@ def num_lanes(cfg: DictConfig, cluster_cpus: float | None = None) -> int:
 
 def backend_config(cfg: DictConfig) -> dict:
     """Flower's Ray backend settings: resources per ClientApp and ``ray.init`` arguments."""
-    init_args: dict = {"logging_level": "ERROR", "include_dashboard": False}
+    # "local": a Ray instance of this run's own. Without an address, ray.init joins the last
+    # cluster started on the machine (RAY_ADDRESS, or the ray_current_cluster file in Ray's temp
+    # folder) and, if that cluster died, retries its address forever.
+    init_args: dict = {"address": "local", "logging_level": "ERROR", "include_dashboard": False}
     if cfg.runtime.ray_address:
         init_args = {"address": str(cfg.runtime.ray_address), "logging_level": "ERROR"}
     # Worker output stays in the workers: a client's exception travels back in its reply.
@@ -156,6 +168,94 @@ def backend_config(cfg: DictConfig) -> dict:
         },
         "init_args": init_args,
     }
+
+
+#: Seconds to wait for ``runtime.ray_address`` to accept a connection (ray.init itself would
+#: retry an unreachable address for ever).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _start_ray(cfg: DictConfig) -> None:
+    """Start this run's local Ray instance, or join ``runtime.ray_address``; check a client fits.
+
+    Runs before the run folder is claimed, so that an unreachable cluster, or one none of whose
+    nodes can host one client (Flower's actor pool would be empty and the run would hang), is
+    refused in one line (:class:`ConfigError`) and leaves nothing behind.
+    """
+    _prepare_ray(cfg)
+    if not ray.is_initialized():
+        address = str(cfg.runtime.ray_address or "")
+        if address:
+            _check_reachable(address)
+        before = {child.pid for child in psutil.Process().children()}
+        try:
+            _init_ray(backend_config(cfg)["init_args"])
+        except Exception as exc:  # noqa: BLE001 - Ray raises several types, with long texts
+            if not address:
+                raise
+            reason = " ".join(str(exc).split())[:160]
+            raise ConfigError("runtime.ray_address", address, f"cannot join it: {reason}") from None
+        _ray_head[:] = [p for p in psutil.Process().children() if p.pid not in before]
+    _check_fits(cfg)
+
+
+def _init_ray(init_args: dict) -> None:
+    """``ray.init`` as Flower's ``RayBackend.init_ray`` does it (workers get the driver's path).
+
+    Flower skips its own ``ray.init`` when Ray is already up, which is what lets fedsim start
+    (and check) Ray before the run folder is claimed.
+    """
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a ``runtime.ray_address`` where no Ray head answers within CONNECT_TIMEOUT_S."""
+    from ray._private.services import canonicalize_bootstrap_address  # Ray's own resolver
+
+    accepted = "accepted: HOST:PORT of a running Ray head, auto, or null for a local Ray"
+    try:  # "auto": RAY_ADDRESS or the last cluster started on this machine
+        resolved = canonicalize_bootstrap_address(address) or ""
+        host, port = resolved.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise ConfigError(
+            "runtime.ray_address", address, f"unreachable ({reason}); {accepted}"
+        ) from None
+
+
+def _check_fits(cfg: DictConfig) -> None:
+    """One client's CPUs and GPUs must fit on one live Ray node (Flower's pool rule)."""
+    cpus, gpus = float(cfg.runtime.client_num_cpus), float(cfg.runtime.client_num_gpus)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+    if any(r.get("CPU", 0.0) >= cpus and r.get("GPU", 0.0) >= gpus for r in nodes):
+        return
+    most_gpus = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
+    most_cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    release_engine()
+    if gpus > most_gpus:
+        raise ConfigError(
+            "runtime.client_num_gpus", cfg.runtime.client_num_gpus,
+            f"must be at most the GPUs of one Ray node ({most_gpus:g} here)",
+        )
+    raise ConfigError(
+        "runtime.client_num_cpus", cfg.runtime.client_num_cpus,
+        f"must be at most the CPUs of one Ray node ({most_cpus:g} here)",
+    )
+
+
+def _ray_process_tree() -> list[psutil.Process]:
+    """The local Ray instance's processes and their children (workers, agents) now."""
+    tree: list[psutil.Process] = []
+    for head in _ray_head:
+        with suppress(psutil.Error):
+            if head.is_running():
+                tree += [head, *head.children(recursive=True)]
+    return tree
 
 
 def _cluster_cpus(cfg: DictConfig) -> float | None:
@@ -185,9 +285,16 @@ def run_flower(server_app: ServerApp, lanes: int, config: dict) -> None:
 def simulate(cfg: DictConfig, run_dir: Path | str, resume: bool = False) -> dict:
     """Validate ``cfg``, run the federation, write ``run_dir``; return the run summary.
 
-    Every check that can fail on bad input runs before the run folder is claimed. With
-    ``resume``, the run continues in ``run_dir`` from its checkpoint.
+    Every check that can fail on bad input (including Ray's start and whether one client fits
+    on it) runs before the run folder is claimed. With ``resume``, the run continues in
+    ``run_dir`` from its checkpoint. SIGINT or SIGTERM ends the run after its last complete
+    round (status ``interrupted``; :mod:`fedsim.interrupt`).
     """
+    with interrupt.stop_on_signals(run_dir, release_engine, _ray_process_tree):
+        return _simulate(cfg, run_dir, resume)
+
+
+def _simulate(cfg: DictConfig, run_dir: Path | str, resume: bool) -> dict:
     started_at = time.perf_counter()
     validate(cfg)
     quiet_flower()
@@ -199,22 +306,26 @@ def simulate(cfg: DictConfig, run_dir: Path | str, resume: bool = False) -> dict
         check_model(model)
     build(cfg, "devices")  # the fleet checks its profiles and shares
     build(cfg, "faults")
-    build(cfg, "client")  # the workers build it too; check its arguments here, once
-    distillation_of(cfg)  # the optional groups check their arguments too
+    # The workers build the client too; check its arguments and DFL's fit with it here, once.
+    distillation_of(cfg).wrap(build(cfg, "client"))
     warm_start_of(cfg)
     _check_sampling(cfg, strategy)
+    _start_ray(cfg)  # an unreachable cluster or a client that fits no node: ConfigError
+    interrupt.before_claim()  # a signal during start-up: RunInterrupted, nothing written
     writer = RunWriter(run_dir)
     state = None
     if resume:
-        state = load_checkpoint(run_dir, strategy, config_hash(cfg))
+        state = load_checkpoint(run_dir, strategy, config_hash(cfg), like=to_arrays(model))
         writer.reopen(state.server_round)
     else:
         writer.start(cfg)
     summary: dict = {}
-    _prepare_ray(cfg)
     lanes = num_lanes(cfg, _cluster_cpus(cfg))
     app = make_server_app(cfg, strategy, writer, summary, state, started_at)
-    run_flower(app, lanes, backend_config(cfg))
+    try:
+        run_flower(app, lanes, backend_config(cfg))
+    finally:
+        writer.close()  # the folder's lock: the next run of a sweep, or a resume, may take it
     if not summary:
         raise RuntimeError("the simulation ended without a summary; see the log above")
     return summary
@@ -223,6 +334,7 @@ def simulate(cfg: DictConfig, run_dir: Path | str, resume: bool = False) -> dict
 def _check_sampling(cfg: DictConfig, strategy: object) -> None:
     """A strategy that waits for more nodes than exist would hang: refuse it instead."""
     from fedsim.errors import ConfigError
+    from fedsim.strategies.common import listed_population_limit
 
     n = int(cfg.num_clients)
     for attr in ("min_available_nodes", "min_train_nodes"):
@@ -232,3 +344,7 @@ def _check_sampling(cfg: DictConfig, strategy: object) -> None:
     fraction = getattr(strategy, "fraction_train", None)
     if isinstance(fraction, float | int) and not 0.0 < fraction <= 1.0:
         raise ConfigError("strategy.fraction_train", fraction, "must be in (0, 1]")
+    limit = listed_population_limit(psutil.virtual_memory().available, n)  # Flower lists all ids
+    if n > limit:
+        raise ConfigError("num_clients", n, f"must be <= {limit} (Flower lists every client's node"
+                          " id each round; that list must fit in the memory available now)")

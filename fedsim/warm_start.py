@@ -24,6 +24,7 @@ the result. Our decisions where the paper is OPEN (methods.md 4.3, 8) [D]:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ from fedsim.evaluation import evaluate
 from fedsim.params import load_arrays
 from fedsim.progress import format_sim_time
 from fedsim.results import CLIENTS_FILE, RunWriter
-from fedsim.scheduler import FAILED, INFEASIBLE, OFFLINE, STRAGGLER, DeviceCost
+from fedsim.scheduler import FAILED, INFEASIBLE, OFFLINE, STRAGGLER
 from fedsim.seeding import numpy_rng
 
 if TYPE_CHECKING:
@@ -183,6 +184,7 @@ class CyclicWarmStart:
                 )
         totals[keys.WARM_START_CYCLES] = self.num_cycles
         if int(fed.cfg.checkpoint_every):
+            writer.sync()  # the rows it counts are on disk before it is
             save_checkpoint(writer.run_dir, state, fed.strategy, config_hash(fed.cfg))
 
     def _visit(
@@ -191,10 +193,10 @@ class CyclicWarmStart:
         """One client's turn: ``passes_per_visit`` trainings, then the clock; (model or None)."""
         first = -(visit - 1) * self.passes_per_visit - 1  # -1, -2, ...: one per pass
         cost = fed.cost_fn(pid, 1.0)
-        cost = DeviceCost(
-            cost.train_flops * self.passes_per_visit,
-            cost.peak_memory_bytes,
-            cost.server_flops * self.passes_per_visit,
+        cost = dataclasses.replace(  # keeps where the model lives (DeviceCost.model_on_server)
+            cost,
+            train_flops=cost.train_flops * self.passes_per_visit,
+            server_flops=cost.server_flops * self.passes_per_visit,
         )
         arrays, client_state = state.arrays, state.client_states.get(pid, RecordDict())
         plan, reply = None, None

@@ -2,13 +2,17 @@
 
 The worker keeps the workload (data, features) and one model instance resident across rounds;
 for each virtual client it loads the received tensors, trains, and packs the reply. One client's
-exception is reported as that client's error; the other clients of the lane still answer.
+exception is reported as that client's error; the other clients of the lane still answer. After
+an injected hang past the lane's timeout the worker gives the lane up at once: the clients it did
+not train are left out of the reply, and the server sends them again (fedsim/cohort.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import threading
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -18,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedsim import keys
 from fedsim.clients.base import TrainContext
 from fedsim.clients.distillation import distillation_of
-from fedsim.cohort import pack_replies, unpack_lane
+from fedsim.cohort import LaneSettings, lane_settings, pack_replies, unpack_lane
+from fedsim.faults import LaneGivenUp
 from fedsim.params import decode_arrays, load_state, to_arrays
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.workload import Workload, get_workload
@@ -46,6 +51,9 @@ class ClientRuntime:
         # DFL and other cross-cutting client features wrap the behaviour (none: itself)
         self.behaviour = distillation_of(cfg).wrap(instantiate(cfg.client))
         self.faults = instantiate(cfg.faults)
+        # The first optimizer a process builds imports torch._dynamo (seconds; measured 1-7 s on
+        # 2 busy cores): part of the worker's start-up, not of the first round's timeout.
+        importlib.import_module("torch._dynamo")
 
     def model_for(self, width: float) -> torch.nn.Module:
         """The resident model of a width (``keys.WIDTH``: a width-sliced sub-model), built once."""
@@ -59,15 +67,27 @@ class ClientRuntime:
         content: RecordDict,
         state: RecordDict,
         received: dict[str, torch.Tensor] | None = None,
+        lane: LaneSettings | None = None,
+        time_left_s: float | None = None,
     ) -> RecordDict:
         """One client-round: load the received arrays, train locally, return the reply.
 
         ``state`` (the client's persistent state) is updated in place by the behaviour.
         ``received`` is ``content``'s arrays already decoded (clients of a lane share them).
+        ``lane`` (which attempt, the lane's timeout) and ``time_left_s`` (of that timeout) tell
+        injected faults how to strike (fedsim/faults.py).
         """
         config: ConfigRecord = content.get(keys.CONFIG, ConfigRecord())
         server_round = int(config.get(keys.SERVER_ROUND, 0))
-        self.faults.strike(self.seed, server_round, partition_id)
+        lane = lane or LaneSettings()
+        self.faults.strike(
+            self.seed,
+            server_round,
+            partition_id,
+            first_attempt=lane.attempt == 1,
+            timeout_s=lane.timeout_s,
+            time_left_s=time_left_s,
+        )
         model = self.model_for(float(config.get(keys.WIDTH, 1.0)))
         load_state(model, received or decode_arrays(content[keys.ARRAYS]))
         # Dropout and other global-RNG draws, and the batch order, are named by (round, client).
@@ -117,8 +137,13 @@ def _runtime(job: ConfigRecord) -> ClientRuntime:
 
 def handle_lane(content: RecordDict) -> RecordDict:
     """Train every virtual client of a lane message; return the packed replies."""
+    started_s = time.monotonic()  # the lane's timeout runs from about here (server: from push)
     job, clients = unpack_lane(content)
+    lane = lane_settings(content)
     runtime = _runtime(job)
+    if not clients:
+        time.sleep(lane.hold_s)  # a probe keeps its worker busy (VirtualGrid.recover)
+    deadline_s = None if lane.timeout_s is None else started_s + lane.timeout_s
     replies: list[tuple[int, RecordDict | str]] = []
     states: dict[int, RecordDict] = {}
     decoded: dict[int, dict[str, torch.Tensor]] = {}  # id(ArrayRecord) -> tensors, per lane
@@ -127,7 +152,12 @@ def handle_lane(content: RecordDict) -> RecordDict:
             arrays = client_content[keys.ARRAYS]
             if id(arrays) not in decoded:
                 decoded[id(arrays)] = decode_arrays(arrays)
-            reply = runtime.train_client(partition_id, client_content, state, decoded[id(arrays)])
+            left_s = None if deadline_s is None else deadline_s - time.monotonic()
+            reply = runtime.train_client(
+                partition_id, client_content, state, decoded[id(arrays)], lane, left_s
+            )
+        except LaneGivenUp:
+            break  # past the timeout: the server sends this client and the rest again
         except Exception as exc:  # noqa: BLE001 - one client's failure must not sink its lane
             replies.append((partition_id, f"{type(exc).__name__}: {exc}"))
             continue

@@ -133,7 +133,8 @@ def run(overrides: Sequence[str]) -> dict:
         backend_name="ray",
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+            # A Ray of its own, never the last cluster started on the machine (issue 15.9).
+            "init_args": {"address": "local", "logging_level": "ERROR", "log_to_driver": False},
         },
     )
     return dict(RESULT)

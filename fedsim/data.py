@@ -15,10 +15,12 @@ shards: with label-sorted rows its "IID" clients would each hold one class.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import operator
 import typing
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -50,6 +52,7 @@ __all__ = [
     "stratified_split_indices",
     "build_partitioner",
     "partition_train",
+    "OnDemandPartitions",
 ]
 
 
@@ -634,9 +637,55 @@ def _partition_count_rule(partitioner: Partitioner) -> str:
     return f"must equal the partitioner's num_partitions ({partitioner.num_partitions})"
 
 
+class OnDemandPartitions(Sequence[np.ndarray]):
+    """Every client's row indices, each computed when asked (a partitioner's pure function).
+
+    A population far larger than the data (``SampledPartitioner``, 1,000,000 clients) would
+    otherwise hold ``num_clients`` index arrays in the server and in every worker (about 250
+    bytes and 40 us of drawing per client). Memory is O(clients asked for): the last
+    ``cache_size`` answers are kept, since a round asks for its clients several times (lane
+    balancing, costing, training).
+
+    Parameters
+    ----------
+    num_clients
+        Number of partitions (client ids ``0 .. num_clients - 1``).
+    indices_fn
+        ``indices_fn(pid)``: the int64 row indices of client ``pid``.
+    cache_size
+        How many clients' indices are kept (least recently used go first).
+
+    """
+
+    def __init__(
+        self, num_clients: int, indices_fn: Callable[[int], np.ndarray], cache_size: int = 4096
+    ) -> None:
+        self._num_clients = num_clients
+        self._indices = functools.lru_cache(maxsize=cache_size)(indices_fn)
+
+    def __len__(self) -> int:
+        return self._num_clients
+
+    @typing.overload
+    def __getitem__(self, pid: int) -> np.ndarray: ...
+
+    @typing.overload
+    def __getitem__(self, pid: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, pid: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(pid, slice):
+            return [self[i] for i in range(*pid.indices(self._num_clients))]
+        index = operator.index(pid)
+        if index < 0:
+            index += self._num_clients
+        if not 0 <= index < self._num_clients:
+            raise IndexError(f"partition {pid} of {self._num_clients}")
+        return self._indices(index)
+
+
 def partition_train(
     splits: DataSplits, partitioner: Partitioner, num_clients: int
-) -> list[np.ndarray]:
+) -> Sequence[np.ndarray]:
     """Assign the training split to ``partitioner`` and return each client's row indices.
 
     The partitioner is given a slim copy of ``splits.train``: its ``partition_by`` column (if
@@ -653,8 +702,10 @@ def partition_train(
 
     Returns
     -------
-    list[np.ndarray]
-        ``num_clients`` int64 arrays of indices into ``splits.train``, in the partition's order.
+    Sequence[np.ndarray]
+        ``num_clients`` int64 arrays of indices into ``splits.train``, in the partition's order:
+        a list, or :class:`OnDemandPartitions` for a partitioner that computes any client's
+        indices on demand (``partition_indices(pid)``, e.g. ``SampledPartitioner``).
 
     """
     num_rows = len(splits.train)
@@ -691,6 +742,9 @@ def partition_train(
     except (ValueError, TypeError, ArithmeticError, LookupError) as exc:
         raise _refusal(partitioner, f"flwr-datasets: {exc}") from exc
     rows = np.asarray(partitioner.dataset[_ROW][:], dtype=np.int64)  # after any sort
+    on_demand = getattr(partitioner, "partition_indices", None)
+    if callable(on_demand):  # a pure function of the client id: drawn when a client is used
+        return OnDemandPartitions(num_clients, lambda pid: rows[on_demand(pid)])
     # flwr-datasets 0.6 keeps the assignment as `_partition_id_to_indices`; reading it costs
     # microseconds per client where load_partition builds a Dataset (about a millisecond).
     mapping = getattr(partitioner, "_partition_id_to_indices", None)

@@ -16,10 +16,12 @@ the real model instead of FedScale's "3 x forward" factor)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from fedsim.seeding import numpy_rng
 __all__ = [
     "DeviceProfile",
     "DeviceState",
+    "DeviceAssignment",
     "Dynamics",
     "Fleet",
     "MemoryEstimate",
@@ -225,6 +228,10 @@ class Fleet:
             raise ValueError(f"num_clients must be >= 0, got {num_clients}")
         return [self.device_for(i, seed) for i in range(num_clients)]
 
+    def assignment(self, num_clients: int, seed: int) -> DeviceAssignment:
+        """:meth:`assign`'s profiles, each drawn when asked for: memory O(clients asked)."""
+        return DeviceAssignment(self, num_clients, seed)
+
     # -- per-round conditions ------------------------------------------------------------------
     def conditions(self, profile: DeviceProfile, seed: int, partition_id: int,
                    server_round: int) -> DeviceState:
@@ -280,6 +287,51 @@ class Fleet:
             was_good = trace.good[-1]
             trace.good.append(u >= dyn.p_good_to_bad if was_good else u < dyn.p_bad_to_good)
         return bool(trace.good[server_round - 1])
+
+
+class DeviceAssignment(Sequence[DeviceProfile]):
+    """The profile of every client of a population, drawn on demand (``Fleet.device_for``).
+
+    Equal, client by client, to ``fleet.assign(num_clients, seed)``, but a population of
+    1,000,000 costs no list of 1,000,000 profiles and no 1,000,000 draws before round 1. The
+    last ``cache_size`` answers are kept (a round asks for its clients several times).
+    ``assignment[pid] = profile`` pins one client's profile (tests, what-if studies).
+    """
+
+    def __init__(self, fleet: Fleet, num_clients: int, seed: int, cache_size: int = 4096) -> None:
+        if num_clients < 0:
+            raise ValueError(f"num_clients must be >= 0, got {num_clients}")
+        self._num_clients = num_clients
+        self._pinned: dict[int, DeviceProfile] = {}
+        self._draw = functools.lru_cache(maxsize=cache_size)(
+            lambda pid: fleet.device_for(pid, seed)
+        )
+
+    def __len__(self) -> int:
+        return self._num_clients
+
+    def _index(self, pid: int) -> int:
+        index = operator.index(pid)
+        index += self._num_clients if index < 0 else 0
+        if not 0 <= index < self._num_clients:
+            raise IndexError(f"client {pid} of {self._num_clients}")
+        return index
+
+    @overload
+    def __getitem__(self, pid: int) -> DeviceProfile: ...
+
+    @overload
+    def __getitem__(self, pid: slice) -> list[DeviceProfile]: ...
+
+    def __getitem__(self, pid: int | slice) -> DeviceProfile | list[DeviceProfile]:
+        if isinstance(pid, slice):
+            return [self[i] for i in range(*pid.indices(self._num_clients))]
+        index = self._index(pid)
+        pinned = self._pinned.get(index)
+        return pinned if pinned is not None else self._draw(index)
+
+    def __setitem__(self, pid: int, profile: DeviceProfile) -> None:
+        self._pinned[self._index(pid)] = profile
 
 
 # ------------------------------------------------------------------------------- cost model

@@ -5,8 +5,9 @@ larger than the dataset: FedScale-style traces have millions of devices, an offl
 thousands of rows. Each client holds ``examples_per_client`` rows drawn without replacement
 from the whole training split, seeded by (seed, client): clients are IID and overlap (a row
 may sit on several devices), which is the price of a population larger than the data. Any
-client's rows are a pure function of its id, so 10,000 clients cost no more to set up than
-their index arrays.
+client's rows are a pure function of its id, drawn when the client is used
+(``fedsim.data.partition_train`` returns them on demand): a population of 1,000,000 costs
+nothing to set up and memory only for the clients a run touches.
 """
 
 from __future__ import annotations
@@ -69,12 +70,6 @@ class SampledPartitioner(Partitioner):
         rng = numpy_rng(self._seed, "sampled-partition", partition_id)
         rows = rng.choice(num_rows, size=self._examples_per_client, replace=False)
         return np.sort(rows).astype(np.int64)
-
-    @property
-    def _partition_id_to_indices(self) -> dict[int, np.ndarray]:
-        # flwr-datasets' own partitioners keep their assignment under this name;
-        # fedsim.data.partition_train reads it instead of building a Dataset per client.
-        return {pid: self.partition_indices(pid) for pid in range(self._num_partitions)}
 
     def load_partition(self, partition_id: int) -> Dataset:
         """One client's rows as a Dataset (what flwr-datasets' partitioners return)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ class Workload:
 
     seed: int
     splits: DataSplits
-    partitions: list[np.ndarray]
+    partitions: Sequence[np.ndarray]  # a list, or computed per client on demand (data.py)
     model_factory: object
     _train: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _test: dict[str, torch.Tensor] | None = field(default=None, repr=False)

@@ -4,7 +4,7 @@ Each case is a function ``(args) -> dict`` registered in :data:`CASES`; it print
 its dict goes into the ``--out`` JSON under the case's name. Cases live beside this file:
 
 * engine (``bench_engine.py``): ``overhead_vs_plain``, ``speedup_vs_flower``, ``scale``,
-  ``sweep_startup`` -- fedsim against a plain PyTorch loop and plain Flower, 10,000 clients,
+  ``sweep_startup`` -- fedsim against a plain PyTorch loop and plain Flower, 1,000,000 clients,
   the start-up each run of a sweep pays;
 * side-tuning (``bench_side_tuning.py``): ``cache_speedup``, ``device_memory``, ``compare``;
 * ``soak`` (``soak.py``): 500 rounds, memory growth, open files, leftover processes.
@@ -120,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--flower-rounds", type=int, default=20, help="speedup_vs_flower: rounds of both runs"
     )
-    parser.add_argument("--scale-clients", type=int, default=10_000, help="scale: population")
+    parser.add_argument(
+        "--scale-clients", type=int, default=1_000_000, help="scale: population (issue 19: 1M)"
+    )
     parser.add_argument("--sweep-runs", type=int, default=8, help="sweep_startup: runs")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {}

@@ -135,10 +135,12 @@ class FedCompass(AsyncStrategy):
     # --- events -------------------------------------------------------------------------------
     def begin(self, loop: AsyncLoop) -> None:
         """Every participant starts at once with q_max steps and no group."""
-        pids = list(range(loop.num_clients))
-        if self.num_participants is not None and self.num_participants < len(pids):
+        everyone = range(loop.num_clients)  # sampled as a range: the same draw, no list of all
+        if self.num_participants is not None and self.num_participants < len(everyone):
             rng = random.Random(derive_seed(loop.seed, "fedcompass-participants"))
-            pids = sorted(rng.sample(pids, self.num_participants))
+            pids = sorted(rng.sample(everyone, self.num_participants))
+        else:
+            pids = list(everyone)
         self.participants = pids
         if self.q_max is None:
             self.q_max = int(np.median([loop.round_steps(pid) for pid in pids]))

@@ -43,6 +43,7 @@ from fedsim.strategies.common import (
     Tensors,
     check_number,
     client_models,
+    count_nodes,
     to_numpy,
     to_record,
     zeros_like,
@@ -138,7 +139,7 @@ class FedDyn(FedAvg):
         if self.h is None:
             self.h = zeros_like(arrays)
         self.current_arrays = arrays
-        self.num_clients = len(list(grid.get_node_ids()))
+        self.num_clients = count_nodes(grid)
         config[keys.CLIENT_TERMS] = [NAME]
         config[keys.FEDDYN_ALPHA] = self.alpha
         return super().configure_train(server_round, arrays, config, grid)

@@ -43,6 +43,7 @@ from fedsim.clients.loop import (
 from fedsim.strategies.common import (
     Tensors,
     check_number,
+    count_nodes,
     take_records,
     to_numpy,
     to_record,
@@ -145,7 +146,7 @@ class Scaffold(FedAvg):
         if self.control is None:
             self.control = zeros_like(arrays)
         self.current_arrays = arrays
-        self.num_clients = len(list(grid.get_node_ids()))
+        self.num_clients = count_nodes(grid)
         config[keys.CLIENT_TERMS] = [NAME]
         messages = list(super().configure_train(server_round, arrays, config, grid))
         control = to_record(self.control)

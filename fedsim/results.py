@@ -94,6 +94,8 @@ class RunWriter:
 
     def _lock(self) -> None:
         """Take the folder's exclusive lock (``flock`` on the folder itself: no file to leave)."""
+        if self._lock_fd is not None:
+            return  # this writer holds it already (a run that reopens its own folder)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError("hydra.run.dir", self.run_dir, "must be a folder, not a file")
         try:

@@ -40,7 +40,7 @@ def test_progress_line_names_round_accuracy_loss_eta(capsys) -> None:
     assert "eta" in line and "elapsed" in line
 
 
-def test_run_writer_client_eval_is_replaced_whole_and_dropped_on_reopen(tmp_path) -> None:
+def test_run_writer_client_eval_is_replaced_whole_and_kept_on_reopen(tmp_path) -> None:
     writer = RunWriter(tmp_path / "run")
     writer.start(OmegaConf.create({"seed": 0}))
     writer.write_rows([{"partition_id": 0, "accuracy": 0.5}, {"partition_id": 1}], CLIENT_EVAL_FILE)
@@ -49,4 +49,10 @@ def test_run_writer_client_eval_is_replaced_whole_and_dropped_on_reopen(tmp_path
     rows = read_metrics(tmp_path / "run", CLIENT_EVAL_FILE)
     assert rows == [{"partition_id": 2, "accuracy": None}]
     writer.reopen(server_round=1)
-    assert not (tmp_path / "run" / CLIENT_EVAL_FILE).exists()
+    # Kept until the resumed run writes a complete new one (issue 15: a resume that fails to
+    # start must not lose it); the next write_rows replaces it whole.
+    assert read_metrics(tmp_path / "run", CLIENT_EVAL_FILE) == rows
+    writer.write_rows([{"partition_id": 3, "accuracy": 0.25}], CLIENT_EVAL_FILE)
+    rows = read_metrics(tmp_path / "run", CLIENT_EVAL_FILE)
+    assert rows == [{"partition_id": 3, "accuracy": 0.25}]
+    writer.close()

@@ -10,7 +10,6 @@ not train are left out of the reply, and the server sends them again (fedsim/coh
 from __future__ import annotations
 
 import hashlib
-import importlib
 import threading
 import time
 
@@ -51,9 +50,6 @@ class ClientRuntime:
         # DFL and other cross-cutting client features wrap the behaviour (none: itself)
         self.behaviour = distillation_of(cfg).wrap(instantiate(cfg.client))
         self.faults = instantiate(cfg.faults)
-        # The first optimizer a process builds imports torch._dynamo (seconds; measured 1-7 s on
-        # 2 busy cores): part of the worker's start-up, not of the first round's timeout.
-        importlib.import_module("torch._dynamo")
 
     def model_for(self, width: float) -> torch.nn.Module:
         """The resident model of a width (``keys.WIDTH``: a width-sliced sub-model), built once."""

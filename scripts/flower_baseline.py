@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from fedsim.clients.loop import clip_gradients
 from fedsim.config import compose_config  # noqa: E402
 from fedsim.evaluation import evaluate  # noqa: E402
 from fedsim.seeding import torch_generator  # noqa: E402
@@ -77,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
             loss = torch.nn.functional.cross_entropy(model(**inputs), labels[idx])
             optimizer.zero_grad()
             loss.backward()
+            clip_gradients(model, cfg.client.max_grad_norm)  # every fedsim client clips so
             optimizer.step()
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": n})}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
+from fedsim.clients.loop import clip_gradients
 from fedsim.config import compose_config
 from fedsim.evaluation import evaluate
 from fedsim.seeding import torch_generator
@@ -46,6 +47,7 @@ def plain_fedavg(cfg: DictConfig, num_threads: int = 1) -> PlainRun:
     test = workload.test_features()
     clients = [workload.client_data(pid) for pid in range(int(cfg.num_clients))]
     epochs, batch_size, lr = int(cfg.client.local_epochs), int(cfg.client.batch_size), cfg.client.lr
+    max_grad_norm = cfg.client.get("max_grad_norm")
     params = [p for p in model.parameters() if p.requires_grad]
     global_params = [p.detach().clone() for p in params]
     seed, accuracies = int(cfg.seed), []
@@ -69,6 +71,7 @@ def plain_fedavg(cfg: DictConfig, num_threads: int = 1) -> PlainRun:
                     loss = torch.nn.functional.cross_entropy(model(**inputs), labels[idx])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    clip_gradients(model, max_grad_norm)  # fedsim's clients' rule (issue 14)
                     optimizer.step()
             with torch.no_grad():
                 for s, p in zip(sums, params, strict=True):

@@ -58,3 +58,19 @@ def kill_and_resume(tmp_path: Path):
         return run_dir, killed_rows
 
     return run
+
+
+def cnn_and_data(seed: int = 0):
+    """The digits CNN and 12 random 8x8 samples, both seeded: a tiny real training job."""
+    import torch
+
+    from fedsim.models import SmallCNN
+
+    torch.manual_seed(seed)
+    model = SmallCNN().build(10)
+    gen = torch.Generator().manual_seed(seed)
+    data = {
+        "x": torch.rand(12, 1, 8, 8, generator=gen),
+        "label": torch.randint(0, 10, (12,), generator=gen),
+    }
+    return model, data

@@ -15,6 +15,7 @@ import datasets
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import cnn_and_data as _cnn_and_data
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -27,7 +28,7 @@ from fedsim.clients.side_tuning import SideTuning
 from fedsim.config import compose_config
 from fedsim.data import ChatterbotData
 from fedsim.errors import ConfigError
-from fedsim.models import SmallCNN, TextClassifier
+from fedsim.models import TextClassifier
 from fedsim.results import read_metrics
 from fedsim.simulation import simulate
 from fedsim.strategies.fedspeed import FedSpeedTerm, sam_perturbation
@@ -155,15 +156,6 @@ def _context(config: dict | None = None, received: RecordDict | None = None) -> 
     )
 
 
-def _cnn_and_data(seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    torch.manual_seed(seed)
-    model = SmallCNN().build(10)
-    gen = torch.Generator().manual_seed(seed)
-    data = {
-        "x": torch.rand(12, 1, 8, 8, generator=gen),
-        "label": torch.randint(0, 10, (12,), generator=gen),
-    }
-    return model, data
 
 
 def _ones_like(model: torch.nn.Module) -> ArrayRecord:

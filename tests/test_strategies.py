@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cnn_and_data as _cnn_and_data
 from conftest import strip_wall_time
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
@@ -260,15 +261,6 @@ def test_unknown_client_term_is_refused() -> None:
         build_terms(ConfigRecord({keys.CLIENT_TERMS: ["nope"]}))
 
 
-def _cnn_and_data(seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    torch.manual_seed(seed)
-    model = SmallCNN().build(10)
-    gen = torch.Generator().manual_seed(seed)
-    data = {
-        "x": torch.rand(12, 1, 8, 8, generator=gen),
-        "label": torch.randint(0, 10, (12,), generator=gen),
-    }
-    return model, data
 
 
 def _train_cnn(model, data, config, state=None, received=None):

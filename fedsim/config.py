@@ -129,8 +129,25 @@ def check_sweep_jobs(base: Sequence[str], sweeps: Sequence[tuple[str, Sequence[s
         except (HydraException, OmegaConfBaseException) as exc:
             raise _compose_error(exc, list(overrides.values())) from None
         validate(cfg)
-        for group in ("strategy", "devices", "faults", "client", "distillation", "warm_start"):
-            build(cfg, group)
+        check_cheap_groups(cfg)
+
+
+def check_cheap_groups(cfg: DictConfig) -> Any:
+    """Build, as the run does, the groups it checks before loading data; return the strategy.
+
+    Strategy, devices, faults, the client wrapped by its distillation, the warm start (which
+    needs ``num_clients``): one path for the run and for a sweep's precheck.
+    """
+    from fedsim.clients.distillation import distillation_of
+    from fedsim.warm_start import warm_start_of
+
+    strategy = build(cfg, "strategy")
+    build(cfg, "devices")  # the fleet checks its profiles and shares
+    build(cfg, "faults")
+    # The workers build the client too; check its arguments and DFL's fit with it here, once.
+    distillation_of(cfg).wrap(build(cfg, "client"))
+    warm_start_of(cfg)
+    return strategy
 
 
 def check_run_dir(key: str, value: str) -> None:

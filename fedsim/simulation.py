@@ -37,13 +37,11 @@ from flwr.serverapp import ServerApp  # noqa: E402
 from fedsim import interrupt  # noqa: E402
 from fedsim.apps import client_app, make_server_app, quiet_flower  # noqa: E402
 from fedsim.checkpoint import load_checkpoint  # noqa: E402
-from fedsim.clients.distillation import distillation_of  # noqa: E402
 from fedsim.cohort import MESSAGES_PUSHED  # noqa: E402
-from fedsim.config import build, config_hash, validate  # noqa: E402
+from fedsim.config import check_cheap_groups, config_hash, validate  # noqa: E402
 from fedsim.errors import ConfigError  # noqa: E402
 from fedsim.params import to_arrays  # noqa: E402
 from fedsim.results import RunWriter  # noqa: E402
-from fedsim.warm_start import warm_start_of  # noqa: E402
 from fedsim.workload import get_workload  # noqa: E402
 
 __all__ = ["simulate", "num_lanes", "backend_config", "release_engine"]
@@ -300,15 +298,10 @@ def _simulate(cfg: DictConfig, run_dir: Path | str, resume: bool) -> dict:
     quiet_flower()
     workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
     model = workload.build_model()
-    strategy = build(cfg, "strategy")
+    strategy = check_cheap_groups(cfg)
     check_model = getattr(strategy, "check_model", None)  # e.g. width slicing needs width axes
     if check_model is not None:
         check_model(model)
-    build(cfg, "devices")  # the fleet checks its profiles and shares
-    build(cfg, "faults")
-    # The workers build the client too; check its arguments and DFL's fit with it here, once.
-    distillation_of(cfg).wrap(build(cfg, "client"))
-    warm_start_of(cfg)
     _check_sampling(cfg, strategy)
     _start_ray(cfg)  # an unreachable cluster or a client that fits no node: ConfigError
     interrupt.before_claim()  # a signal during start-up: RunInterrupted, nothing written

@@ -286,3 +286,18 @@ def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path: Path) -> Non
     proc = _fedsim("--multirun", "num_rounds=2,0", f"hydra.sweep.dir={sweep}")
     _one_line_error(proc, "num_rounds=0", "integer >= 1")
     assert not sweep.exists()  # today job 0 runs to the end first
+
+
+def test_the_sweep_check_builds_groups_as_the_run_does(tmp_path: Path) -> None:
+    """The precheck once built the warm start without ``num_clients`` and refused every sweep
+    over ``warm_start=none,cyclic`` (results/README.md's CyclicFL commands)."""
+    from fedsim.config import check_sweep_jobs
+
+    check_sweep_jobs(
+        ["num_clients=12"], [("warm_start", ["none", "cyclic"]), ("distillation", ["none", "dfl"])]
+    )
+    with pytest.raises(ConfigError) as err:
+        check_sweep_jobs(
+            ["num_clients=12", "warm_start=cyclic"], [("warm_start.clients_per_cycle", ["3", "13"])]
+        )
+    assert err.value.key == "warm_start.clients_per_cycle"

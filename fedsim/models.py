@@ -19,7 +19,7 @@ import hashlib
 import importlib
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -316,6 +316,8 @@ BACKBONE_ALIASES: dict[str, BackboneAlias] = {
 _LOCK = threading.RLock()  # guards the caches below (Ray actors may run threads)
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size B, mtime ns) -> sha256 hex
 _BACKBONES: dict[str, PreTrainedModel] = {}  # resolved path or hub name -> pristine module
+# (source, architecture overrides, init seed) -> a randomly initialised module (init: random)
+_RANDOM_BACKBONES: dict[tuple[str, tuple[tuple[str, object], ...], int], PreTrainedModel] = {}
 _TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
 
 
@@ -426,6 +428,46 @@ def _pristine_backbone(source: str) -> PreTrainedModel:
                     raise _load_failure(source, error) from None
             _BACKBONES[source] = model.eval()
         return _BACKBONES[source]
+
+
+def _random_backbone(
+    source: str, architecture: tuple[tuple[str, object], ...], init_seed: int
+) -> PreTrainedModel:
+    """The backbone's architecture (its config, with ``architecture`` overrides) at random init.
+
+    transformers' own initialisation (``AutoModel.from_config``) under ``init_seed``, not the
+    caller's RNG: every process (server, Ray workers) builds the same weights, so a frozen
+    random backbone is the same on every device, and the caller's RNG is left as it was.
+    Cached per process; callers must deep-copy it.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    key = (source, architecture, init_seed)
+    with _LOCK:
+        if key not in _RANDOM_BACKBONES:
+            try:
+                config = AutoConfig.from_pretrained(source)
+            except (OSError, ValueError) as error:
+                raise _load_failure(source, error) from None
+            for name, value in architecture:
+                if not hasattr(config, name):
+                    raise ConfigError(
+                        f"model.architecture.{name}",
+                        value,
+                        f"is not a field of {type(config).__name__}; expected one of its "
+                        "fields (num_hidden_layers, hidden_size, num_attention_heads, ...)",
+                    )
+                setattr(config, name, value)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                try:
+                    model = AutoModel.from_config(config, dtype=torch.float32)
+                except (ValueError, TypeError) as error:  # e.g. hidden size vs heads
+                    raise ConfigError(
+                        "model.architecture", dict(architecture), str(error).splitlines()[0]
+                    ) from None
+            _RANDOM_BACKBONES[key] = model.eval()
+        return _RANDOM_BACKBONES[key]
 
 
 def _tokenizer(source: str) -> PreTrainedTokenizerBase:
@@ -549,6 +591,15 @@ class TextClassifier:
     expected_sha256
         sha256 of ``model.safetensors`` checked before loading. ``None``: the alias's pinned
         hash for an alias, no check for a local folder.
+    init
+        ``"pretrained"``: the backbone's weights. ``"random"``: its architecture (config) and
+        tokenizer only, at transformers' random initialisation: a model trained from scratch,
+        as in CyclicFL's experiments (``conf/model/text_scratch.yaml``).
+    architecture
+        Config fields to override with ``init: random`` (``num_hidden_layers``, ``hidden_size``,
+        ...), to train a smaller network from scratch; refused with ``init: pretrained``.
+    init_seed
+        Seed of the random initialisation (``init: random``): the same weights in every process.
 
     """
 
@@ -561,9 +612,27 @@ class TextClassifier:
         pooling: str = "mean",
         freeze_backbone: bool = False,
         expected_sha256: str | None = None,
+        init: str = "pretrained",
+        architecture: Mapping[str, object] | None = None,
+        init_seed: int = 0,
     ) -> None:
         if pooling not in ("mean", "cls"):
             raise ConfigError("model.pooling", pooling, "must be one of: mean, cls")
+        if init not in ("pretrained", "random"):
+            raise ConfigError("model.init", init, "must be one of: pretrained, random")
+        architecture = dict(architecture or {})
+        if architecture and init != "random":
+            raise ConfigError(
+                "model.architecture",
+                architecture,
+                "changes the network, so the pretrained weights would not fit; "
+                "expected {} or model.init=random",
+            )
+        if isinstance(init_seed, bool) or not isinstance(init_seed, int):
+            raise ConfigError("model.init_seed", init_seed, "must be an integer")
+        self.init = init
+        self.architecture = tuple(sorted((str(k), v) for k, v in architecture.items()))
+        self.init_seed = init_seed
         self.backbone = backbone
         self.max_length = _check_positive_int("model.max_length", max_length)
         self.pooling = pooling
@@ -576,7 +645,11 @@ class TextClassifier:
         """Return a deep copy of the cached backbone plus a linear head seeded by the caller."""
         _check_positive_int("num_classes", num_classes)
         check_full_width(width, "model=text_classifier")
-        backbone = copy.deepcopy(_pristine_backbone(self.source))
+        if self.init == "random":
+            pristine = _random_backbone(self.source, self.architecture, self.init_seed)
+        else:
+            pristine = _pristine_backbone(self.source)
+        backbone = copy.deepcopy(pristine)
         token_pooling: TokenPooling = "mean"
         if self.pooling == "cls":
             token_pooling = "last" if _is_causal(backbone) else "first"

@@ -287,6 +287,91 @@ def test_text_classifier_rejects_bad_config(kwargs: dict[str, object], key: str)
     assert_one_line_config_error(excinfo, key)
 
 
+# --- a text model from scratch: init: random (issue 14 item 7) ------------------------------
+SMALL = {
+    "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128
+}
+
+
+def test_random_init_is_the_architecture_at_seeded_random_weights(monkeypatch) -> None:
+    import fedsim.models as models
+
+    factory = TextClassifier(init="random", architecture=SMALL, init_seed=7)
+    torch.manual_seed(SEED)
+    model = factory.build(num_classes=3)
+    backbone = backbone_module(model)
+    assert (backbone.config.num_hidden_layers, backbone.config.hidden_size) == (2, 64)
+    assert len(backbone.encoder.layer) == 2 and model.head.in_features == 64
+    # The backbone's init draws from init_seed, not the caller's RNG: the head is the caller's
+    # first draw, exactly as a bare Linear after the same manual_seed.
+    torch.manual_seed(SEED)
+    assert torch.equal(model.head.weight, torch.nn.Linear(64, 3).weight)
+    # Every process builds the same weights (a fresh cache stands for another Ray worker); another
+    # init_seed gives others.
+    monkeypatch.setattr(models, "_RANDOM_BACKBONES", {})
+    again = backbone_module(factory.build(num_classes=3)).state_dict()
+    other = backbone_module(
+        TextClassifier(init="random", architecture=SMALL, init_seed=8).build(num_classes=3)
+    ).state_dict()
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(tensor, again[name]), name
+    assert not torch.equal(
+        backbone.state_dict()["embeddings.word_embeddings.weight"],
+        other["embeddings.word_embeddings.weight"],
+    )
+    # The tokenizer is MiniLM's: the same ids as the pretrained factory.
+    ids = factory.featurize(text_ds())["input_ids"]
+    assert torch.equal(ids, TextClassifier(max_length=32).featurize(text_ds())["input_ids"])
+
+
+def test_random_init_at_full_size_is_not_the_pretrained_model(minilm: TextClassifier) -> None:
+    random = backbone_module(TextClassifier(init="random").build(num_classes=2)).state_dict()
+    pretrained = backbone_module(minilm.build(num_classes=2)).state_dict()
+    assert random.keys() == pretrained.keys()
+    for name in ("embeddings.word_embeddings.weight", "encoder.layer.0.output.dense.weight"):
+        assert random[name].shape == pretrained[name].shape
+        assert not torch.allclose(random[name], pretrained[name])
+
+
+def test_text_scratch_option_composes_with_the_run_seed() -> None:
+    from fedsim.config import compose_config
+
+    cfg = compose_config(["model=text_scratch", "seed=5"])
+    factory = instantiate(cfg.model)
+    assert (factory.init, factory.init_seed) == ("random", 5)
+    assert dict(factory.architecture)["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"init": "zeros"}, "model.init=zeros"),
+        ({"architecture": {"num_hidden_layers": 2}}, "model.architecture="),
+        ({"init": "random", "init_seed": 1.5}, "model.init_seed=1.5"),
+    ],
+)
+def test_random_init_rejects_bad_config(kwargs: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        TextClassifier(**kwargs)  # type: ignore[arg-type]
+    assert_one_line_config_error(excinfo, key)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "parts"),
+    [
+        ({"num_layerz": 2}, ("model.architecture.num_layerz=2", "is not a field of BertConfig")),
+        ({"hidden_size": 65, "num_attention_heads": 2}, ("model.architecture=", "65")),
+    ],
+)
+def test_random_init_bad_architecture_is_one_line_error(
+    architecture: dict[str, object], parts: tuple[str, ...]
+) -> None:
+    factory = TextClassifier(init="random", architecture=architecture)
+    with pytest.raises(ConfigError) as excinfo:
+        factory.build(num_classes=2)
+    assert_one_line_config_error(excinfo, *parts)
+
+
 # --- decoder backbone from a local folder -------------------------------------------------------
 @pytest.mark.parametrize(("pooling", "token_pooling"), [("mean", "mean"), ("cls", "last")])
 def test_tiny_gpt2_local_folder(tiny_gpt2_folder: Path, pooling: str, token_pooling: str) -> None:

@@ -88,6 +88,8 @@ DEFAULT_TARGET_SHARE = 0.9
 POINT_ALPHA = 0.35
 JITTER = 0.08  # half-width of the horizontal scatter of client points in a box, in box units
 NOT_REACHED = "not reached"
+# --early-rounds default: CyclicFL's claim is about the first rounds (issue 14 item 7).
+DEFAULT_EARLY_ROUNDS = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="config keys (or key prefixes) that make a method; the other keys that differ "
         "make the setting methods are ranked in (default: strategy)",
+    )
+    parser.add_argument(
+        "--early-rounds",
+        type=int,
+        default=DEFAULT_EARLY_ROUNDS,
+        metavar="K",
+        help="table of the accuracy after each of rounds 1..K, mean ± 95%% CI per method "
+        f"(how fast a warm start pays off; default: {DEFAULT_EARLY_ROUNDS}, 0: no table)",
     )
     parser.add_argument(
         "--band",
@@ -235,6 +245,27 @@ def accuracy_table(
         row += [p_cell(ranked[i], "wilcoxon_p"), _pm(bests[i])]
         row += [str(high) if low == high else f"{low}–{high}"]
         row += [_pm(fairness[i].mean), _pm(fairness[i].std), _pm(fairness[i].worst)]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def early_table(
+    configurations: Sequence[Configuration],
+    splits: Sequence[MethodSplit],
+    ranked: Sequence[Standing],
+    num_rounds: int,
+) -> str:
+    """Test accuracy after each of rounds 1..``num_rounds``: mean ± 95% CI over seeds."""
+    with_setting = any(s.setting for s in splits)
+    header = (["setting"] if with_setting else []) + ["method"]
+    header += [f"round {r}" for r in range(1, num_rounds + 1)]
+    rows = []
+    for i in _row_order(splits, ranked):
+        row = _lead(splits[i], with_setting)
+        for r in range(1, num_rounds + 1):
+            values = [run.accuracy_at(r) for run in configurations[i].runs]
+            finite = [v for v in values if math.isfinite(v)]
+            row.append(_pm(mean_ci(finite), 3) if finite else "–")
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -368,6 +399,25 @@ def _target_caption(with_auc: bool, with_setting: bool) -> str:
     return text
 
 
+def _early_section(
+    configurations: Sequence[Configuration],
+    splits: Sequence[MethodSplit],
+    ranked: Sequence[Standing],
+    early_rounds: int,
+) -> list[str]:
+    if early_rounds == 0:
+        return []
+    shown = min(early_rounds, max(run.num_rounds for c in configurations for run in c.runs))
+    return [
+        f"## Accuracy in the first {shown} rounds",
+        "",
+        early_table(configurations, splits, ranked, shown),
+        "Test accuracy after each round (a warm start's rounds not counted), mean ± 95% CI "
+        "over seeds.",
+        "",
+    ]
+
+
 def write_report(
     sweep_dir: Path,
     runs: Sequence[Run],
@@ -375,6 +425,7 @@ def write_report(
     target: float | None,
     method_keys: list[str],
     band: str = DEFAULT_BAND,
+    early_rounds: int = DEFAULT_EARLY_ROUNDS,
 ) -> str:
     """Write ``out``/report.md and its figures; return the report text."""
     configurations = group_runs(runs)
@@ -409,6 +460,7 @@ def write_report(
         "",
         f"![per-client accuracy]({CLIENTS_FIGURE_FILE})",
         "",
+        *_early_section(configurations, splits, ranked, early_rounds),
         f"## Cost to reach accuracy {chosen:g}",
         "",
         f"Target accuracy {chosen:g} ({how}).",
@@ -439,9 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.target is not None and not 0.0 < args.target <= 1.0:  # also refuses nan
             raise ConfigError("--target", args.target, "must be an accuracy in (0, 1]")
+        if args.early_rounds < 0:
+            raise ConfigError("--early-rounds", args.early_rounds, "must be an integer >= 0")
         _check_out(args.out, args.force)
         runs = _load(args.sweep_dir)
-        text = write_report(args.sweep_dir, runs, args.out, args.target, args.method, args.band)
+        text = write_report(
+            args.sweep_dir, runs, args.out, args.target, args.method, args.band, args.early_rounds
+        )
     except ConfigError as err:
         print(f"{PROG}: error: {err.one_line()}", file=sys.stderr)
         return EXIT_BAD_INPUT

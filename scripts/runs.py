@@ -113,6 +113,13 @@ class Run:
         """Finite values of a per-round metric, in round order (missing rounds skipped)."""
         return [float(row[key]) for row in self.rows if is_finite(row.get(key))]
 
+    def accuracy_at(self, round_number: int) -> float:
+        """Test accuracy after round ``round_number`` (nan if the run has no such row)."""
+        for row in self.rows:
+            if int(row["round"]) == round_number and is_finite(row.get("accuracy")):
+                return float(row["accuracy"])
+        return math.nan
+
     @property
     def final_accuracy(self) -> float:
         """``summary.final_accuracy``, else the last round's accuracy (nan if none)."""

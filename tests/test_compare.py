@@ -241,6 +241,27 @@ def test_report_ranks_methods_within_settings(grid_sweep: Path, tmp_path: Path) 
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
+def test_report_early_rounds_table(grid_sweep: Path, tmp_path: Path) -> None:
+    """Accuracy after rounds 1..K (issue 14 item 7): capped at the longest run's 3 rounds."""
+    out = tmp_path / "report"
+    assert main([str(grid_sweep), "--out", str(out), "--early-rounds", "5"]) == 0
+    report = (out / "report.md").read_text()
+    rows = table_rows(report, "Accuracy in the first 3 rounds")
+    got = {(r["setting"], r["method"]): r for r in rows}
+    assert list(got)[0] == ("alpha=0.1", "strategy=FedProx")  # the accuracy table's order
+    fedprox = got[("alpha=0.1", "strategy=FedProx")]
+    assert "round 4" not in fedprox
+    # round 1: 0.5 on both seeds; round 2: 0.75 0.79 -> 0.77 ± 12.706 x 0.02 = 0.254; round 3
+    # is the final accuracy 0.70 0.74
+    assert (fedprox["round 1"], fedprox["round 2"], fedprox["round 3"]) == (
+        "0.500 ± 0.000", "0.770 ± 0.254", "0.720 ± 0.254"
+    )
+    assert got[("alpha=1", "strategy=FedAvg")]["round 3"] == "0.920 ± 0.254"
+    out_off = tmp_path / "off"
+    assert main([str(grid_sweep), "--out", str(out_off), "--early-rounds", "0"]) == 0
+    assert "## Accuracy in the first" not in (out_off / "report.md").read_text()
+
+
 def test_report_lists_the_knobs_the_labels_leave_out(grid_sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     assert main([str(grid_sweep), "--out", str(out)]) == 0
@@ -352,6 +373,8 @@ def test_bad_input_exits_2_with_one_line(grid_sweep: Path, tmp_path: Path, capsy
     assert f"SWEEP_DIR={empty}: holds no run folder" in _one_error_line(capsys)
     assert main([str(grid_sweep), "--out", str(out), "--target", "1.5"]) == 2
     assert "--target=1.5: must be an accuracy in (0, 1]" in _one_error_line(capsys)
+    assert main([str(grid_sweep), "--out", str(out), "--early-rounds", "-1"]) == 2
+    assert "--early-rounds=-1: must be an integer >= 0" in _one_error_line(capsys)
     (grid_sweep / "3" / "client_eval.jsonl").unlink()
     assert main([str(grid_sweep), "--out", str(out)]) == 2
     assert f"{(grid_sweep / '3').resolve()}: run folder has no client_eval.jsonl" in (

@@ -288,18 +288,21 @@ def _run_row(name: str, seed: int, args: argparse.Namespace, work: Path) -> dict
     return row
 
 
-def _mean_sd(values: Sequence[float], digits: int) -> str:
-    """``mean`` or ``mean ± sd`` (sample sd) of the values, rounded."""
-    import statistics
+def _mean_ci(values: Sequence[float], digits: int) -> str:
+    """``mean`` or ``mean ± half-width of its 95% CI`` (Student t over seeds), rounded."""
+    from fedsim.scripts.stats import mean_ci
 
-    mean = statistics.fmean(values)
+    mean, half_width = mean_ci(values)
     if len(values) < 2:
         return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{mean:.{digits}f} ± {half_width:.{digits}f}"
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    """Every variant on the default task for every seed; a markdown table of the numbers."""
+    """Every variant on the default task for every seed; a markdown table of the numbers.
+
+    Columns over seeds are mean ± the half-width of the 95% confidence interval (Student t).
+    """
     from fedsim.scripts.runs import markdown_table
 
     work = Path(args.work_dir) / "compare"
@@ -318,16 +321,16 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         table.append(
             [
                 name,
-                _mean_sd([r["final_accuracy"] for r in runs], 3),
-                _mean_sd([r["final_macro_f1"] for r in runs], 3),
+                _mean_ci([r["final_accuracy"] for r in runs], 3),
+                _mean_ci([r["final_macro_f1"] for r in runs], 3),
                 f"{measured / MiB:.0f}" if measured else "-",
                 f"{runs[0]['device_peak_estimate_bytes'] / MiB:.0f}",
-                _mean_sd([r["bytes_up_per_client_round"] / MiB for r in runs], 2),
-                _mean_sd([r["activation_bytes_up_per_client_round"] / MiB for r in runs], 2),
+                _mean_ci([r["bytes_up_per_client_round"] / MiB for r in runs], 2),
+                _mean_ci([r["activation_bytes_up_per_client_round"] / MiB for r in runs], 2),
                 f"{runs[0]['bytes_down_per_client_round'] / MiB:.2f}",
-                (_mean_sd(reached, 1) if reached else "never")
+                (_mean_ci(reached, 1) if reached else "never")
                 + (f" ({len(reached)}/{len(runs)})" if len(reached) < len(runs) else ""),
-                _mean_sd([r["sim_time_total_s"] / 60 for r in runs], 1),
+                _mean_ci([r["sim_time_total_s"] / 60 for r in runs], 1),
                 f"{hit[0]:.2f}" if hit else "-",
                 f"{sum(r['wall_time_s'] for r in runs) / len(runs):.0f}",
             ]

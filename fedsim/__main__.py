@@ -147,12 +147,32 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def version_line() -> str:
+    """``fedsim 0.1.0 (flwr 1.41.0, ray 2.52.1, torch 2.13.0, Python 3.11.7)``."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from fedsim import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    stack = ", ".join(installed(name) for name in ("flwr", "ray", "torch"))
+    return f"fedsim {__version__} ({stack}, Python {platform.python_version()})"
+
+
 def main() -> None:
     """Console entry point: reject bad overrides in one line, then hand over to Hydra."""
     from fedsim.config import precheck_overrides
 
-    _quiet_libraries()
     argv = sys.argv[1:]
+    if argv in (["--version"], ["-V"]):  # Hydra's own --version would print Hydra's
+        print(version_line())
+        return
+    _quiet_libraries()
     resume = [a for a in argv if a.startswith("resume=")]
     try:
         if resume:

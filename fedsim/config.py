@@ -42,7 +42,14 @@ __all__ = [
 ]
 
 #: The config tree (conf/ beside the fedsim package folder).
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _conf_dir() -> Path:
+    """The config tree: fedsim/conf/ in an installed wheel, else the checkout's conf/."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if (installed / "config.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 #: Config groups a user picks options from.
 GROUPS = (
     "data", "partition", "model", "strategy", "client", "devices", "warm_start", "distillation",

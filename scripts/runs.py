@@ -90,6 +90,11 @@ class Run:
         Train-phase rows of ``metrics.jsonl`` (``phase`` absent or ``"train"``), by round.
     summary
         ``summary.json``, or ``{}`` when it is missing (the run crashed or is still running).
+    stage
+        What the rows before round 1 (a warm start's ``phase: warm_start`` rows) moved and
+        spent, summed: ``bytes`` (up + down) and each :data:`TOTAL_KEYS` they report. Bytes to
+        a target, the bytes axis and the run totals start from it, as the simulated time (the
+        rows' ``sim_time_s`` is the run's clock) already does.
 
     """
 
@@ -97,6 +102,7 @@ class Run:
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
+    stage: dict[str, float] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -258,19 +264,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _stage_totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Bytes up + down and the :data:`TOTAL_KEYS` summed over rows before round 1."""
+    totals = {}
+    if any("bytes_up" in r or "bytes_down" in r for r in rows):
+        totals["bytes"] = float(sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in rows))
+    for key in TOTAL_KEYS:
+        values = [float(r[key]) for r in rows if is_finite(r.get(key))]
+        if values:
+            totals[key] = sum(values)
+    return totals
+
+
 def load_run(path: str | Path) -> Run:
     """Read one run folder; a missing ``summary.json`` gives an incomplete run."""
     path = Path(path)
     config = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
-    rows = [
-        row
-        for row in read_jsonl(path / METRICS_FILE)
-        if row.get("phase", TRAIN_PHASE) == TRAIN_PHASE and "round" in row
-    ]
+    rows, stage = [], []
+    for row in read_jsonl(path / METRICS_FILE):
+        if "round" not in row:
+            continue
+        (rows if row.get("phase", TRAIN_PHASE) == TRAIN_PHASE else stage).append(row)
     rows.sort(key=lambda row: int(row["round"]))
     summary_path = path / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return Run(path=path, config=config, rows=rows, summary=summary)
+    return Run(path=path, config=config, rows=rows, summary=summary, stage=_stage_totals(stage))
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
@@ -448,9 +466,10 @@ def available_metrics(runs: Iterable[Run]) -> list[str]:
     return sorted(keys)
 
 
-def _cumulative_bytes(rows: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Bytes up + down through each row; rows hold the bytes moved in their own round."""
-    return np.cumsum([row.get("bytes_up", 0) + row.get("bytes_down", 0) for row in rows]).tolist()
+def _cumulative_bytes(rows: Sequence[Mapping[str, Any]], start: float = 0) -> list[int]:
+    """Bytes up + down through each row (its own round's), from ``start``: a warm start's."""
+    moved = [row.get("bytes_up", 0) + row.get("bytes_down", 0) for row in rows]
+    return (int(start) + np.cumsum(moved, dtype=np.int64)).tolist()
 
 
 def _run_x(run: Run, x: str) -> dict[int, float]:
@@ -458,7 +477,7 @@ def _run_x(run: Run, x: str) -> dict[int, float]:
     if x == "round":
         return {int(row["round"]): float(row["round"]) for row in run.rows}
     if x == "bytes":
-        totals = _cumulative_bytes(run.rows)
+        totals = _cumulative_bytes(run.rows, run.stage.get("bytes", 0))
         return {int(row["round"]): float(t) for row, t in zip(run.rows, totals, strict=True)}
     if x == "sim_time":
         return {int(r["round"]): float(r["sim_time_s"]) for r in run.rows if "sim_time_s" in r}
@@ -504,7 +523,9 @@ def summarize(configuration: Configuration) -> ConfigSummary:
     rounds = [run.num_rounds for run in runs]
     totals = {}
     for key in TOTAL_KEYS:
-        per_run = [sum(run.values(key)) for run in runs if run.values(key)]  # runs reporting key
+        per_run = [  # runs reporting the key; a warm start's share counts
+            sum(run.values(key)) + run.stage.get(key, 0.0) for run in runs if run.values(key)
+        ]
         if per_run:
             totals[key] = float(np.mean(per_run))
     return ConfigSummary(
@@ -520,14 +541,18 @@ def summarize(configuration: Configuration) -> ConfigSummary:
 
 
 def first_reach(
-    rows: Sequence[Mapping[str, Any]], target: float, metric: str = "accuracy"
+    rows: Sequence[Mapping[str, Any]],
+    target: float,
+    metric: str = "accuracy",
+    start_bytes: float = 0,
 ) -> Reach | None:
     """First round (rows in round order) whose ``metric`` is >= ``target``; None if none is.
 
     Bytes and simulated time count everything up to the end of that round, stragglers' uploads
-    included (they were sent); a later dip below the target does not undo the reach.
+    and a warm start's ``start_bytes`` included (they were sent); a later dip below the target
+    does not undo the reach.
     """
-    for row, total_bytes in zip(rows, _cumulative_bytes(rows), strict=True):
+    for row, total_bytes in zip(rows, _cumulative_bytes(rows, start_bytes), strict=True):
         value = row.get(metric)
         if is_finite(value) and value >= target:
             sim_time = row.get("sim_time_s")
@@ -542,7 +567,11 @@ def summarize_target(runs: Sequence[Run], target: float, metric: str = "accuracy
     A seed that never reached it (or stopped early) counts in ``num_runs`` only: the means and
     their 95% CIs are over the reaching seeds, so read them together with ``num_reached``.
     """
-    reaches = [reach for run in runs if (reach := first_reach(run.rows, target, metric))]
+    reaches = [
+        reach
+        for run in runs
+        if (reach := first_reach(run.rows, target, metric, run.stage.get("bytes", 0)))
+    ]
     return TargetSummary(
         target=target,
         num_reached=len(reaches),

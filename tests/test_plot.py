@@ -331,6 +331,31 @@ def test_summarize_totals_sum_rounds_then_mean_seeds(device_runs: Path) -> None:
     )
 
 
+def test_a_warm_starts_bytes_and_energy_count_before_round_1(device_runs: Path) -> None:
+    """CyclicFL's stage (two ``phase: warm_start`` rows) moved 4 MB and spent 5 J per cycle:
+    the bytes axis, the bytes to a target and the energy total start from its 8 MB and 10 J,
+    as the simulated time already did (issue 14 item 7)."""
+    stage = [
+        {"phase": "warm_start", "round": 0, "cycle": c, "accuracy": 0.4, "sim_time_s": 50.0 * c,
+         "bytes_up": 1_000_000, "bytes_down": 3_000_000, "energy_j": 5.0}
+        for c in (1, 2)
+    ]  # fmt: skip
+    metrics = device_runs / "1" / "metrics.jsonl"  # seed 1: 0.6 0.82 0.85, 3 MB a round
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in stage) + metrics.read_text())
+    runs = {run.seed: run for run in load_runs([device_runs])}
+    assert runs[1].stage == {"bytes": 8e6, "energy_j": 10.0}
+    assert runs[0].stage == {}  # the fixture's stage row moved nothing and spent nothing
+    assert first_reach(runs[1].rows, 0.8, start_bytes=runs[1].stage["bytes"]) == Reach(
+        round=2, sim_time_s=120.0, bytes=14_000_000
+    )
+    (configuration,) = group_runs(list(runs.values()))
+    bytes_curve = aggregate_curve([runs[1]], "accuracy", "bytes")
+    assert bytes_curve.x.tolist() == [11e6, 14e6, 17e6]
+    # seeds' energy 30, 60 + 10, 90 -> mean 63.33 J; reach bytes: seed 0 9 MB, seed 1 14 MB
+    assert summarize(configuration).totals["energy_j"] == pytest.approx(190 / 3)
+    assert summarize_target(configuration.runs, 0.8).bytes[0] == pytest.approx(11.5e6)
+
+
 def test_summarize_no_device_counters_no_totals(sweep: Path) -> None:
     assert all(not summarize(c).totals for c in group_runs(load_runs([sweep])))
 

@@ -23,11 +23,18 @@ def _fail(error: ConfigError) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _run(cfg: DictConfig) -> float:
     """One run; returns its final test accuracy, the objective of a sweeper (Optuna's)."""
+    from omegaconf import OmegaConf
+
+    from fedsim.config import provenance
     from fedsim.simulation import simulate
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    made_by = provenance(
+        OmegaConf.to_container(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
+    )
     try:
-        summary = simulate(cfg, run_dir)
+        summary = simulate(cfg, run_dir, made_by=made_by)
     except (ConfigError, RunInterrupted) as error:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Hydra made it; a refused or interrupted start leaves no folder

@@ -76,13 +76,13 @@ server_app = ServerApp()
 @server_app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: compose the config from run-config overrides and run."""
-    from fedsim.config import build, compose_config, validate
+    from fedsim.config import build, compose_with_provenance, validate
 
     quiet_flower()
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    cfg = compose_config(overrides)
+    cfg, made_by = compose_with_provenance(overrides)
     validate(cfg)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
     writer = RunWriter(Path(str(context.run_config.get("results-dir", "results/runs"))) / stamp)
-    writer.start(cfg)
+    writer.start(cfg, made_by)
     run_rounds(grid, cfg, build(cfg, "strategy"), writer)

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fedsim.errors import ConfigError
@@ -38,10 +38,12 @@ __all__ = [
     "validate",
     "build",
     "compose_config",
+    "compose_with_provenance",
     "config_hash",
+    "provenance",
 ]
 
-#: The config tree (conf/ beside the fedsim package folder).
+
 def _conf_dir() -> Path:
     """The config tree: fedsim/conf/ in an installed wheel, else the checkout's conf/."""
     package = Path(__file__).resolve().parent
@@ -185,6 +187,35 @@ def _compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigError:
                 key, value, "not a config key of the chosen options (see `fedsim --cfg job`)"
             )
     return ConfigError("override", " ".join(overrides), text)
+
+
+def provenance(choices: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """What made a run: each config group's chosen option and the command-line overrides.
+
+    ``choices`` is Hydra's ``hydra.runtime.choices`` (Hydra's own ``hydra/*`` groups left out);
+    written to the run folder's ``choices.yaml``, read back by :func:`fedsim.load_runs`.
+    """
+    kept = {str(k): v for k, v in choices.items() if not str(k).startswith("hydra/")}
+    return {"choices": dict(sorted(kept.items())), "overrides": [str(o) for o in overrides]}
+
+
+def compose_with_provenance(overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str, Any]]:
+    """:func:`compose_config` plus the run's :func:`provenance` (the same config, tested)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    def composed() -> tuple[DictConfig, dict[str, Any]]:
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        made = provenance(
+            OmegaConf.to_container(cfg.hydra.runtime.choices), list(cfg.hydra.overrides.task)
+        )
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg, made
+
+    if GlobalHydra.instance().is_initialized():
+        return composed()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return composed()
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

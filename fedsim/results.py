@@ -26,11 +26,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim.errors import ConfigError
 
 __all__ = [
+    "CHOICES_FILE",
     "RunWriter",
     "CONFIG_FILE",
     "METRICS_FILE",
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.yaml"
+# Each config group's chosen option and the overrides of the command (fedsim.config.provenance)
+CHOICES_FILE = "choices.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CLIENTS_FILE = "clients.jsonl"  # one row per client-round: device, outcome, latency, bytes
@@ -124,8 +128,8 @@ class RunWriter:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def start(self, cfg: DictConfig) -> None:
-        """Claim the folder and save the resolved config."""
+    def start(self, cfg: DictConfig, made_by: Mapping[str, Any] | None = None) -> None:
+        """Claim the folder and save the resolved config (and ``choices.yaml``: what made it)."""
         self._lock()
         if (self.run_dir / METRICS_FILE).exists():
             self.close()
@@ -135,6 +139,8 @@ class RunWriter:
                 "must be a new folder: it already holds a run, which is never overwritten",
             )
         atomic_write_text(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        if made_by is not None:
+            atomic_write_text(self.run_dir / CHOICES_FILE, yaml.safe_dump(dict(made_by)))
         (self.run_dir / METRICS_FILE).touch()
 
     def reopen(self, server_round: int) -> None:

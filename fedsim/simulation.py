@@ -13,9 +13,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
 from queue import Queue
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -280,19 +282,27 @@ def run_flower(server_app: ServerApp, lanes: int, config: dict) -> None:
     )
 
 
-def simulate(cfg: DictConfig, run_dir: Path | str, resume: bool = False) -> dict:
+def simulate(
+    cfg: DictConfig,
+    run_dir: Path | str,
+    resume: bool = False,
+    made_by: Mapping[str, Any] | None = None,
+) -> dict:
     """Validate ``cfg``, run the federation, write ``run_dir``; return the run summary.
 
     Every check that can fail on bad input (including Ray's start and whether one client fits
     on it) runs before the run folder is claimed. With ``resume``, the run continues in
     ``run_dir`` from its checkpoint. SIGINT or SIGTERM ends the run after its last complete
-    round (status ``interrupted``; :mod:`fedsim.interrupt`).
+    round (status ``interrupted``; :mod:`fedsim.interrupt`). ``made_by``: the config groups'
+    choices and the overrides (:func:`fedsim.config.provenance`), saved as ``choices.yaml``.
     """
     with interrupt.stop_on_signals(run_dir, release_engine, _ray_process_tree):
-        return _simulate(cfg, run_dir, resume)
+        return _simulate(cfg, run_dir, resume, made_by)
 
 
-def _simulate(cfg: DictConfig, run_dir: Path | str, resume: bool) -> dict:
+def _simulate(
+    cfg: DictConfig, run_dir: Path | str, resume: bool, made_by: Mapping[str, Any] | None = None
+) -> dict:
     started_at = time.perf_counter()
     validate(cfg)
     quiet_flower()
@@ -311,7 +321,7 @@ def _simulate(cfg: DictConfig, run_dir: Path | str, resume: bool) -> dict:
         state = load_checkpoint(run_dir, strategy, config_hash(cfg), like=to_arrays(model))
         writer.reopen(state.server_round)
     else:
-        writer.start(cfg)
+        writer.start(cfg, made_by)
     summary: dict = {}
     lanes = num_lanes(cfg, _cluster_cpus(cfg))
     app = make_server_app(cfg, strategy, writer, summary, state, started_at)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fedsim.config import compose_config
@@ -75,6 +76,18 @@ def test_multirun_sweep_then_plot(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.rglob("metrics.jsonl"))
     assert len(runs) == 4  # 2 strategies x 2 seeds, each its own folder
+    # the sweep's table for pandas (issue 16 item 3): every round of every run, with its choices
+    assert f"[fedsim] sweep table: {sweep / 'runs.parquet'}" in proc.stderr
+    table = pd.read_parquet(sweep / "runs.parquet")
+    assert len(table) == 4 * 2 and set(table.run) == {"0", "1", "2", "3"}
+    assert table.groupby(["strategy", "seed"]).size().to_dict() == {
+        ("fedavg", 0): 2, ("fedavg", 1): 2, ("fedprox", 0): 2, ("fedprox", 1): 2
+    }
+    assert set(table.status) == {"completed"} and set(table.client) == {"local_sgd"}
+    finals = table[table["round"] == 2].set_index("run").accuracy
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        assert finals[run.name] == summary["final_accuracy"]
     out = tmp_path / "plots" / "curves.png"
     plot = subprocess.run(
         [sys.executable, "-m", "fedsim.scripts.plot", str(sweep), "--out", str(out)],

@@ -72,10 +72,14 @@ def _report(summary: dict, run_dir: Path) -> None:
     if summary["final_accuracy"] is None:
         print(f"[fedsim] {status}: no round finished\n[fedsim] results: {run_dir}", file=sys.stderr)
         return
+    rounds_s, startup_s = summary["wall_time_s"], summary.get("startup_s")
+    took = f"{rounds_s:.1f} s of rounds"
+    if startup_s is not None:  # a resume counts its own start-up
+        took = f"{startup_s + rounds_s:.1f} s ({startup_s:.1f} s start-up, {took})"
     print(
         f"[fedsim] {status}: final accuracy {summary['final_accuracy']:.4f}, "
         f"best {summary['best_accuracy']:.4f} (round {summary['best_round']}), "
-        f"{summary['wall_time_s']:.1f} s\n[fedsim] results: {run_dir}",
+        f"{took}\n[fedsim] results: {run_dir}",
         file=sys.stderr,
     )
 

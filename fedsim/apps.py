@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from fedsim.checkpoint import RunState
 from fedsim.interrupt import AbandonableGrid, round_loop
+from fedsim.progress import StartupLog
 from fedsim.results import RunWriter
 from fedsim.server import run_rounds
 from fedsim.worker import handle_lane
@@ -54,7 +55,7 @@ def make_server_app(
     writer: RunWriter,
     summary: dict,
     resume: RunState | None = None,
-    started_at: float | None = None,
+    startup: StartupLog | None = None,
 ) -> ServerApp:
     """A ServerApp that runs ``cfg``'s rounds (after ``resume``) and fills ``summary``."""
     app = ServerApp()
@@ -64,7 +65,7 @@ def make_server_app(
         # After a signal, the grid stops the round in progress when it must be abandoned.
         grid = cast(Grid, AbandonableGrid(grid))
         with round_loop():
-            summary.update(run_rounds(grid, cfg, strategy, writer, resume, started_at))
+            summary.update(run_rounds(grid, cfg, strategy, writer, resume, startup))
 
     return app
 

@@ -1,12 +1,80 @@
-"""One line per round on stderr: round, accuracy, loss, elapsed and ETA."""
+"""What a run says on stderr: its start-up phases, then one line per round.
+
+Start-up (``StartupLog``): one line per phase with its time, from the config to the first
+round (data and model, Ray, the engine and its workers), and :func:`notice` lines for long
+one-off work inside a phase (the first computation of frozen hidden states, with its cache
+folder and size). Rounds (``RoundProgress``): round, accuracy, loss, elapsed and ETA. All of it
+follows ``runtime.progress``.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
-__all__ = ["RoundProgress", "format_duration", "format_sim_time"]
+__all__ = [
+    "RoundProgress",
+    "StartupLog",
+    "format_duration",
+    "format_sim_time",
+    "notice",
+    "notices",
+]
+
+_NOTICES = {"enabled": False}  # set for the length of a run by :func:`notices`
+
+
+@contextmanager
+def notices(enabled: bool) -> Iterator[None]:
+    """Let :func:`notice` print (``runtime.progress``) for the length of the block."""
+    before = _NOTICES["enabled"]
+    _NOTICES["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _NOTICES["enabled"] = before
+
+
+def notice(message: str) -> None:
+    """One ``[fedsim]`` line on stderr, from code that has no run config at hand."""
+    if _NOTICES["enabled"]:
+        print(f"[fedsim] {message}", file=sys.stderr, flush=True)
+
+
+def progress_bars() -> bool:
+    """Whether long one-off work may draw a progress bar: notices on and stderr a terminal."""
+    return _NOTICES["enabled"] and sys.stderr.isatty()
+
+
+class StartupLog:
+    """Times a run's start-up, one line per phase: ``[fedsim] start-up: Ray 3.1 s``."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.started = time.perf_counter()
+        self._mark = self.started
+
+    def _line(self, text: str) -> None:
+        if self.enabled:
+            print(f"[fedsim] start-up: {text}", file=self.stream, flush=True)
+
+    def lap(self, what: str) -> float:
+        """Report ``what`` as the phase since the last lap; return its seconds."""
+        now = time.perf_counter()
+        seconds, self._mark = now - self._mark, now
+        self._line(f"{what} {seconds:.1f} s")
+        return seconds
+
+    def done(self, what: str) -> float:
+        """The last phase (``what``), then the whole start-up; return the whole's seconds."""
+        self.lap(what)
+        total = self._mark - self.started
+        self._line(f"{total:.1f} s in all, first round next")
+        return total
 
 
 def format_duration(seconds: float) -> str:

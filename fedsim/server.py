@@ -32,7 +32,7 @@ from fedsim.config import build, config_hash
 from fedsim.devices import SimClock
 from fedsim.evaluation import evaluate, evaluate_clients, sample_eval_clients
 from fedsim.params import arrays_nbytes, keep_dtypes, load_arrays, to_arrays
-from fedsim.progress import RoundProgress, format_sim_time
+from fedsim.progress import RoundProgress, StartupLog, format_sim_time
 from fedsim.results import CLIENT_EVAL_FILE, CLIENTS_FILE, RunWriter
 from fedsim.scheduler import (
     FAILED,
@@ -345,18 +345,23 @@ def run_rounds(
     strategy: Strategy,
     writer: RunWriter,
     resume: RunState | None = None,
-    started_at: float | None = None,
+    startup: StartupLog | None = None,
 ) -> dict:
     """Run rounds up to ``cfg.num_rounds`` (after ``resume``'s round); return the summary.
 
     Every round's rows are appended to the run folder as they come; every
     ``cfg.checkpoint_every`` rounds (and after the last) the state is checkpointed.
-    ``started_at`` (``time.perf_counter()`` when the run began) makes the summary report
-    ``startup_s``: what the run paid before its first round (engine, workers, data, model).
+    ``startup`` (the run's :class:`StartupLog`, begun when the run began) makes the summary
+    report ``startup_s``: what the run paid before its first round (engine, workers, data,
+    model), and says so, with the engine's part, on stderr.
     """
+    if startup is not None:
+        startup.lap("Flower engine")
     fed = Federation.build(grid, cfg, strategy)
+    if startup is not None:
+        startup.lap("server (model inputs, strategy, fleet)")
     fed.grid.warm_up()  # worker start-up is not part of round 1 (nor of its timeout)
-    startup_s = None if started_at is None else time.perf_counter() - started_at
+    startup_s = None if startup is None else startup.done("Ray workers")
     state = resume if resume is not None else initial_state(fed)
     fed.scheduler.clock = SimClock(state.sim_time_s)
     warm_start_of(cfg).run(fed, state, writer)  # CyclicFL's stage; none / resumed: nothing

@@ -54,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,7 @@ import torch
 from torch import nn
 
 from fedsim.models import TextClassifier, TextClassifierModel, pool_hidden_states
+from fedsim.progress import notice, progress_bars
 from fedsim.quantize import fake_quantize
 from fedsim.seeding import numpy_rng
 from fedsim.slicing import AxisDim, SlimLayout, scaled_size
@@ -479,23 +481,42 @@ class SideTuningFactory:
         key.update(mask.numpy().tobytes())
         folder = Path(self.spec.feature_cache_dir).expanduser()
         path = folder / f"{key.hexdigest()[:32]}.npy"
+        size_mb = math.prod(shape) * np.dtype(np_dtype).itemsize / 1e6
         if not path.exists():
+            notice(
+                f"computing the frozen backbone's hidden states of {len(ids):,} texts once "
+                f"({size_mb:,.0f} MB, {self.spec.feature_dtype}) into {path}"
+            )
+            started = time.perf_counter()
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f"{path.stem}.{os.getpid()}.tmp.npy"
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
-            self._fill(backbone, ids, mask, torch.from_numpy(array))
+            self._fill(backbone, ids, mask, torch.from_numpy(array), bar=progress_bars())
             array.flush()
             del array
             os.replace(tmp, path)  # atomic: a concurrent reader sees no file or a whole one
+            notice(f"hidden states cached in {time.perf_counter() - started:.1f} s")
+        else:
+            notice(f"hidden states of {len(ids):,} texts read from {path} ({size_mb:,.0f} MB)")
         return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: shared pages
 
     @staticmethod
     @torch.no_grad()
     def _fill(
-        backbone: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, out: torch.Tensor
+        backbone: PreTrainedModel,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        out: torch.Tensor,
+        bar: bool = False,
     ) -> None:
-        """Write the stacked hidden states of every row into ``out`` (N, L+1, T, d)."""
-        for start in range(0, len(ids), _FEATURIZE_BATCH):
+        """Write the stacked hidden states of every row into ``out`` (N, L+1, T, d).
+
+        ``bar``: a tqdm progress bar over the texts (on a terminal, for the one-off cache fill).
+        """
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(ids), _FEATURIZE_BATCH)
+        for start in tqdm(starts, desc="[fedsim] hidden states", unit="batch", disable=not bar):
             rows = slice(start, start + _FEATURIZE_BATCH)
             hidden = backbone(
                 input_ids=ids[rows], attention_mask=mask[rows], output_hidden_states=True

@@ -12,7 +12,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
@@ -43,6 +42,7 @@ from fedsim.cohort import MESSAGES_PUSHED  # noqa: E402
 from fedsim.config import check_cheap_groups, config_hash, validate  # noqa: E402
 from fedsim.errors import ConfigError  # noqa: E402
 from fedsim.params import to_arrays  # noqa: E402
+from fedsim.progress import StartupLog, notices  # noqa: E402
 from fedsim.results import RunWriter  # noqa: E402
 from fedsim.workload import get_workload  # noqa: E402
 
@@ -175,15 +175,17 @@ def backend_config(cfg: DictConfig) -> dict:
 CONNECT_TIMEOUT_S = 10.0
 
 
-def _start_ray(cfg: DictConfig) -> None:
+def _start_ray(cfg: DictConfig) -> bool:
     """Start this run's local Ray instance, or join ``runtime.ray_address``; check a client fits.
 
     Runs before the run folder is claimed, so that an unreachable cluster, or one none of whose
     nodes can host one client (Flower's actor pool would be empty and the run would hang), is
-    refused in one line (:class:`ConfigError`) and leaves nothing behind.
+    refused in one line (:class:`ConfigError`) and leaves nothing behind. Returns whether Ray
+    was started (or joined) now, rather than kept from the process's last run.
     """
     _prepare_ray(cfg)
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         address = str(cfg.runtime.ray_address or "")
         if address:
             _check_reachable(address)
@@ -197,6 +199,7 @@ def _start_ray(cfg: DictConfig) -> None:
             raise ConfigError("runtime.ray_address", address, f"cannot join it: {reason}") from None
         _ray_head[:] = [p for p in psutil.Process().children() if p.pid not in before]
     _check_fits(cfg)
+    return started
 
 
 def _init_ray(init_args: dict) -> None:
@@ -303,32 +306,35 @@ def simulate(
 def _simulate(
     cfg: DictConfig, run_dir: Path | str, resume: bool, made_by: Mapping[str, Any] | None = None
 ) -> dict:
-    started_at = time.perf_counter()
-    validate(cfg)
-    quiet_flower()
-    workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
-    model = workload.build_model()
-    strategy = check_cheap_groups(cfg)
-    check_model = getattr(strategy, "check_model", None)  # e.g. width slicing needs width axes
-    if check_model is not None:
-        check_model(model)
-    _check_sampling(cfg, strategy)
-    _start_ray(cfg)  # an unreachable cluster or a client that fits no node: ConfigError
-    interrupt.before_claim()  # a signal during start-up: RunInterrupted, nothing written
-    writer = RunWriter(run_dir)
-    state = None
-    if resume:
-        state = load_checkpoint(run_dir, strategy, config_hash(cfg), like=to_arrays(model))
-        writer.reopen(state.server_round)
-    else:
-        writer.start(cfg, made_by)
-    summary: dict = {}
-    lanes = num_lanes(cfg, _cluster_cpus(cfg))
-    app = make_server_app(cfg, strategy, writer, summary, state, started_at)
-    try:
-        run_flower(app, lanes, backend_config(cfg))
-    finally:
-        writer.close()  # the folder's lock: the next run of a sweep, or a resume, may take it
+    startup = StartupLog(enabled=bool(cfg.runtime.progress))
+    with notices(bool(cfg.runtime.progress)):
+        validate(cfg)
+        quiet_flower()
+        workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
+        model = workload.build_model()
+        startup.lap("data and model")
+        strategy = check_cheap_groups(cfg)
+        check_model = getattr(strategy, "check_model", None)  # width slicing needs width axes
+        if check_model is not None:
+            check_model(model)
+        _check_sampling(cfg, strategy)
+        started = _start_ray(cfg)  # unreachable cluster, or no node fits a client: ConfigError
+        startup.lap("Ray" if started else "Ray (kept from the last run)")
+        interrupt.before_claim()  # a signal during start-up: RunInterrupted, nothing written
+        writer = RunWriter(run_dir)
+        state = None
+        if resume:
+            state = load_checkpoint(run_dir, strategy, config_hash(cfg), like=to_arrays(model))
+            writer.reopen(state.server_round)
+        else:
+            writer.start(cfg, made_by)
+        summary: dict = {}
+        lanes = num_lanes(cfg, _cluster_cpus(cfg))
+        app = make_server_app(cfg, strategy, writer, summary, state, startup)
+        try:
+            run_flower(app, lanes, backend_config(cfg))
+        finally:
+            writer.close()  # the folder's lock: the next run of a sweep, or a resume, may take it
     if not summary:
         raise RuntimeError("the simulation ended without a summary; see the log above")
     return summary

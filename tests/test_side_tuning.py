@@ -43,6 +43,7 @@ from fedsim.label_attack import (
 )
 from fedsim.models import TextClassifier, pool_hidden_states
 from fedsim.params import arrays_nbytes, to_arrays
+from fedsim.progress import notices
 from fedsim.quantize import dequantize
 from fedsim.results import read_metrics
 from fedsim.scheduler import RoundScheduler
@@ -368,14 +369,22 @@ def test_cached_and_uncached_features_train_alike(cache_dir, minilm, texts, num_
 
 @pytest.mark.parametrize(("dtype", "atol"), [("float16", 2e-2), ("float32", 1e-4)])
 def test_feature_cache_file_written_once_and_matches_the_backbone(
-    tmp_path, minilm, texts, num_classes, dtype: str, atol: float
+    tmp_path, minilm, texts, num_classes, dtype: str, atol: float, capsys
 ) -> None:
     client = make_client(tmp_path, feature_dtype=dtype)
-    model, first = setup(client, minilm, texts, num_classes)
-    files = list(tmp_path.glob("*.npy"))
-    assert len(files) == 1 and not list(tmp_path.glob("*.tmp.npy"))
-    _, second = setup(client, minilm, texts, num_classes)
+    with notices(True):  # a run with runtime.progress: the cache says where it writes, once
+        model, first = setup(client, minilm, texts, num_classes)
+        files = list(tmp_path.glob("*.npy"))
+        assert len(files) == 1 and not list(tmp_path.glob("*.tmp.npy"))
+        said = capsys.readouterr().err
+        _, second = setup(client, minilm, texts, num_classes)
+        again = capsys.readouterr().err
     assert list(tmp_path.glob("*.npy")) == files
+    size_mb = files[0].stat().st_size / 1e6
+    what = f"hidden states of {len(texts):,} texts once ({size_mb:,.0f} MB, {dtype})"
+    assert f"{what} into {files[0]}" in said
+    assert "hidden states cached in " in said
+    assert f"read from {files[0]} ({size_mb:,.0f} MB)" in again and "computing" not in again
     assert first[TAPS_KEY].dtype == getattr(torch, dtype)
     assert torch.equal(first[TAPS_KEY], second[TAPS_KEY])
     direct = model.device_activations(first["input_ids"][:4], first["attention_mask"][:4])

@@ -32,6 +32,20 @@ def test_cli_run_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[fedsim] round 2/2" in proc.stderr  # the progress display
     assert f"results: {run_dir}" in proc.stderr
+    # start-up talks (issue 16 item 1): one line per phase, in order, then the total, whose
+    # seconds the done line and the summary repeat
+    lines = proc.stderr.splitlines()
+    phases = [line.split("start-up: ", 1)[1] for line in lines if "] start-up: " in line]
+    names = [p.rsplit(" ", 2)[0] for p in phases[:-1]]
+    assert names == ["data and model", "Ray", "Flower engine",
+                     "server (model inputs, strategy, fleet)", "Ray workers"]  # fmt: skip
+    total = float(phases[-1].split(" s in all")[0])
+    assert total == pytest.approx(sum(float(p.rsplit(" ", 2)[1]) for p in phases[:-1]), abs=0.3)
+    assert lines.index(f"[fedsim] start-up: {phases[-1]}") < lines.index(
+        next(line for line in lines if "round 1/2" in line)
+    )
+    done = next(line for line in lines if line.startswith("[fedsim] done: "))
+    assert f"({total:.1f} s start-up, " in done
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
     columns = ("accuracy", "loss", "macro_f1", "num_clients", "bytes_up", "bytes_down")
@@ -42,6 +56,7 @@ def test_cli_run_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert rows[0]["bytes_up"] == rows[0]["bytes_down"] > 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["num_rounds"] == 2
+    assert summary["startup_s"] == pytest.approx(total, abs=0.051)
     assert (run_dir / "config.yaml").read_text().count("num_clients: 6") == 1
 
 

@@ -34,7 +34,14 @@ def _run(cfg: DictConfig) -> float:
         OmegaConf.to_container(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
     )
     try:
-        summary = simulate(cfg, run_dir, made_by=made_by)
+        again = _sweep_job_again(cfg, run_dir) if _in_multirun(hydra_cfg) else None
+        if again == "finished":
+            summary = _saved_summary(run_dir)
+            print(f"[fedsim] {run_dir}: already finished ({summary['status']}), skipped",
+                  file=sys.stderr)  # fmt: skip
+            final = summary.get("final_accuracy")
+            return math.nan if final is None else float(final)
+        summary = simulate(cfg, run_dir, resume=again == "resume", made_by=made_by)
     except (ConfigError, RunInterrupted) as error:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Hydra made it; a refused or interrupted start leaves no folder
@@ -45,6 +52,50 @@ def _run(cfg: DictConfig) -> float:
     _finish(summary, run_dir)
     final = summary["final_accuracy"]
     return math.nan if final is None else float(final)  # nan: no round finished
+
+
+def _in_multirun(hydra_cfg: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    return hydra_cfg.mode == RunMode.MULTIRUN
+
+
+def _sweep_job_again(cfg: DictConfig, run_dir: Path) -> str | None:
+    """A ``--multirun`` launched again: what to do with a job whose folder already holds a run.
+
+    ``"finished"`` (skip it), ``"resume"`` (continue from its checkpoint), or None (a new
+    folder: run it). The folder must hold a run of this very job's config (the checkpoint's
+    config hash); a run that stopped before its first checkpoint cannot be continued and is
+    refused rather than overwritten.
+    """
+    from fedsim.checkpoint import CHECKPOINT_FILE, verify_checkpoint
+    from fedsim.config import config_hash
+    from fedsim.results import METRICS_FILE
+
+    if not (run_dir / METRICS_FILE).exists():
+        return None
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        raise ConfigError(
+            "hydra.sweep.dir", run_dir,
+            "holds a run of this job that stopped before its first checkpoint; remove that "
+            "folder to run the job again",
+        )  # fmt: skip
+    try:
+        verify_checkpoint(run_dir, config_hash(cfg))
+    except ConfigError as error:
+        raise ConfigError(
+            "hydra.sweep.dir", run_dir,
+            f"holds another run than this job's ({error.accepted}); use a new hydra.sweep.dir",
+        ) from None  # fmt: skip
+    return "finished" if _finished_status(run_dir) is not None else "resume"
+
+
+def _saved_summary(run_dir: Path) -> dict:
+    import json
+
+    from fedsim.results import SUMMARY_FILE
+
+    return json.loads((run_dir / SUMMARY_FILE).read_text())
 
 
 EXIT_RUN_FAILED = 1  # the engine lost every client for runtime.max_failed_rounds rounds

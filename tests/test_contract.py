@@ -30,10 +30,12 @@ NEEDS: dict[tuple[str, str], list[str]] = {
     ("data", "chatterbot"): ["model=text_classifier", "model.max_length=16"],
     ("data", "hf"): [f"data.path={{tmp}}/{HF_CSV}", "model=text_classifier", "model.max_length=16"],
     ("model", "text_classifier"): ["data=chatterbot", "model.max_length=16"],
+    ("model", "text_scratch"): ["data=chatterbot", "model.max_length=16"],
     # Side-tuning and the peft baselines fine-tune the text backbone.
     **{("client", name): [*TEXT, "client.max_steps=2"]
        for name in ("side_tuning", "pae_side_tuning", "lora", "ia3", "full_ft")},
     ("experiment", "mobile_side_tuning"): ["model.max_length=16", "client.max_steps=2"],
+    ("experiment", "cyclic_text_scratch"): ["model.max_length=16", "client.max_steps=2"],
     # The tiny setup has 4 clients: a short stage over 2 of them.
     ("warm_start", "cyclic"): ["warm_start.num_cycles=1", "warm_start.clients_per_cycle=2"],
     ("partition", "natural"): [

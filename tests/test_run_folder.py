@@ -301,3 +301,44 @@ def test_the_sweep_check_builds_groups_as_the_run_does(tmp_path: Path) -> None:
             ["num_clients=12", "warm_start=cyclic"], [("warm_start.clients_per_cycle", ["3", "13"])]
         )
     assert err.value.key == "warm_start.clients_per_cycle"
+
+
+def test_a_sweep_launched_again_skips_finished_jobs_and_resumes_killed_ones(
+    tmp_path: Path,
+) -> None:
+    """Issue 16 item 4: job 0 finished, job 1 was SIGKILLed mid-run (checkpointed rounds, no
+    summary). The same command again skips job 0, resumes job 1 from its checkpoint, and the
+    result equals an uninterrupted run; a different command on that folder is refused."""
+    from conftest import strip_wall_time
+
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", "seed=0,1", "num_clients=6", "num_rounds=8", "runtime.progress=false",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    metrics = sweep / "1" / "metrics.jsonl"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([*FEDSIM, *args], stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (sweep / "0" / "summary.json").exists() and not (sweep / "1" / "summary.json").exists()
+    job0 = (sweep / "0" / "metrics.jsonl").read_bytes()
+
+    again = _fedsim(*args, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{sweep / '0'}: already finished (completed), skipped" in again.stderr
+    assert (sweep / "0" / "metrics.jsonl").read_bytes() == job0  # untouched
+    reference = tmp_path / "reference"
+    solo = _fedsim("seed=1", "num_clients=6", "num_rounds=8", "runtime.progress=false",
+                   f"hydra.run.dir={reference}")  # fmt: skip
+    assert solo.returncode == 0, solo.stderr[-2000:]
+    assert strip_wall_time(read_metrics(sweep / "1")) == strip_wall_time(read_metrics(reference))
+    assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"
+
+    other = _fedsim(*[a for a in args if a != "num_rounds=8"], "num_rounds=9", timeout=300)
+    assert other.returncode == 2  # after Hydra's "Launching" lines, one error line, nothing run
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fedsim: error: hydra.sweep.dir={sweep / '0'}: holds another run")
+    assert (sweep / "0" / "metrics.jsonl").read_bytes() == job0

@@ -317,8 +317,9 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 def comparable_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Flattened config without the keys that never separate configurations.
 
-    Besides ``seed`` itself, a ``<group>.seed`` equal to the run seed is the run seed resolved
-    through ``${seed}`` (data split, partitioner): it separates seeds, not configurations.
+    Besides ``seed`` itself, a ``<group>.seed`` or ``<group>.<name>_seed`` equal to the run seed
+    is the run seed resolved through ``${seed}`` (data split, partitioner, ``model.init_seed``):
+    it separates seeds, not configurations.
     """
     run_seed = config.get("seed")
     return {
@@ -326,8 +327,13 @@ def comparable_config(config: Mapping[str, Any]) -> dict[str, Any]:
         for key, value in flatten_config(config).items()
         if key not in IGNORED_KEYS
         and not key.startswith(IGNORED_PREFIXES)
-        and not (key.endswith(".seed") and value == run_seed)
+        and not (_is_seed_key(key) and value == run_seed)
     }
+
+
+def _is_seed_key(key: str) -> bool:
+    name = key.rsplit(".", 1)[-1]
+    return "." in key and (name == "seed" or name.endswith("_seed"))
 
 
 def _format_value(value: Any) -> str:

@@ -135,6 +135,20 @@ def test_a_null_key_and_a_missing_key_are_one_configuration(tmp_path: Path) -> N
     assert sorted(len(c.runs) for c in configurations) == [1, 3]
 
 
+def test_a_seed_resolved_into_a_group_separates_seeds_not_configurations(tmp_path: Path) -> None:
+    """``model.init_seed: ${seed}`` (model=text_scratch) is saved as the run seed: three seeds of
+    one configuration, not three configurations; a fixed init_seed that differs still splits."""
+    for seed in SEEDS:
+        config = make_config("FedAvg", seed)
+        config["model"] = {"_target_": "fedsim.models.TextClassifier", "init_seed": seed}
+        write_run(tmp_path / str(seed), config, 0.7)
+    fixed = make_config("FedAvg", 0)
+    fixed["model"] = {"_target_": "fedsim.models.TextClassifier", "init_seed": 7}
+    write_run(tmp_path / "fixed", fixed, 0.6)
+    configurations = group_runs(load_runs([tmp_path]))
+    assert sorted(len(c.runs) for c in configurations) == [1, 3]
+
+
 def test_mean_ci_hand_checked_on_five_numbers() -> None:
     # mean 0.84; deviations -0.04 -0.02 0 0.02 0.04, squares sum 0.004, sample variance
     # 0.004 / 4 = 0.001, sd 0.031623; t(0.975, 4) = 2.776; half-width 2.7764 x 0.031623 /

@@ -156,8 +156,12 @@ def _check_out(out: Path, force: bool) -> None:
         )
 
 
-def _load(sweep_dir: Path) -> list[Run]:
-    """Finished runs under ``sweep_dir``; anything missing is a one-line ConfigError."""
+def _load(sweep_dir: Path) -> tuple[list[Run], list[Run]]:
+    """Finished runs under ``sweep_dir``, and the ones the report lists as left out.
+
+    Left out: no ``summary.json`` (crashed, killed or still going). No finished run at all is
+    a one-line error.
+    """
     if not sweep_dir.is_dir():
         raise ConfigError(
             "SWEEP_DIR",
@@ -175,15 +179,27 @@ def _load(sweep_dir: Path) -> list[Run]:
             "holds no run folder; expected <job>/ folders with config.yaml and metrics.jsonl "
             "(`fedsim --multirun ... hydra.sweep.dir=SWEEP_DIR`)",
         ) from None
-    for run in runs:
-        if not run.complete:
-            raise ConfigError(
-                "SWEEP_DIR",
-                run.path,
-                f"run folder has no {SUMMARY_FILE}; expected finished runs (the run crashed or "
-                "is still going: finish or remove it)",
-            )
-    return runs
+    finished = [run for run in runs if run.complete]
+    if not finished:
+        raise ConfigError(
+            "SWEEP_DIR",
+            sweep_dir,
+            f"holds no finished run (none has {SUMMARY_FILE}: they crashed or are still going)",
+        )
+    return finished, [run for run in runs if not run.complete]
+
+
+def _left_out_note(sweep_dir: Path, left_out: Sequence[Run]) -> list[str]:
+    """A quoted note naming the runs without a summary, which no number below counts."""
+    if not left_out:
+        return []
+    names = ", ".join(f"`{run.path.relative_to(sweep_dir.resolve())}`" for run in left_out)
+    return [
+        f"> Left out: {len(left_out)} run(s) without {SUMMARY_FILE} (crashed, killed or still "
+        f"going; `fedsim --multirun` with the same arguments resumes them): {names}. No "
+        "number below counts them.",
+        "",
+    ]
 
 
 def _pm(mean_ci_pair: tuple[float, float], decimals: int = 4) -> str:
@@ -426,6 +442,7 @@ def write_report(
     method_keys: list[str],
     band: str = DEFAULT_BAND,
     early_rounds: int = DEFAULT_EARLY_ROUNDS,
+    left_out: Sequence[Run] = (),
 ) -> str:
     """Write ``out``/report.md and its figures; return the report text."""
     configurations = group_runs(runs)
@@ -452,6 +469,7 @@ def write_report(
         "",
         _intro(runs, configurations, splits, method_keys),
         "",
+        *_left_out_note(sweep_dir, left_out),
         *_notes(configurations),
         "## Final accuracy and per-client accuracy",
         "",
@@ -494,9 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.early_rounds < 0:
             raise ConfigError("--early-rounds", args.early_rounds, "must be an integer >= 0")
         _check_out(args.out, args.force)
-        runs = _load(args.sweep_dir)
+        runs, left_out = _load(args.sweep_dir)
         text = write_report(
-            args.sweep_dir, runs, args.out, args.target, args.method, args.band, args.early_rounds
+            args.sweep_dir, runs, args.out, args.target, args.method, args.band, args.early_rounds,
+            left_out,
         )
     except ConfigError as err:
         print(f"{PROG}: error: {err.one_line()}", file=sys.stderr)

@@ -90,6 +90,12 @@ def _check_positive_int(key: str, value: int) -> int:
     return value
 
 
+def _check_lr(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError("model.sgd_lr", value, "must be a number > 0")
+    return float(value)
+
+
 def check_full_width(width: float, what: str) -> None:
     """A factory that cannot build width-sliced sub-models accepts only width 1."""
     if width != 1.0:
@@ -201,6 +207,9 @@ class SmallCNN:
         Odd conv kernel size (padding keeps H and W before each pool).
     hidden_size
         Width of the hidden fully connected layer.
+    sgd_lr
+        The learning rate plain local SGD (``client=local_sgd``) trains this model with: its
+        ``lr`` follows the model's (``${model.sgd_lr}``) unless set.
 
     """
 
@@ -213,7 +222,9 @@ class SmallCNN:
         channels: Sequence[int] = (16, 32),
         kernel_size: int = 3,
         hidden_size: int = 128,
+        sgd_lr: float = 0.2,
     ) -> None:
+        self.sgd_lr = _check_lr(sgd_lr)
         self.in_channels = _check_positive_int("model.in_channels", in_channels)
         self.image_size = _check_positive_int("model.image_size", image_size)
         self.channels = tuple(_check_positive_int("model.channels", int(c)) for c in channels)
@@ -600,6 +611,9 @@ class TextClassifier:
         ...), to train a smaller network from scratch; refused with ``init: pretrained``.
     init_seed
         Seed of the random initialisation (``init: random``): the same weights in every process.
+    sgd_lr
+        The learning rate plain local SGD (``client=local_sgd``) trains this model with: its
+        ``lr`` follows the model's (``${model.sgd_lr}``) unless set.
 
     """
 
@@ -615,7 +629,9 @@ class TextClassifier:
         init: str = "pretrained",
         architecture: Mapping[str, object] | None = None,
         init_seed: int = 0,
+        sgd_lr: float = 0.05,
     ) -> None:
+        self.sgd_lr = _check_lr(sgd_lr)
         if pooling not in ("mean", "cls"):
             raise ConfigError("model.pooling", pooling, "must be one of: mean, cls")
         if init not in ("pretrained", "random"):

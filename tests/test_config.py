@@ -39,3 +39,31 @@ def test_every_option_composes(group: str) -> None:
     for option in group_options(group):
         cfg = compose_config([f"{group}={option}"])
         assert "_target_" in cfg[group], (group, option)
+
+
+# --- defaults that learn (issue 16 item 5) -------------------------------------------------------
+@pytest.mark.parametrize("client", ["side_tuning", "pae_side_tuning"])
+def test_side_tuning_picks_a_text_model_and_data_unless_told(client: str) -> None:
+    cfg = compose_config([f"client={client}"])  # the default CNN on digits would be refused
+    assert cfg.model._target_ == "fedsim.models.TextClassifier" and cfg.model.init == "pretrained"
+    assert cfg.data._target_ == "fedsim.data.ChatterbotData"
+    told = compose_config([f"client={client}", "model=text_scratch", "data=hf", "data.path=x.csv"])
+    assert told.model.init == "random" and told.data._target_ == "fedsim.data.HFData"
+    # the showcase composes exactly as it did when it chose model and data itself
+    showcase = compose_config(["experiment=mobile_side_tuning"])
+    assert showcase.model._target_ == cfg.model._target_ and "model" not in showcase.client
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr"),
+    [
+        ([], 0.2),  # the digits CNN's
+        (["model=text_classifier", "data=chatterbot"], 0.05),  # MiniLM's, not the CNN's 0.2
+        (["model=text_scratch", "data=chatterbot"], 0.2),
+        (["model=text_classifier", "data=chatterbot", "client.lr=0.3"], 0.3),  # told: kept
+        (["model=text_classifier", "data=chatterbot", "~model.sgd_lr"], 0.2),  # a model without
+    ],
+)
+def test_local_sgd_takes_its_lr_from_the_model(overrides: list[str], lr: float) -> None:
+    cfg = compose_config(overrides)
+    assert OmegaConf.to_container(cfg, resolve=True)["client"]["lr"] == lr

@@ -128,3 +128,43 @@ def test_flwr_run_gives_the_same_metrics_as_the_fedsim_engine(tmp_path: Path) ->
     assert _strip_wall_clock(read_metrics(flwr_run)) == _strip_wall_clock(
         read_metrics(tmp_path / "engine")
     )
+
+
+def test_a_text_model_on_local_sgd_learns_a_separable_csv(tmp_path: Path) -> None:
+    """Issue 16 item 5: the text model brings its own local-SGD lr (the CNN's 0.2 collapsed it
+    to 0.53 on this file before the common clip): above the majority class (0.5) in 3 rounds."""
+    rows = ["text,label"]
+    for i in range(40):
+        rows += [f"what a wonderful sunny day number {i},happy",
+                 f"this is a terrible rainy evening number {i},sad"]  # fmt: skip
+    (tmp_path / "sep.csv").write_text("\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [*FEDSIM, "data=hf", f"data.path={tmp_path / 'sep.csv'}", "model=text_classifier",
+         "model.max_length=16", "num_clients=4", "num_rounds=3", "runtime.progress=false",
+         f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml_lr(run_dir) == 0.05
+    assert max(r["accuracy"] for r in read_metrics(run_dir)) >= 0.9
+
+
+def test_side_tuning_alone_runs_on_a_text_model(tmp_path: Path) -> None:
+    """`fedsim client=side_tuning` picks MiniLM and chatterbot instead of refusing the CNN."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [*FEDSIM, "client=side_tuning", "model.max_length=16", "client.max_steps=2",
+         "num_clients=4", "num_rounds=1", "runtime.progress=false", f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    choices = (run_dir / "choices.yaml").read_text()
+    assert "model: text_classifier" in choices and "data: chatterbot" in choices
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def yaml_lr(run_dir: Path) -> float:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["client"]["lr"]

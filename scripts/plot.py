@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -67,6 +69,15 @@ PROG = "fedsim-plot"
 DPI = 150
 PANEL_SIZE_IN = (5.5, 4.0)  # width, height of one panel in inches
 LEGEND_ROW_IN = 0.22  # height of one row of a small-font legend in inches
+# --style paper: a one-column figure of a two-column paper (3.3 in wide, as IEEE and ACM
+# templates), 8 pt type, no title unless --title, and a vector copy (.pdf) beside a raster --out.
+PAPER_WIDTH_IN = 3.3
+PAPER_PANEL_HEIGHT_IN = 2.2
+PAPER_RC = {"font.size": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+            "legend.fontsize": 7, "lines.linewidth": 1.0, "lines.markersize": 2.5,
+            "pdf.fonttype": 42, "ps.fonttype": 42}  # fmt: skip  (42: fonts embedded as TrueType)
+VECTOR_FORMATS = ("pdf", "svg", "eps", "ps")
+STYLES = ("screen", "paper")
 BAND_ALPHA = 0.2
 MAX_ROUNDS_WITH_MARKERS = 30  # beyond this, markers clutter the line
 # --band -> what the band around the mean line shows, for the legend title and captions.
@@ -169,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
         f"sample std over seeds (default: {DEFAULT_BAND})",
     )
     parser.add_argument(
+        "--labels",
+        nargs="+",
+        default=[],
+        metavar="OLD=NEW",
+        help="rename configurations in the legend and the table: the label fedsim gives "
+        "(as printed in the table) = the name to show, e.g. 'strategy=FedAvg=FedAvg (baseline)'; "
+        "the split is at the last '=' that leaves a known label on its left",
+    )
+    parser.add_argument(
+        "--style",
+        choices=STYLES,
+        default="screen",
+        help="screen (default): wide panels and a title; paper: stacked one-column panels "
+        f"({PAPER_WIDTH_IN} in wide), 8 pt type, no title unless --title, and a .pdf copy "
+        "beside a raster --out",
+    )
+    parser.add_argument(
         "--latency",
         action="store_true",
         help="instead of curves, plot per-client latency by device tier from clients.jsonl "
@@ -216,21 +244,37 @@ def _legend_label(configuration: Configuration) -> str:
     return f"{configuration.label} (n={len(configuration.runs)}{extra})"
 
 
-def _new_figure(num_panels: int, title: str, legend_rows: int = 0) -> tuple[Figure, list[Axes]]:
-    width, height = PANEL_SIZE_IN
-    height += 0.8 + LEGEND_ROW_IN * legend_rows  # title and x label, then a figure legend
-    fig = Figure(figsize=(width * num_panels, height), layout="constrained")
-    FigureCanvasAgg(fig)  # render with Agg whatever the session's default backend is
-    axes = list(np.atleast_1d(fig.subplots(1, num_panels, squeeze=False)[0]))
-    fig.suptitle(title)
+def _new_figure(
+    num_panels: int, title: str | None, legend_rows: int = 0, style: str = "screen"
+) -> tuple[Figure, list[Axes]]:
+    """Panels side by side (screen) or stacked in one column (paper); no title if None."""
+    if style == "paper":
+        height = PAPER_PANEL_HEIGHT_IN * num_panels + 0.35 + 0.16 * legend_rows
+        fig = Figure(figsize=(PAPER_WIDTH_IN, height), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = list(np.atleast_1d(fig.subplots(num_panels, 1, squeeze=False)[:, 0]))
+    else:
+        width, height = PANEL_SIZE_IN
+        height += 0.8 + LEGEND_ROW_IN * legend_rows  # title and x label, then a figure legend
+        fig = Figure(figsize=(width * num_panels, height), layout="constrained")
+        FigureCanvasAgg(fig)  # render with Agg whatever the session's default backend is
+        axes = list(np.atleast_1d(fig.subplots(1, num_panels, squeeze=False)[0]))
+    if title:
+        fig.suptitle(title)
     for ax in axes:
         ax.grid(True, alpha=0.3)
     return fig, axes
 
 
-def _save(fig: Figure, out: Path) -> None:
+def _save(fig: Figure, out: Path, style: str = "screen") -> list[Path]:
+    """Write the figure; in paper style a raster ``out`` also gets a .pdf copy. Return paths."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
+    written = [out]
+    if style == "paper" and out.suffix.lstrip(".").lower() not in VECTOR_FORMATS:
+        written.append(out.with_suffix(".pdf"))
+        fig.savefig(written[-1])
+    return written
 
 
 def plot_curves(
@@ -238,16 +282,34 @@ def plot_curves(
     metric: str,
     xs: Sequence[str],
     out: Path,
-    title: str,
+    title: str | None,
     target: float | None = None,
     band: str = DEFAULT_BAND,
-) -> None:
+    style: str = "screen",
+) -> list[Path]:
     """Draw one panel per x axis: per configuration, mean over seeds and a band (``--band``).
 
-    ``target`` (a value of ``metric``) is drawn as a dashed horizontal line.
+    ``target`` (a value of ``metric``) is drawn as a dashed horizontal line. Returns the files
+    written (``style`` paper: a .pdf copy too, see :func:`_save`).
     """
-    legend_rows = 1 + -(-len(configurations) // len(xs))  # title + ceil(labels / columns)
-    fig, axes = _new_figure(len(xs), title, legend_rows)
+    columns = 1 if style == "paper" else len(xs)
+    legend_rows = 1 + -(-len(configurations) // columns)  # title + ceil(labels / columns)
+    with matplotlib.rc_context(PAPER_RC if style == "paper" else {}):
+        fig, axes = _new_figure(len(xs), title, legend_rows, style)
+        _draw_curves(fig, axes, configurations, metric, xs, target, band, columns)
+        return _save(fig, out, style)
+
+
+def _draw_curves(
+    fig: Figure,
+    axes: Sequence[Axes],
+    configurations: Sequence[Configuration],
+    metric: str,
+    xs: Sequence[str],
+    target: float | None,
+    band: str,
+    columns: int,
+) -> None:
     colors = [f"C{i % 10}" for i in range(len(configurations))]
     for ax, x in zip(axes, xs, strict=True):
         curves = [aggregate_curve(c.runs, metric, x) for c in configurations]
@@ -277,12 +339,11 @@ def plot_curves(
         handles,
         labels,
         loc="outside lower center",
-        ncols=min(len(labels), len(xs)),  # about one label per panel width
+        ncols=min(len(labels), columns),  # about one label per panel width
         title=BAND_CAPTIONS[band],
         fontsize="small",
         title_fontsize="small",
     )
-    _save(fig, out)
 
 
 def _pm(pair: tuple[float, float]) -> str:
@@ -457,6 +518,28 @@ def latency_table(stats: Sequence[TierStats]) -> str:
     return markdown_table(header, rows)
 
 
+def rename(configurations: Sequence[Configuration], items: Sequence[str]) -> list[Configuration]:
+    """``--labels OLD=NEW ...``: the configurations with those labels renamed.
+
+    A label itself holds ``=`` (``strategy=FedAvg``), so each item splits at the ``=`` whose
+    left part is a configuration's label. An item naming no label is a one-line error.
+    """
+    labels = [c.label for c in configurations]
+    names: dict[str, str] = {}
+    for item in items:
+        cuts = [i for i, char in enumerate(item) if char == "=" and item[:i] in labels]
+        if not cuts:
+            raise ConfigError(
+                "--labels", item, f"names no configuration; expected OLD=NEW with OLD one of: "
+                f"{'; '.join(labels)}",
+            )  # fmt: skip
+        old, new = item[: cuts[-1]], item[cuts[-1] + 1 :]
+        if not new.strip():
+            raise ConfigError("--labels", item, "gives an empty name; expected OLD=NEW")
+        names[old] = new
+    return [replace(c, label=names.get(c.label, c.label)) for c in configurations]
+
+
 def _check_inputs(
     runs: Sequence[Run], metric: str, xs: Sequence[str], target: float | None
 ) -> None:
@@ -491,13 +574,17 @@ def _run(args: argparse.Namespace) -> tuple[str, str, list[str]]:
         plot_latency(stats, args.out, title)
         return latency_table(stats), "Pooled over all client-rounds of all runs.", []
     _check_inputs(runs, args.metric, args.x, args.target)
-    configurations = group_runs(runs)
-    title = args.title or (
-        f"{args.metric}: {len(configurations)} configuration(s), "
-        f"{sum(len(c.runs) for c in configurations)} run(s)"
-    )
+    configurations = rename(group_runs(runs), args.labels)
+    title = args.title
+    if title is None and args.style == "screen":
+        title = (
+            f"{args.metric}: {len(configurations)} configuration(s), "
+            f"{sum(len(c.runs) for c in configurations)} run(s)"
+        )
     line = args.target if args.metric == "accuracy" else None
-    plot_curves(configurations, args.metric, args.x, args.out, title, target=line, band=args.band)
+    args.written = plot_curves(
+        configurations, args.metric, args.x, args.out, title, line, args.band, args.style
+    )
     table = summary_table(configurations, target=args.target)
     captions = [f"Accuracy, AUC and cost to the target: {CI_CAPTION}", RANK_CAPTION]
     if "accuracy AUC to" in table.splitlines()[0]:
@@ -530,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     for note in notes:
         print(f"{PROG}: {note[0].lower()}{note[1:]}", file=sys.stderr)
-    print(f"wrote {args.out}")
+    for path in getattr(args, "written", [args.out]):
+        print(f"wrote {path}")
     print(f"wrote {table_path}")
     return 0
 

@@ -488,6 +488,41 @@ def test_main_writes_png_and_table(sweep: Path, tmp_path: Path, capsys: Any) -> 
     assert warning in table and warning in captured.err
 
 
+def test_labels_rename_configurations_in_legend_and_table(
+    sweep: Path, tmp_path: Path, capsys: Any
+) -> None:
+    out = tmp_path / "renamed.png"
+    args = [str(sweep), "--out", str(out), "--labels", "strategy=FedAvg=FedAvg (baseline)",
+            "strategy=FedProx=FedProx, mu=0.1"]  # fmt: skip
+    assert main(args) == 0
+    table = out.with_suffix(".md").read_text()
+    assert "| FedAvg (baseline) | 3 | 0.7200 ± 0.0497 | 2 |" in table
+    assert "| FedProx, mu=0.1 | 3 | 0.8300 ± 0.0745 | 1 |" in table
+    assert "strategy=FedAvg" not in table  # the warning names the new labels too
+    capsys.readouterr()
+    assert main([str(sweep), "--out", str(out), "--labels", "strategy=FedAvgg=x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--labels=strategy=FedAvgg=x: names no configuration" in err
+    assert "strategy=FedAvg; strategy=FedProx" in err
+
+
+def test_paper_style_is_one_column_untitled_with_a_vector_copy(
+    sweep: Path, tmp_path: Path, capsys: Any
+) -> None:
+    from matplotlib.image import imread
+
+    out = tmp_path / "paper.png"
+    assert main([str(sweep), "--out", str(out), "--x", "round", "bytes", "--style", "paper"]) == 0
+    assert f"wrote {out.with_suffix('.pdf')}" in capsys.readouterr().out
+    assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+    height, width = imread(out).shape[:2]
+    assert width == round(3.3 * 150)  # one column of a two-column paper, at the PNG's 150 dpi
+    assert height > width  # the two panels stacked
+    screen = tmp_path / "screen.png"
+    assert main([str(sweep), "--out", str(screen), "--x", "round", "bytes"]) == 0
+    assert imread(screen).shape[1] > 2 * width and not screen.with_suffix(".pdf").exists()
+
+
 def test_main_incomplete_run_and_sim_time(tmp_path: Path) -> None:
     # seed 1 crashed before summary.json: final/best come from metrics.jsonl, flagged incomplete
     for seed, final in zip(SEEDS, FINALS["FedAvg"], strict=True):

@@ -119,20 +119,23 @@ def _finish(summary: dict, run_dir: Path) -> None:
 
 
 def _report(summary: dict, run_dir: Path) -> None:
+    from fedsim.progress import log_line
+
     status = "done" if summary["status"] == "completed" else summary["status"]
     if summary["final_accuracy"] is None:
-        print(f"[fedsim] {status}: no round finished\n[fedsim] results: {run_dir}", file=sys.stderr)
+        log_line(run_dir, f"[fedsim] {status}: no round finished")
+        log_line(run_dir, f"[fedsim] results: {run_dir}")
         return
     rounds_s, startup_s = summary["wall_time_s"], summary.get("startup_s")
     took = f"{rounds_s:.1f} s of rounds"
     if startup_s is not None:  # a resume counts its own start-up
         took = f"{startup_s + rounds_s:.1f} s ({startup_s:.1f} s start-up, {took})"
-    print(
+    log_line(
+        run_dir,
         f"[fedsim] {status}: final accuracy {summary['final_accuracy']:.4f}, "
-        f"best {summary['best_accuracy']:.4f} (round {summary['best_round']}), "
-        f"{took}\n[fedsim] results: {run_dir}",
-        file=sys.stderr,
+        f"best {summary['best_accuracy']:.4f} (round {summary['best_round']}), {took}",
     )
+    log_line(run_dir, f"[fedsim] results: {run_dir}")
 
 
 def _resume(argument: str, others: list[str]) -> None:

@@ -4,7 +4,9 @@ Start-up (``StartupLog``): one line per phase with its time, from the config to 
 round (data and model, Ray, the engine and its workers), and :func:`notice` lines for long
 one-off work inside a phase (the first computation of frozen hidden states, with its cache
 folder and size). Rounds (``RoundProgress``): round, accuracy, loss, elapsed and ETA. All of it
-follows ``runtime.progress``.
+follows ``runtime.progress``. Every such line also goes to the run folder's ``run.log``
+(:func:`transcript`, :func:`keep_transcript`), shown or not: the console output of a run with
+progress on, kept with its results.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 __all__ = [
+    "RUN_LOG",
     "RoundProgress",
     "StartupLog",
     "format_duration",
@@ -25,6 +29,50 @@ __all__ = [
 ]
 
 _NOTICES = {"enabled": False}  # set for the length of a run by :func:`notices`
+RUN_LOG = "run.log"
+# The run's transcript: lines before its folder exists are buffered, then appended to run.log.
+_TRANSCRIPT: dict[str, Any] = {"lines": None, "path": None}
+
+
+def say(line: str, show: bool = True, stream: TextIO | None = None) -> None:
+    """Print ``line`` on stderr (or ``stream``) if ``show``; record it in the run's transcript."""
+    if show:
+        print(line, file=stream or sys.stderr, flush=True)
+    if _TRANSCRIPT["path"] is not None:
+        with open(_TRANSCRIPT["path"], "a") as log:
+            log.write(line + "\n")
+    elif _TRANSCRIPT["lines"] is not None:
+        _TRANSCRIPT["lines"].append(line)
+
+
+@contextmanager
+def transcript() -> Iterator[None]:
+    """Record every :func:`say` line of the block: one run (a sweep has one per run)."""
+    _TRANSCRIPT.update(lines=[], path=None)
+    try:
+        yield
+    finally:
+        _TRANSCRIPT.update(lines=None, path=None)
+
+
+def keep_transcript(run_dir: Path | str) -> None:
+    """Append the lines so far to ``run_dir/run.log`` and every later one as it comes."""
+    if _TRANSCRIPT["lines"] is None:
+        return
+    path = Path(run_dir) / RUN_LOG
+    with open(path, "a") as log:  # a resume appends: nothing written is lost
+        log.writelines(line + "\n" for line in _TRANSCRIPT["lines"])
+    _TRANSCRIPT.update(lines=[], path=path)
+
+
+def log_line(run_dir: Path | str, line: str, show: bool = True) -> None:
+    """:func:`say` after the run: shown, and appended to ``run_dir/run.log`` if it has one."""
+    if show:
+        print(line, file=sys.stderr, flush=True)
+    path = Path(run_dir) / RUN_LOG
+    if path.is_file():
+        with open(path, "a") as log:
+            log.write(line + "\n")
 
 
 @contextmanager
@@ -40,8 +88,7 @@ def notices(enabled: bool) -> Iterator[None]:
 
 def notice(message: str) -> None:
     """One ``[fedsim]`` line on stderr, from code that has no run config at hand."""
-    if _NOTICES["enabled"]:
-        print(f"[fedsim] {message}", file=sys.stderr, flush=True)
+    say(f"[fedsim] {message}", show=_NOTICES["enabled"])
 
 
 def progress_bars() -> bool:
@@ -59,8 +106,7 @@ class StartupLog:
         self._mark = self.started
 
     def _line(self, text: str) -> None:
-        if self.enabled:
-            print(f"[fedsim] start-up: {text}", file=self.stream, flush=True)
+        say(f"[fedsim] start-up: {text}", show=self.enabled, stream=self.stream)
 
     def lap(self, what: str) -> float:
         """Report ``what`` as the phase since the last lap; return its seconds."""
@@ -104,8 +150,6 @@ class RoundProgress:
 
     def update(self, server_round: int, accuracy: float, loss: float, extra: str = "") -> None:
         """Report that ``server_round`` finished with these metrics."""
-        if not self.enabled:
-            return
         if self.first_round is None:
             self.first_round = server_round
         elapsed = time.perf_counter() - self.started
@@ -117,4 +161,4 @@ class RoundProgress:
             f"  acc {accuracy:.4f}  loss {loss:.4f}"
             f"  elapsed {format_duration(elapsed)}  eta {format_duration(eta)}"
         )
-        print(line + (f"  {extra}" if extra else ""), file=self.stream, flush=True)
+        say(line + (f"  {extra}" if extra else ""), show=self.enabled, stream=self.stream)

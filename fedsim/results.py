@@ -1,5 +1,8 @@
 """The sole writer of run folders: ``config.yaml``, ``metrics.jsonl``, ``summary.json``.
 
+(``run.log``, the console's lines, is appended by :mod:`fedsim.progress` once the folder is
+claimed here.)
+
 What a run folder promises, whatever happens to the process:
 
 * one writer: a run (or a resume) holds an exclusive lock on its folder for as long as it

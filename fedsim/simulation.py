@@ -42,7 +42,7 @@ from fedsim.cohort import MESSAGES_PUSHED  # noqa: E402
 from fedsim.config import check_cheap_groups, config_hash, validate  # noqa: E402
 from fedsim.errors import ConfigError  # noqa: E402
 from fedsim.params import to_arrays  # noqa: E402
-from fedsim.progress import StartupLog, notices  # noqa: E402
+from fedsim.progress import StartupLog, keep_transcript, notices, transcript  # noqa: E402
 from fedsim.results import RunWriter  # noqa: E402
 from fedsim.workload import get_workload  # noqa: E402
 
@@ -307,7 +307,7 @@ def _simulate(
     cfg: DictConfig, run_dir: Path | str, resume: bool, made_by: Mapping[str, Any] | None = None
 ) -> dict:
     startup = StartupLog(enabled=bool(cfg.runtime.progress))
-    with notices(bool(cfg.runtime.progress)):
+    with notices(bool(cfg.runtime.progress)), transcript():
         validate(cfg)
         quiet_flower()
         workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
@@ -328,6 +328,7 @@ def _simulate(
             writer.reopen(state.server_round)
         else:
             writer.start(cfg, made_by)
+        keep_transcript(run_dir)  # run.log: the lines so far, then each as it comes
         summary: dict = {}
         lanes = num_lanes(cfg, _cluster_cpus(cfg))
         app = make_server_app(cfg, strategy, writer, summary, state, startup)

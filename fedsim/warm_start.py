@@ -25,7 +25,6 @@ the result. Our decisions where the paper is OPEN (methods.md 4.3, 8) [D]:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ from fedsim.config import build, config_hash
 from fedsim.errors import ConfigError
 from fedsim.evaluation import evaluate
 from fedsim.params import load_arrays
-from fedsim.progress import format_sim_time
+from fedsim.progress import format_sim_time, say
 from fedsim.results import CLIENTS_FILE, RunWriter
 from fedsim.scheduler import FAILED, INFEASIBLE, OFFLINE, STRAGGLER
 from fedsim.seeding import numpy_rng
@@ -174,14 +173,12 @@ class CyclicWarmStart:
                     keys.WALL_TIME_S: totals[keys.WALL_TIME_S],
                 }
             )
-            if fed.cfg.runtime.progress:
-                print(
-                    f"[fedsim] warm start cycle {cycle:2d}/{self.num_cycles}  "
-                    f"acc {scores['accuracy']:.4f}  loss {scores['loss']:.4f}  "
-                    f"sim {format_sim_time(state.sim_time_s)}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            say(
+                f"[fedsim] warm start cycle {cycle:2d}/{self.num_cycles}  "
+                f"acc {scores['accuracy']:.4f}  loss {scores['loss']:.4f}  "
+                f"sim {format_sim_time(state.sim_time_s)}",
+                show=bool(fed.cfg.runtime.progress),
+            )
         totals[keys.WARM_START_CYCLES] = self.num_cycles
         if int(fed.cfg.checkpoint_every):
             writer.sync()  # the rows it counts are on disk before it is

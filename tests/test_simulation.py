@@ -46,6 +46,10 @@ def test_cli_run_writes_a_complete_run_folder(tmp_path: Path) -> None:
     )
     done = next(line for line in lines if line.startswith("[fedsim] done: "))
     assert f"({total:.1f} s start-up, " in done
+    # run.log keeps the console output (issue 16 item 2): every [fedsim] line, in order
+    assert (run_dir / "run.log").read_text().splitlines() == [
+        line for line in lines if line.startswith("[fedsim] ")
+    ]
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
     columns = ("accuracy", "loss", "macro_f1", "num_clients", "bytes_up", "bytes_down")

@@ -314,26 +314,42 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-def comparable_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def comparable_config(
+    config: Mapping[str, Any], seed_keys: Iterable[str] | None = None
+) -> dict[str, Any]:
     """Flattened config without the keys that never separate configurations.
 
-    Besides ``seed`` itself, a ``<group>.seed`` or ``<group>.<name>_seed`` equal to the run seed
-    is the run seed resolved through ``${seed}`` (data split, partitioner, ``model.init_seed``):
-    it separates seeds, not configurations.
+    Besides ``seed`` itself: the run seed resolved into a group through ``${seed}`` (data split,
+    partitioner, ``model.init_seed``) separates seeds, not configurations. Of the keys in
+    ``seed_keys`` (:func:`seed_keys_of` the runs compared; default: every ``<group>.seed``),
+    those equal to the run seed are dropped.
     """
     run_seed = config.get("seed")
+    flat = flatten_config(config)
+    if seed_keys is None:
+        seed_keys = [key for key in flat if key.endswith(".seed")]
+    dropped = {key for key in seed_keys if key in flat and flat[key] == run_seed}
     return {
         key: value
-        for key, value in flatten_config(config).items()
-        if key not in IGNORED_KEYS
-        and not key.startswith(IGNORED_PREFIXES)
-        and not (_is_seed_key(key) and value == run_seed)
+        for key, value in flat.items()
+        if key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES) and key not in dropped
     }
 
 
-def _is_seed_key(key: str) -> bool:
-    name = key.rsplit(".", 1)[-1]
-    return "." in key and (name == "seed" or name.endswith("_seed"))
+def seed_keys_of(configs: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Keys named ``<...>.seed`` or ``<...>_seed`` whose value varies between the runs.
+
+    A run drops such a key where it equals its seed (``${seed}`` resolved into a group). A key
+    with one value in every run is kept as it is: a fixed knob like ``client.label_key_seed: 0``
+    equals the run seed only by chance (seed 0), and dropping it there would split seed 0 off.
+    """
+    values: dict[str, set[str]] = {}
+    for config in configs:
+        for key, value in flatten_config(config).items():
+            name = key.rsplit(".", 1)[-1]
+            if "." in key and (name == "seed" or name.endswith("_seed")):
+                values.setdefault(key, set()).add(repr(value))
+    return {key for key, seen in values.items() if len(seen) > 1}
 
 
 def _format_value(value: Any) -> str:
@@ -446,8 +462,10 @@ def group_runs(runs: Iterable[Run]) -> list[Configuration]:
     """
     groups: dict[tuple[tuple[str, Any], ...], list[Run]] = {}
     flats: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+    runs = list(runs)
+    seed_keys = seed_keys_of(run.config for run in runs)
     for run in runs:
-        flat = comparable_config(run.config)
+        flat = comparable_config(run.config, seed_keys)
         set_keys = [item for item in flat.items() if item[1] is not None]
         key = tuple(sorted(set_keys, key=lambda item: item[0]))
         groups.setdefault(key, []).append(run)

@@ -138,12 +138,14 @@ def test_a_null_key_and_a_missing_key_are_one_configuration(tmp_path: Path) -> N
 def test_a_seed_resolved_into_a_group_separates_seeds_not_configurations(tmp_path: Path) -> None:
     """``model.init_seed: ${seed}`` (model=text_scratch) is saved as the run seed: three seeds of
     one configuration, not three configurations; a fixed init_seed that differs still splits."""
-    for seed in SEEDS:
+    for seed in SEEDS:  # 0, 1, 2; a fixed knob ending in _seed equals the run seed on seed 0 only
         config = make_config("FedAvg", seed)
         config["model"] = {"_target_": "fedsim.models.TextClassifier", "init_seed": seed}
+        config["client"]["label_key_seed"] = 0
         write_run(tmp_path / str(seed), config, 0.7)
     fixed = make_config("FedAvg", 0)
     fixed["model"] = {"_target_": "fedsim.models.TextClassifier", "init_seed": 7}
+    fixed["client"]["label_key_seed"] = 0
     write_run(tmp_path / "fixed", fixed, 0.6)
     configurations = group_runs(load_runs([tmp_path]))
     assert sorted(len(c.runs) for c in configurations) == [1, 3]

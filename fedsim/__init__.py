@@ -15,9 +15,13 @@ The Python API (``import fedsim`` stays light: each name loads its module on fir
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("fedsim")  # pyproject.toml's, as installed (editable or wheel)
+except PackageNotFoundError:  # a bare checkout on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = ["__version__", "compose_config", "load_clients", "load_runs", "run", "simulate"]
 

@@ -99,14 +99,29 @@ def progress_bars() -> bool:
 class StartupLog:
     """Times a run's start-up, one line per phase: ``[fedsim] start-up: Ray 3.1 s``."""
 
-    def __init__(self, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, enabled: bool = True, stream: TextIO | None = None, hold: bool = False
+    ) -> None:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.started = time.perf_counter()
         self._mark = self.started
+        # hold: lines wait for release(), so that a run refused before it claims its folder
+        # says only its one-line error
+        self._held: list[str] | None = [] if hold else None
 
     def _line(self, text: str) -> None:
-        say(f"[fedsim] start-up: {text}", show=self.enabled, stream=self.stream)
+        line = f"[fedsim] start-up: {text}"
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            say(line, show=self.enabled, stream=self.stream)
+
+    def release(self) -> None:
+        """Say the held lines (the run passed its checks and claimed its folder); stop holding."""
+        held, self._held = self._held or [], None
+        for line in held:
+            say(line, show=self.enabled, stream=self.stream)
 
     def lap(self, what: str) -> float:
         """Report ``what`` as the phase since the last lap; return its seconds."""

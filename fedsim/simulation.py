@@ -306,7 +306,7 @@ def simulate(
 def _simulate(
     cfg: DictConfig, run_dir: Path | str, resume: bool, made_by: Mapping[str, Any] | None = None
 ) -> dict:
-    startup = StartupLog(enabled=bool(cfg.runtime.progress))
+    startup = StartupLog(enabled=bool(cfg.runtime.progress), hold=True)
     with notices(bool(cfg.runtime.progress)), transcript():
         validate(cfg)
         quiet_flower()
@@ -329,6 +329,7 @@ def _simulate(
         else:
             writer.start(cfg, made_by)
         keep_transcript(run_dir)  # run.log: the lines so far, then each as it comes
+        startup.release()  # checks passed, folder claimed: the start-up phases so far
         summary: dict = {}
         lanes = num_lanes(cfg, _cluster_cpus(cfg))
         app = make_server_app(cfg, strategy, writer, summary, state, startup)

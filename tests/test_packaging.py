@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,12 +22,25 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+#: What a source distribution holds: the wheel is built from a copy of these, so that
+#: setuptools' build/ folder never lands in (or races with another build of) the checkout.
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "fedsim", "strategies", "clients",
+           "scripts", "conf")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tmp_path_factory.mktemp("source")
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            skip = shutil.ignore_patterns("__pycache__")
+            shutil.copytree(REPO / name, source / name, ignore=skip)
+        else:
+            shutil.copy2(REPO / name, source / name)
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(REPO)],
+         "-w", str(out), str(source)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -69,10 +83,12 @@ def test_installed_wheel_runs_a_simulation_outside_the_checkout(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run(
+    probe = subprocess.run(
         [str(python), "-c", "import fedsim.config as c; print(c.__file__); print(c.CONF_DIR)"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, check=True,
-    ).stdout.split()  # fmt: skip
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    where = probe.stdout.split()
     assert all(Path(p).is_relative_to(fresh_site) for p in where), where  # not the checkout
     fedsim_cli = venv / "bin" / "fedsim"
     version = subprocess.run(

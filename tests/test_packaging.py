@@ -69,19 +69,21 @@ def test_installed_wheel_runs_a_simulation_outside_the_checkout(
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    # The dependencies come from this venv's site-packages (no network here): a plain path line
-    # in a .pth adds the folder but not its own .pth files, so this checkout's editable fedsim
-    # finder is not loaded, and `fedsim` can only come from the wheel.
+    proc = subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Successfully installed fedsim" in proc.stdout, proc.stdout[-2000:]
+    # The dependencies come from this venv's site-packages (no network here), added only now:
+    # seen during the install, this checkout's fedsim dist-info made pip skip the wheel as
+    # "already satisfied". A plain path line in a .pth adds the folder but not its own .pth
+    # files, so the checkout's editable finder is not loaded: `fedsim` comes from the wheel.
     fresh_site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     Path(fresh_site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    proc = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = subprocess.run(
         [str(python), "-c", "import fedsim.config as c; print(c.__file__); print(c.CONF_DIR)"],

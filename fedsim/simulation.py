@@ -206,13 +206,23 @@ def _init_ray(init_args: dict) -> None:
     """``ray.init`` as Flower's ``RayBackend.init_ray`` does it (workers get the driver's path).
 
     Flower skips its own ``ray.init`` when Ray is already up, which is what lets fedsim start
-    (and check) Ray before the run folder is claimed.
+    (and check) Ray before the run folder is claimed. Unlike Flower, the caller's PYTHONPATH is
+    put back once Ray's processes have started with the long one: otherwise every later
+    subprocess of the caller (a pip, a second run) sees the checkout, and each run of a sweep
+    would grow the variable by the whole ``sys.path`` again.
     """
+    before = os.environ.get("PYTHONPATH")
     pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    if before:
+        pythonpath = f"{pythonpath}{os.pathsep}{before}"
+    os.environ["PYTHONPATH"] = pythonpath  # the local raylet (and its workers) inherit it
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def _check_reachable(address: str) -> None:

@@ -66,12 +66,15 @@ def test_the_wheel_carries_every_config_file_and_the_licence(wheel: Path) -> Non
 def test_installed_wheel_runs_a_simulation_outside_the_checkout(
     wheel: Path, tmp_path: Path
 ) -> None:
+    # Nothing of this process's may reach the fresh venv: a PYTHONPATH naming the checkout
+    # (with its fedsim.egg-info) made pip skip the wheel as "already installed" on CI.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     proc = subprocess.run(
         [str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Successfully installed fedsim" in proc.stdout, proc.stdout[-2000:]
@@ -81,10 +84,9 @@ def test_installed_wheel_runs_a_simulation_outside_the_checkout(
     # files, so the checkout's editable finder is not loaded: `fedsim` comes from the wheel.
     fresh_site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env, cwd=tmp_path,
     ).stdout.strip()  # fmt: skip
     Path(fresh_site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = subprocess.run(
         [str(python), "-c", "import fedsim.config as c; print(c.__file__); print(c.CONF_DIR)"],
         capture_output=True, text=True, cwd=tmp_path, env=env,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ def test_provenance_names_each_groups_choice_and_leaves_the_config_as_composed()
 
 @pytest.mark.slow
 def test_run_from_python_then_load_runs_and_clients(tmp_path: Path) -> None:
+    pythonpath = os.environ.get("PYTHONPATH")
     summary = fedsim.run([*TINY, "strategy=fedprox", "devices=phones_mixed"], tmp_path / "a")
     assert summary["status"] == "completed" and summary["run_dir"] == str(tmp_path / "a")
     made_by = yaml.safe_load((tmp_path / "a" / "choices.yaml").read_text())
@@ -52,6 +54,7 @@ def test_run_from_python_then_load_runs_and_clients(tmp_path: Path) -> None:
     assert made_by["choices"]["devices"] == "phones_mixed"
     second = fedsim.run([*TINY, "seed=1"], tmp_path / "b")  # a second run in the same process
     assert second["status"] == "completed"
+    assert os.environ.get("PYTHONPATH") == pythonpath  # the caller's environment is its own
 
     rounds = fedsim.load_runs(tmp_path)
     assert sorted(set(rounds.run)) == ["a", "b"] and len(rounds) == 4

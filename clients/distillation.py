@@ -69,15 +69,14 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
-from fedsim.clients.base import TrainContext, TrainOutcome
-from fedsim.clients.loop import Batch, ClientTerm, LocalRun, TermOutput, register_term
-from fedsim.devices import count_forward_flops
+from fedsim.clock.devices import count_forward_flops
+from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
-from fedsim.models import ModelFactory
-from fedsim.scheduler import DeviceCost
+from fedsim.learning.models import ModelFactory
+from fedsim.training.contract import NoDistillation, TrainContext, TrainOutcome, distillation_of
+from fedsim.training.loop import Batch, ClientTerm, LocalRun, TermOutput, register_term
 
 __all__ = [
     "DFL",
@@ -348,15 +347,8 @@ class Distilled:
 
 
 # --- the config group: conf/distillation/{none,dfl}.yaml ------------------------------------------
-class NoDistillation:
-    """``distillation=none``: the behaviour and the messages are left as they are."""
-
-    def wrap(self, behaviour: Any) -> Any:
-        """The behaviour itself."""
-        return behaviour
-
-    def attach(self, messages: Sequence[Message], states: Mapping[int, RecordDict]) -> None:
-        """Nothing to send."""
+# ``distillation=none`` is ``fedsim.training.contract.NoDistillation`` (imported above: its YAML
+# names it here, so that old run folders resume unchanged).
 
 
 class DFL:
@@ -475,12 +467,3 @@ class DFL:
         )
         for content in contents:
             content[keys.DFL_CLASS_TARGETS] = record
-
-
-def distillation_of(cfg: DictConfig) -> DFL | NoDistillation:
-    """The run's distillation object (``none`` for run configs saved before the group existed)."""
-    from fedsim.config import build
-
-    if OmegaConf.select(cfg, "distillation") is None:
-        return NoDistillation()
-    return build(cfg, "distillation")

@@ -1,7 +1,7 @@
 """Local SGD: the client of FedAvg and its server-side variants (FedProx, FedAvgM, FedOpt).
 
 A client trains the received model for ``local_epochs`` passes over its partition with mini-batch
-SGD (the shared loop of ``clients/loop.py``), then uploads its trainable tensors. Whatever a
+SGD (the shared loop of ``fedsim/training/loop.py``), then uploads its trainable tensors. Whatever a
 strategy changes in local training (FedProx's proximal term when it sends ``proximal-mu``,
 SCAFFOLD's control variates, ...) is a client term the loop adds; this class knows none of them.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.clients.base import TrainContext, TrainOutcome
-from fedsim.clients.loop import check_max_grad_norm, train_loop
-from fedsim.devices import count_train_flops, estimate_train_memory_bytes
+from fedsim.clock.devices import count_train_flops, estimate_train_memory_bytes
+from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
-from fedsim.models import ModelFactory
-from fedsim.scheduler import DeviceCost
+from fedsim.learning.models import ModelFactory
+from fedsim.training.contract import TrainContext, TrainOutcome
+from fedsim.training.loop import check_max_grad_norm, train_loop
 
 __all__ = ["LocalSGD"]
 
@@ -47,7 +47,7 @@ class LocalSGD:
         Optional cap on steps per round (null = no cap), e.g. to bound very large partitions.
     max_grad_norm
         Clip every step's gradient to this global L2 norm (null = no clipping), the same for
-        every strategy (clients/loop.py; default and source in conf/client/local_sgd.yaml).
+        every strategy (fedsim/training/loop.py; default and source in conf/client/local_sgd.yaml).
 
     """
 

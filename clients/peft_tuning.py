@@ -18,12 +18,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fedsim.clients.base import TrainContext, TrainOutcome
-from fedsim.clients.loop import check_max_grad_norm, train_loop
-from fedsim.devices import count_train_flops, estimate_train_memory_bytes
+from fedsim.clock.devices import count_train_flops, estimate_train_memory_bytes
+from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
-from fedsim.models import ModelFactory, TextClassifier, TextClassifierModel, check_full_width
-from fedsim.scheduler import DeviceCost
+from fedsim.learning.models import (
+    ModelFactory,
+    TextClassifier,
+    TextClassifierModel,
+    check_full_width,
+)
+from fedsim.training.contract import TrainContext, TrainOutcome
+from fedsim.training.loop import check_max_grad_norm, train_loop
 
 __all__ = ["PeftFactory", "PeftTuning"]
 
@@ -48,7 +53,7 @@ def _peft_config(method: str, adapter: Mapping[str, Any]) -> Any:
 
 
 class PeftFactory:
-    """Wraps a :class:`~fedsim.models.TextClassifier`: its backbone gets a peft adapter."""
+    """Wraps a :class:`~fedsim.learning.models.TextClassifier`: its backbone gets a peft adapter."""
 
     def __init__(self, inner: TextClassifier, method: str, adapter: Mapping[str, Any]) -> None:
         if not isinstance(inner, TextClassifier):
@@ -95,7 +100,7 @@ class PeftTuning:
         Local AdamW training per round; the optimizer state is fresh every round.
     max_grad_norm
         Clip every step's gradient to this global L2 norm (null = no clipping), the same for
-        every strategy (clients/loop.py; default and source in conf/client/local_sgd.yaml).
+        every strategy (fedsim/training/loop.py; default and source in conf/client/local_sgd.yaml).
 
     """
 

@@ -27,10 +27,10 @@ __all__ = ["__version__", "compose_config", "load_clients", "load_runs", "run", 
 
 _LAZY = {
     "compose_config": "fedsim.config",
-    "simulate": "fedsim.simulation",
+    "simulate": "fedsim.engine.simulation",
     "run": "fedsim.api",
-    "load_runs": "fedsim.tables",
-    "load_clients": "fedsim.tables",
+    "load_runs": "fedsim.records.tables",
+    "load_clients": "fedsim.records.tables",
 }
 
 

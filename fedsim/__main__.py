@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from fedsim.config import CONF_DIR
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
-from fedsim.interrupt import RunInterrupted, announce, exit_now
+from fedsim.rounds.interrupt import RunInterrupted, announce, exit_now
 
 
 def _fail(error: ConfigError) -> None:
@@ -26,7 +26,7 @@ def _run(cfg: DictConfig) -> float:
     from omegaconf import OmegaConf
 
     from fedsim.config import provenance
-    from fedsim.simulation import simulate
+    from fedsim.engine.simulation import simulate
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -68,9 +68,9 @@ def _sweep_job_again(cfg: DictConfig, run_dir: Path) -> str | None:
     config hash); a run that stopped before its first checkpoint cannot be continued and is
     refused rather than overwritten.
     """
-    from fedsim.checkpoint import CHECKPOINT_FILE, verify_checkpoint
     from fedsim.config import config_hash
-    from fedsim.results import METRICS_FILE
+    from fedsim.records.checkpoint import CHECKPOINT_FILE, verify_checkpoint
+    from fedsim.records.results import METRICS_FILE
 
     if not (run_dir / METRICS_FILE).exists():
         return None
@@ -93,13 +93,13 @@ def _sweep_job_again(cfg: DictConfig, run_dir: Path) -> str | None:
 def _saved_summary(run_dir: Path) -> dict:
     import json
 
-    from fedsim.results import SUMMARY_FILE
+    from fedsim.records.results import SUMMARY_FILE
 
     return json.loads((run_dir / SUMMARY_FILE).read_text())
 
 
 EXIT_RUN_FAILED = 1  # the engine lost every client for runtime.max_failed_rounds rounds
-# SIGINT / SIGTERM: 130 / 143 (128 + the signal's number), see fedsim/interrupt.py
+# SIGINT / SIGTERM: 130 / 143 (128 + the signal's number), see fedsim/rounds/interrupt.py
 
 
 def _stopped(stop: RunInterrupted) -> None:
@@ -119,7 +119,7 @@ def _finish(summary: dict, run_dir: Path) -> None:
 
 
 def _report(summary: dict, run_dir: Path) -> None:
-    from fedsim.progress import log_line
+    from fedsim.records.progress import log_line
 
     status = "done" if summary["status"] == "completed" else summary["status"]
     if summary["final_accuracy"] is None:
@@ -144,14 +144,15 @@ def _resume(argument: str, others: list[str]) -> None:
     The run folder's saved config is the config (only ``runtime.*``, how it runs, may change);
     Hydra is not involved, so no new folder is made. The folder may come from someone else, so
     it is checked before anything is built: the config names only classes fedsim's config tree
-    names (:mod:`fedsim.saved_config`), the checkpoint is intact and of that config. A finished
+    names (:mod:`fedsim.records.saved_config`), the checkpoint is intact and of that config. A
+    finished
     run is left as it is.
     """
-    from fedsim.checkpoint import verify_checkpoint
     from fedsim.config import config_hash
-    from fedsim.results import CONFIG_FILE
-    from fedsim.saved_config import load_saved_config
-    from fedsim.simulation import simulate
+    from fedsim.engine.simulation import simulate
+    from fedsim.records.checkpoint import verify_checkpoint
+    from fedsim.records.results import CONFIG_FILE
+    from fedsim.records.saved_config import load_saved_config
 
     run_dir = Path(argument.split("=", 1)[1]).expanduser()
     if not (run_dir / CONFIG_FILE).is_file():
@@ -187,7 +188,7 @@ def _finished_status(run_dir: Path) -> str | None:
     """The final status of a run whose summary says it ended for good, else None."""
     import json
 
-    from fedsim.results import SUMMARY_FILE
+    from fedsim.records.results import SUMMARY_FILE
 
     try:
         status = json.loads((run_dir / SUMMARY_FILE).read_text()).get("status")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import compose_with_provenance
-from fedsim.simulation import simulate
+from fedsim.engine.simulation import simulate
 
 __all__ = ["run"]
 

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,52 @@ __all__ = [
     "compose_with_provenance",
     "config_hash",
     "provenance",
+    "MOVED_MODULES",
+    "current_target",
+    "first_target",
+    "with_targets",
 ]
+
+#: Modules that moved (issue 18's layer folders), old dotted name -> new. A run folder names its
+#: classes (``_target_``) by the path they had when it was written: resuming reads them through
+#: this table (:func:`current_target`), and :func:`config_hash` names every class by its first
+#: path (:func:`first_target`), so moving a module never orphans a checkpoint. Append, never edit.
+MOVED_MODULES = {
+    "fedsim.data": "fedsim.learning.data",
+    "fedsim.partitioners": "fedsim.learning.partitioners",
+    "fedsim.models": "fedsim.learning.models",
+    "fedsim.devices": "fedsim.clock.devices",
+    "fedsim.faults": "fedsim.engine.faults",
+    "fedsim.warm_start": "fedsim.rounds.warm_start",
+}
+_FIRST_MODULES = {new: old for old, new in MOVED_MODULES.items()}
+
+
+def _moved(target: str, table: Mapping[str, str]) -> str:
+    module, _, name = str(target).rpartition(".")
+    return f"{table[module]}.{name}" if module in table else str(target)
+
+
+def current_target(target: str) -> str:
+    """Where a saved config's ``_target_`` lives now (itself unless its module moved)."""
+    return _moved(target, MOVED_MODULES)
+
+
+def first_target(target: str) -> str:
+    """The path a class was first saved under: what :func:`config_hash` names it by."""
+    return _moved(target, _FIRST_MODULES)
+
+
+def with_targets(tree: Any, rename: Callable[[str], str]) -> Any:
+    """A plain config tree with every ``_target_`` value passed through ``rename``."""
+    if isinstance(tree, dict):
+        return {
+            k: rename(v) if k == "_target_" and isinstance(v, str) else with_targets(v, rename)
+            for k, v in tree.items()
+        }
+    if isinstance(tree, list):
+        return [with_targets(v, rename) for v in tree]
+    return tree
 
 
 def _conf_dir() -> Path:
@@ -147,14 +192,14 @@ def check_cheap_groups(cfg: DictConfig) -> Any:
     Strategy, devices, faults, the client wrapped by its distillation, the warm start (which
     needs ``num_clients``): one path for the run and for a sweep's precheck.
     """
-    from fedsim.clients.distillation import distillation_of
-    from fedsim.warm_start import warm_start_of
+    from fedsim.rounds.warm_start import warm_start_of
+    from fedsim.training.contract import behaviour_of
 
     strategy = build(cfg, "strategy")
     build(cfg, "devices")  # the fleet checks its profiles and shares
     build(cfg, "faults")
     # The workers build the client too; check its arguments and DFL's fit with it here, once.
-    distillation_of(cfg).wrap(build(cfg, "client"))
+    behaviour_of(cfg)
     warm_start_of(cfg)
     return strategy
 
@@ -281,7 +326,7 @@ def _check_asynchronous(cfg: DictConfig, deadline: Any, over: Any) -> None:
         cls = get_class(str(target))
     except Exception:  # noqa: BLE001 - build() reports an unimportable target in one line
         return
-    from fedsim.asynchronous import AsyncStrategy  # noqa: PLC0415 - config.py stays light
+    from fedsim.rounds.asynchronous import AsyncStrategy  # noqa: PLC0415 - config.py stays light
 
     if not (isinstance(cls, type) and issubclass(cls, AsyncStrategy)):
         return
@@ -294,8 +339,12 @@ def _check_asynchronous(cfg: DictConfig, deadline: Any, over: Any) -> None:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of what a run computes: the resolved config less ``runtime`` (how it runs)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    """Hash of what a run computes: the resolved config less ``runtime`` (how it runs).
+
+    Classes count by their first path (:data:`MOVED_MODULES`): where the code lives is not what
+    the run computes.
+    """
+    plain = with_targets(OmegaConf.to_container(cfg, resolve=True), first_target)
     plain.pop("runtime", None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
 

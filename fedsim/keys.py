@@ -87,3 +87,14 @@ STALENESS_MEAN = "staleness_mean"  # asynchronous rows: global updates between d
 STALENESS_MAX = "staleness_max"
 CYCLE = "cycle"  # warm-start rows (phase "warm_start", round 0): which cycle of the stage
 WARM_START_CYCLES = "warm_start_cycles"  # totals: warm-start cycles done (a resumed run skips them)
+
+
+# --- node ids: Flower addresses virtual clients by node id, fedsim by partition id ---------
+def node_id_of(partition_id: int) -> int:
+    """Virtual node id of a partition id (node id 0 is the SuperLink's in Flower)."""
+    return partition_id + 1
+
+
+def partition_id_of(node_id: int) -> int:
+    """Partition id of a virtual node id."""
+    return node_id - 1

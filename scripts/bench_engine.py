@@ -52,8 +52,8 @@ def _throughput(client_rounds: int, seconds: float) -> float:
 def overhead_vs_plain(args: argparse.Namespace) -> dict[str, Any]:
     """Fedsim (warm engine, cold, rounds only) / the plain loop; accuracy curves compared."""
     from fedsim.config import compose_config
+    from fedsim.learning.workload import get_workload
     from fedsim.scripts.plain_loop import plain_fedavg
-    from fedsim.workload import get_workload
 
     work = Path(args.work_dir) / "overhead_vs_plain"
     rounds = args.rounds
@@ -115,7 +115,7 @@ def speedup_vs_flower(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    from fedsim.checkpoint import read_checkpoint
+    from fedsim.records.checkpoint import read_checkpoint
 
     work = Path(args.work_dir) / "speedup_vs_flower"
     work.mkdir(parents=True, exist_ok=True)
@@ -187,8 +187,8 @@ def _tree_rss_peak(stop: threading.Event, peak: list[int]) -> None:
 def _scale_run(num_clients: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One run with ``num_clients`` clients, 100 sampled per round, in this process."""
     from fedsim.config import compose_config
+    from fedsim.engine.simulation import simulate
     from fedsim.scripts.bench_common import steady_round_s
-    from fedsim.simulation import simulate
 
     cfg = compose_config(
         [

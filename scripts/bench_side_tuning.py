@@ -138,7 +138,7 @@ def _memory_methods() -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from fedsim.clients.peft_tuning import PeftTuning
-    from fedsim.clients.side_tuning import SideTuning
+    from fedsim.clients.side_tuning.tuning import SideTuning
     from fedsim.config import compose_config
 
     def client(name: str, *overrides: str) -> Any:
@@ -161,7 +161,7 @@ def _device_step(
     """The device's step of ``client`` on ``batch`` and the bytes resident before it runs."""
     import torch
 
-    from fedsim.clients.side_tuning import SideTuning
+    from fedsim.clients.side_tuning.tuning import SideTuning
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     resident = sum(
@@ -193,7 +193,7 @@ def device_memory(args: argparse.Namespace) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from fedsim.config import compose_config
-    from fedsim.data import ChatterbotData
+    from fedsim.learning.data import ChatterbotData
 
     torch.set_num_threads(2)
     model_cfg = compose_config([EXPERIMENT]).model
@@ -237,7 +237,7 @@ def _hit_rate(run_dir: Path, rows: list[dict[str, Any]], local_epochs: int) -> f
     """Cache hits / sample uses, from who trained when (a client's first kept round misses)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from fedsim.workload import get_workload
+    from fedsim.learning.workload import get_workload
 
     cfg = OmegaConf.load(run_dir / "config.yaml")  # the resolved config the run saved
     assert isinstance(cfg, DictConfig)

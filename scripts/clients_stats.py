@@ -1,7 +1,8 @@
 """Per-client rows of device simulations (``clients.jsonl``), pooled by device tier.
 
 Pure helpers for ``fedsim-plot --latency``: nothing here draws or prints. ``clients.jsonl`` holds
-one row per client-round (written by ``fedsim.server``): the device and its tier, the outcome
+one row per client-round (written by ``fedsim.rounds.synchronous``): the device and its tier, the
+outcome
 (:data:`OUTCOMES`), and for clients that trained, the latency and its parts in simulated seconds.
 Run folders are loaded by :mod:`fedsim.scripts.runs`.
 """
@@ -19,7 +20,7 @@ from fedsim.scripts.runs import CLIENTS_FILE, Run, is_finite, read_jsonl
 
 __all__ = ["LATENCY_PARTS", "OUTCOMES", "TierStats", "load_client_rows", "tier_stats"]
 
-# The scheduler's outcomes (fedsim/scheduler.py), in the order plots and tables show them:
+# The scheduler's outcomes (fedsim/clock/scheduler.py), in the order plots and tables show them:
 # aggregated, dropped (deadline / over-selection), not sent (offline, too little memory),
 # sent but the client raised.
 OUTCOMES = ("ok", "straggler", "offline", "infeasible", "failed")

@@ -1,7 +1,7 @@
 """Per-client accuracy of the final global model (``client_eval.jsonl``), and method ranks.
 
 Pure helpers for ``fedsim-compare``: nothing here draws or prints. ``client_eval.jsonl`` holds
-one row per scored client (written by ``fedsim.server`` after the last round, for
+one row per scored client (written by ``fedsim.rounds.synchronous`` after the last round, for
 ``eval.num_clients_final`` clients): its ``partition_id``, ``num_examples`` and the final
 model's ``accuracy`` and ``loss`` on its local data. Run folders are loaded by
 :mod:`fedsim.scripts.runs`.
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.errors import ConfigError
-from fedsim.results import CLIENT_EVAL_FILE
+from fedsim.records.results import CLIENT_EVAL_FILE
 from fedsim.scripts.runs import (
     Configuration,
     Run,

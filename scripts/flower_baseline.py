@@ -39,11 +39,11 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from fedsim.clients.loop import clip_gradients  # noqa: E402
 from fedsim.config import compose_config  # noqa: E402
-from fedsim.evaluation import evaluate  # noqa: E402
+from fedsim.learning.evaluation import evaluate  # noqa: E402
+from fedsim.learning.workload import get_workload  # noqa: E402
 from fedsim.seeding import torch_generator  # noqa: E402
-from fedsim.workload import get_workload  # noqa: E402
+from fedsim.training.loop import clip_gradients  # noqa: E402
 
 OVERRIDES_ENV = "FEDSIM_BASELINE_OVERRIDES"  # JSON list; Ray workers inherit the environment
 

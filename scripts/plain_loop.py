@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from fedsim.clients.loop import clip_gradients
 from fedsim.config import compose_config
-from fedsim.evaluation import evaluate
+from fedsim.learning.evaluation import evaluate
+from fedsim.learning.workload import get_workload
 from fedsim.seeding import torch_generator
-from fedsim.workload import get_workload
+from fedsim.training.loop import clip_gradients
 
 __all__ = ["PlainRun", "plain_fedavg"]
 

@@ -2,7 +2,7 @@
 
 Pure helpers shared by ``fedsim-plot`` and ``fedsim-compare``: nothing here draws or prints.
 A *run folder* is any folder holding ``metrics.jsonl`` and ``config.yaml`` (written by
-``fedsim.results``); a sweep folder holds many of them at any depth.
+``fedsim.records.results``); a sweep folder holds many of them at any depth.
 
 Runs form one *configuration* when their flattened configs are equal once ``seed``,
 ``runtime.*`` and ``hydra*`` keys are dropped; a configuration holds one run per seed (see
@@ -71,7 +71,8 @@ IGNORED_KEYS = ("seed",)
 IGNORED_PREFIXES = ("runtime.", "hydra")
 # x axes a curve can be aligned on -> the per-row metrics key it is built from.
 X_AXES = {"round": "round", "bytes": "bytes_up+bytes_down", "sim_time": "sim_time_s"}
-# Per-round counters of the device simulation (fedsim.server writes them to metrics.jsonl): a run's
+# Per-round counters of the device simulation (fedsim.rounds.synchronous writes them to
+# metrics.jsonl): a run's
 # total is their sum over its rounds; the table shows the mean of those totals over seeds.
 TOTAL_KEYS = ("num_stragglers", "num_offline", "num_infeasible", "num_failed", "energy_j")
 

@@ -48,7 +48,7 @@ def tree_rss_bytes(root: psutil.Process) -> tuple[int, int]:
 def soak(args: argparse.Namespace) -> dict[str, Any]:
     """``args.rounds`` rounds (500 for the issue's soak) of a small digits config."""
     from fedsim.config import compose_config
-    from fedsim.simulation import simulate
+    from fedsim.engine.simulation import simulate
 
     run_dir = Path(args.work_dir) / "soak"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Mapping, Sized
 
 import numpy as np
@@ -16,7 +15,6 @@ __all__ = [
     "check_number",
     "client_models",
     "count_nodes",
-    "listed_population_limit",
     "take_records",
     "to_numpy",
     "to_record",
@@ -44,26 +42,6 @@ def count_nodes(grid: Grid) -> int:
     """
     node_ids = grid.get_node_ids()
     return len(node_ids) if isinstance(node_ids, Sized) else sum(1 for _ in node_ids)
-
-
-def listed_population_limit(available_bytes: int, num_clients: int) -> int:
-    """The largest population whose node ids Flower's strategies can list in ``available_bytes``.
-
-    Flower's ``FedAvg.configure_train`` (and every strategy built on it) lists every node id,
-    each round, to count and sample them (``list(grid.get_node_ids())``, Flower 1.41). fedsim's
-    VirtualGrid keeps the ids (a tuple: one pointer and one int object per client) so that each
-    round copies pointers instead of building a million ints; the round's list adds one more
-    pointer per client while it samples. Everything else fedsim keeps about clients is drawn per
-    client on demand: these ids are the one cost that grows with the population. Bytes per id
-    are computed here (CPython's sizes, rounded up to the 16-byte blocks its allocator hands
-    out), not assumed.
-    """
-    pointer = sys.getsizeof([0]) - sys.getsizeof([])
-    int_object = -(-sys.getsizeof(num_clients + 1) // _ALLOCATION_BLOCK) * _ALLOCATION_BLOCK
-    return max(0, int(available_bytes)) // (2 * pointer + int_object)
-
-
-_ALLOCATION_BLOCK = 16  # CPython's small-object allocator: sizes round up to 16 bytes (64-bit)
 
 
 def client_models(replies: Iterable[Message]) -> list[Tensors]:

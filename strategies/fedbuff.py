@@ -9,7 +9,7 @@ arrivals it steps::
 
 and empties the buffer. Each arrival frees a slot that a new client, sampled among the idle ones,
 takes at once with the current model: the server never waits for the slowest device. Runs on
-fedsim's simulated clock (fedsim/asynchronous.py): who arrives when is the device model's
+fedsim's simulated clock (fedsim/rounds/asynchronous.py): who arrives when is the device model's
 latency, not a wall-clock race.
 
 Our decisions (methods.md has no FedBuff entry): the update is the uniform mean over the buffer
@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.asynchronous import (
+from fedsim.errors import ConfigError
+from fedsim.rounds.asynchronous import (
     STALE,
     AsyncLoop,
     AsyncStrategy,
@@ -37,7 +38,6 @@ from fedsim.asynchronous import (
     check_staleness_fn,
     staleness_weight,
 )
-from fedsim.errors import ConfigError
 from fedsim.strategies.common import check_number, to_record
 
 __all__ = ["FedBuff", "fedbuff_step"]
@@ -77,7 +77,8 @@ class FedBuff(AsyncStrategy):
     eta_g
         Server learning rate.
     staleness_fn, staleness_a, staleness_b
-        s(tau): ``constant``, ``polynomial`` (tau + 1)^a, or ``hinge`` (fedsim/asynchronous.py).
+        s(tau): ``constant``, ``polynomial`` (tau + 1)^a, or ``hinge``
+        (fedsim/rounds/asynchronous.py).
     max_staleness
         Drop updates with tau above it (their client's round does not count); null = keep all.
     weighting

@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.asynchronous import (
+from fedsim.errors import ConfigError
+from fedsim.rounds.asynchronous import (
     LATE,
     AsyncLoop,
     AsyncStrategy,
@@ -51,7 +52,6 @@ from fedsim.asynchronous import (
     check_staleness_fn,
     staleness_weight,
 )
-from fedsim.errors import ConfigError
 from fedsim.seeding import derive_seed
 from fedsim.strategies.common import check_number, to_record
 
@@ -87,7 +87,8 @@ class FedCompass(AsyncStrategy):
     alpha
         Server mixing rate (0.9).
     staleness_fn, staleness_a, staleness_b
-        s(tau): ``constant``, ``polynomial`` (tau + 1)^a, or ``hinge`` (fedsim/asynchronous.py).
+        s(tau): ``constant``, ``polynomial`` (tau + 1)^a, or ``hinge``
+        (fedsim/rounds/asynchronous.py).
     num_participants
         Clients taking part (null = all; else drawn once by the seed).
 

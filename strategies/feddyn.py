@@ -29,16 +29,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
-from fedsim.clients.base import TrainContext
-from fedsim.clients.loop import (
-    ClientTerm,
-    LocalRun,
-    TermOutput,
-    register_term,
-    snapshot,
-    state_tensors,
-    trainable,
-)
 from fedsim.strategies.common import (
     Tensors,
     check_number,
@@ -47,6 +37,16 @@ from fedsim.strategies.common import (
     to_numpy,
     to_record,
     zeros_like,
+)
+from fedsim.training.contract import TrainContext
+from fedsim.training.loop import (
+    ClientTerm,
+    LocalRun,
+    TermOutput,
+    register_term,
+    snapshot,
+    state_tensors,
+    trainable,
 )
 
 __all__ = ["FedDyn", "FedDynTerm", "feddyn_client_grad", "feddyn_server_update"]

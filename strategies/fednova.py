@@ -27,9 +27,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
-from fedsim.clients.base import TrainContext
-from fedsim.clients.loop import ClientTerm, LocalRun, TermOutput, register_term
 from fedsim.strategies.common import Tensors, check_number, to_numpy, to_record
+from fedsim.training.contract import TrainContext
+from fedsim.training.loop import ClientTerm, LocalRun, TermOutput, register_term
 
 __all__ = ["FedNova", "FedNovaTerm", "fednova_aggregate", "fednova_norm"]
 

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsim.errors import ConfigError
+from fedsim.learning.slicing import Indices, layout_indices, scaled_size
 from fedsim.seeding import numpy_rng
-from fedsim.slicing import Indices, layout_indices, scaled_size
 from fedsim.strategies.heterofl import DEFAULT_WIDTHS, HeteroFL
 
 __all__ = ["FedRolex"]

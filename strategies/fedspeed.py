@@ -10,7 +10,8 @@ The code writes the prox-correction as SGD ``weight_decay = wd + lambda`` plus t
 ``lambda * <w, h_i - w_t>``; the clip sees the loss term's gradient but not the decay, as here.
 The clip is not FedSpeed's: FL-Simulator clips every algorithm's clients at max norm 10, and
 fedsim does the same for every strategy with ``client.max_grad_norm`` in the shared step
-(clients/loop.py ``optimizer_step``): this term adds g2 and the correction in ``after_backward``
+(fedsim/training/loop.py ``optimizer_step``): this term adds g2 and the correction in
+``after_backward``
 (before the clip) and the decay lambda * w in ``before_step`` (after it). The former private
 knob ``strategy.grad_clip`` is refused with a pointer to ``client.max_grad_norm``.
 After training ``h_i <- h_i + (w_i^K - w_t)`` (``server/FedSpeed.py``: the server keeps every
@@ -37,16 +38,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
-from fedsim.clients.base import TrainContext
-from fedsim.clients.loop import (
-    ClientTerm,
-    LocalRun,
-    TermOutput,
-    register_term,
-    snapshot,
-    state_tensors,
-    trainable,
-)
 from fedsim.errors import ConfigError
 from fedsim.strategies.common import (
     Tensors,
@@ -56,6 +47,16 @@ from fedsim.strategies.common import (
     to_numpy,
     to_record,
     zeros_like,
+)
+from fedsim.training.contract import TrainContext
+from fedsim.training.loop import (
+    ClientTerm,
+    LocalRun,
+    TermOutput,
+    register_term,
+    snapshot,
+    state_tensors,
+    trainable,
 )
 
 __all__ = ["FedSpeed", "FedSpeedTerm", "fedspeed_server_update", "sam_perturbation"]

@@ -1,7 +1,8 @@
 """HeteroFL (Diao, Ding, Tarokh, ICLR 2021): each client trains a width-sliced sub-model.
 
 Official code dem123456789/HeteroFL @ea528c3 (methods.md 6.5). A client of width ``p`` gets the
-first ``ceil(p K)`` channels of every hidden layer of the global model (``fedsim/slicing.py``),
+first ``ceil(p K)`` channels of every hidden layer of the global model
+(``fedsim/learning/slicing.py``),
 trains that sub-model with ordinary local SGD, and the server averages every coordinate over
 the clients whose sub-model holds it (example-weighted; untouched coordinates keep their value).
 
@@ -33,12 +34,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
-from fedsim.cohort import partition_id_of
-from fedsim.devices import ClientWork, DeviceState, client_latency, fits_in_memory
+from fedsim.clock.devices import ClientWork, DeviceState, client_latency, fits_in_memory
+from fedsim.clock.server_view import FederationView, slim_layout_of
 from fedsim.errors import ConfigError
-from fedsim.slicing import Indices, SlimLayout, aggregate_sliced, layout_indices, slice_state
+from fedsim.keys import partition_id_of
+from fedsim.learning.slicing import (
+    Indices,
+    SlimLayout,
+    aggregate_sliced,
+    layout_indices,
+    slice_state,
+)
 from fedsim.strategies.common import Tensors, to_numpy, to_record
-from fedsim.view import FederationView, slim_layout_of
 
 __all__ = ["HeteroFL", "check_widths", "expected_latency_s", "largest_fitting_width"]
 

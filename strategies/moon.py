@@ -7,7 +7,7 @@ from that of its own previous local model (z_prev, negative pair)::
     l_con = -log( exp(sim(z, z_glob) / T) / (exp(sim(z, z_glob) / T) + exp(sim(z, z_prev) / T)) )
 
 with sim the cosine similarity and T the temperature. The representation is the input of the
-model's output layer (``fedsim.models.forward_with_features``); the paper's ResNet adds a
+model's output layer (``fedsim.learning.models.forward_with_features``); the paper's ResNet adds a
 projection head, the small CNN's penultimate layer plays that role here. z_glob and z_prev come
 from the same model code run with the other weights (``torch.func.functional_call``), without
 gradient. The client keeps its last local model's representation weights (all trainable tensors
@@ -29,10 +29,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
-from fedsim.clients.base import TrainContext
-from fedsim.clients.loop import Batch, ClientTerm, LocalRun, TermOutput, register_term, snapshot
-from fedsim.models import forward_with_features
+from fedsim.learning.models import forward_with_features
 from fedsim.strategies.common import check_number
+from fedsim.training.contract import TrainContext
+from fedsim.training.loop import Batch, ClientTerm, LocalRun, TermOutput, register_term, snapshot
 
 __all__ = ["Moon", "MoonTerm", "moon_contrastive_loss"]
 

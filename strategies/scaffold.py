@@ -30,16 +30,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
-from fedsim.clients.base import TrainContext
-from fedsim.clients.loop import (
-    ClientTerm,
-    LocalRun,
-    TermOutput,
-    register_term,
-    snapshot,
-    state_tensors,
-    trainable,
-)
 from fedsim.strategies.common import (
     Tensors,
     check_number,
@@ -48,6 +38,16 @@ from fedsim.strategies.common import (
     to_numpy,
     to_record,
     zeros_like,
+)
+from fedsim.training.contract import TrainContext
+from fedsim.training.loop import (
+    ClientTerm,
+    LocalRun,
+    TermOutput,
+    register_term,
+    snapshot,
+    state_tensors,
+    trainable,
 )
 
 __all__ = ["Scaffold", "ScaffoldTerm", "scaffold_client_control", "scaffold_server_update"]

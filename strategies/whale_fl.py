@@ -1,6 +1,7 @@
 """WHALE-FL (Su et al., arXiv 2405.00885): every device's sub-model width is chosen every round.
 
-Sub-models are width slices (HeteroFL extraction, ``fedsim/slicing.py``) merged coordinate-wise
+Sub-models are width slices (HeteroFL extraction, ``fedsim/learning/slicing.py``) merged
+coordinate-wise
 (HeteroFL's ``combine``), as in the official code. The utility is a knob, ``utility``:
 
 ``paper`` (default): the official code's formula (BESTTOOLBOX/WHALE-FL ``On-Server/train_main.py``
@@ -66,10 +67,10 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedsim import keys
-from fedsim.cohort import partition_id_of
-from fedsim.devices import ClientWork, DeviceState, client_latency
+from fedsim.clock.devices import ClientWork, DeviceState, client_latency
 from fedsim.errors import ConfigError
-from fedsim.slicing import Indices, slice_state
+from fedsim.keys import partition_id_of
+from fedsim.learning.slicing import Indices, slice_state
 from fedsim.strategies.heterofl import DEFAULT_WIDTHS, HeteroFL
 
 __all__ = [

@@ -64,7 +64,7 @@ def cnn_and_data(seed: int = 0):
     """The digits CNN and 12 random 8x8 samples, both seeded: a tiny real training job."""
     import torch
 
-    from fedsim.models import SmallCNN
+    from fedsim.learning.models import SmallCNN
 
     torch.manual_seed(seed)
     model = SmallCNN().build(10)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import strip_wall_time
 
-from fedsim.asynchronous import LATE, staleness_weight
 from fedsim.config import compose_config
+from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
-from fedsim.results import read_metrics
-from fedsim.simulation import simulate
+from fedsim.records.results import read_metrics
+from fedsim.rounds.asynchronous import LATE, staleness_weight
 from fedsim.strategies.fedbuff import FedBuff, fedbuff_step
 from fedsim.strategies.fedcompass import FedCompass, compass_step
 

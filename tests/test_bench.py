@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedsim.config import compose_config
-from fedsim.results import read_metrics
+from fedsim.engine.simulation import simulate
+from fedsim.records.results import read_metrics
 from fedsim.scripts.plain_loop import plain_fedavg
-from fedsim.simulation import simulate
 
 pytestmark = pytest.mark.slow
 

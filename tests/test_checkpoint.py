@@ -3,8 +3,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 
-from fedsim.checkpoint import CHECKPOINT_FILE, RunState, load_checkpoint, save_checkpoint
 from fedsim.errors import ConfigError
+from fedsim.records.checkpoint import CHECKPOINT_FILE, RunState, load_checkpoint, save_checkpoint
 
 
 def _state() -> RunState:

@@ -1,6 +1,6 @@
 """The same training rules for every strategy: one ``client.max_grad_norm`` (issue 14).
 
-Every client behaviour steps through ``clients/loop.py``'s ``optimizer_step``: the terms'
+Every client behaviour steps through ``fedsim/training/loop.py``'s ``optimizer_step``: the terms'
 gradients, then the clip of the trainable parameters' global gradient norm, then the optimizer.
 """
 
@@ -20,18 +20,18 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedsim import keys
-from fedsim.clients.base import TrainContext
 from fedsim.clients.local_sgd import LocalSGD
-from fedsim.clients.loop import clip_gradients, train_loop, trainable
 from fedsim.clients.peft_tuning import PeftTuning
-from fedsim.clients.side_tuning import SideTuning
+from fedsim.clients.side_tuning.tuning import SideTuning
 from fedsim.config import compose_config
-from fedsim.data import ChatterbotData
+from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
-from fedsim.models import TextClassifier
-from fedsim.results import read_metrics
-from fedsim.simulation import simulate
+from fedsim.learning.data import ChatterbotData
+from fedsim.learning.models import TextClassifier
+from fedsim.records.results import read_metrics
 from fedsim.strategies.fedspeed import FedSpeedTerm, sam_perturbation
+from fedsim.training.contract import TrainContext
+from fedsim.training.loop import clip_gradients, train_loop, trainable
 
 TINY_NORM = 1e-3  # below every gradient norm of these models: every step is clipped
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fedsim.config import compose_config
-from fedsim.results import read_metrics
-from fedsim.simulation import release_engine, simulate
+from fedsim.engine.simulation import release_engine, simulate
+from fedsim.records.results import read_metrics
 
 pytestmark = pytest.mark.slow
 

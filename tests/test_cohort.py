@@ -3,7 +3,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedsim import keys
-from fedsim.cohort import (
+from fedsim.rounds.virtual_grid import (
     assign_lanes,
     node_id_of,
     pack_lane,

@@ -21,7 +21,7 @@ import torch
 import yaml
 from test_plot import make_config, write_run
 
-from fedsim.evaluation import evaluate_clients, sample_eval_clients
+from fedsim.learning.evaluation import evaluate_clients, sample_eval_clients
 from fedsim.scripts.compare import main
 from fedsim.scripts.fairness import rank_within, target_default, worst_share_mean
 from fedsim.scripts.runs import group_runs, load_runs

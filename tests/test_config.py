@@ -31,7 +31,7 @@ def test_defaults_compose_without_missing_values() -> None:
     cfg = compose_config([])
     validate(cfg)
     assert cfg.strategy._target_ == "flwr.serverapp.strategy.FedAvg"
-    assert cfg.data._target_ == "fedsim.data.DigitsData"
+    assert cfg.data._target_ == "fedsim.learning.data.DigitsData"
 
 
 @pytest.mark.parametrize("group", ["strategy", "data", "partition", "model", "client", "devices"])
@@ -45,10 +45,11 @@ def test_every_option_composes(group: str) -> None:
 @pytest.mark.parametrize("client", ["side_tuning", "pae_side_tuning"])
 def test_side_tuning_picks_a_text_model_and_data_unless_told(client: str) -> None:
     cfg = compose_config([f"client={client}"])  # the default CNN on digits would be refused
-    assert cfg.model._target_ == "fedsim.models.TextClassifier" and cfg.model.init == "pretrained"
-    assert cfg.data._target_ == "fedsim.data.ChatterbotData"
+    assert cfg.model._target_ == "fedsim.learning.models.TextClassifier"
+    assert cfg.model.init == "pretrained"
+    assert cfg.data._target_ == "fedsim.learning.data.ChatterbotData"
     told = compose_config([f"client={client}", "model=text_scratch", "data=hf", "data.path=x.csv"])
-    assert told.model.init == "random" and told.data._target_ == "fedsim.data.HFData"
+    assert told.model.init == "random" and told.data._target_ == "fedsim.learning.data.HFData"
     # the showcase composes exactly as it did when it chose model and data itself
     showcase = compose_config(["experiment=mobile_side_tuning"])
     assert showcase.model._target_ == cfg.model._target_ and "model" not in showcase.client

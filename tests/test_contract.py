@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from fedsim.config import GROUPS, compose_config, group_options
-from fedsim.data import chatterbot_languages
-from fedsim.results import read_metrics
-from fedsim.simulation import simulate
+from fedsim.engine.simulation import simulate
+from fedsim.learning.data import chatterbot_languages
+from fedsim.records.results import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Tests for fedsim.data: real offline data, real flwr-datasets partitioners, no mocks."""
+"""Tests for fedsim.learning.data: real offline data, real flwr-datasets partitioners, no mocks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedsim.data import (
+from fedsim.errors import ConfigError
+from fedsim.learning.data import (
     ChatterbotData,
     DataSplits,
     DigitsData,
@@ -29,7 +30,6 @@ from fedsim.data import (
     partition_train,
     stratified_split_indices,
 )
-from fedsim.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 pytestmark = [

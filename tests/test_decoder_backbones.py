@@ -15,13 +15,13 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsim.clients.base import TrainContext
 from fedsim.clients.peft_tuning import PeftTuning
-from fedsim.clients.side_tuning import SideTuning
+from fedsim.clients.side_tuning.network import TAPS_KEY, SideTunedModel
+from fedsim.clients.side_tuning.tuning import SideTuning
 from fedsim.config import compose_config
-from fedsim.evaluation import evaluate
-from fedsim.models import TextClassifier, resolve_backbone
-from fedsim.side_network import TAPS_KEY, SideTunedModel
+from fedsim.learning.evaluation import evaluate
+from fedsim.learning.models import TextClassifier, resolve_backbone
+from fedsim.training.contract import TrainContext
 
 TEXTS = [
     "how do I reset my phone",
@@ -144,7 +144,7 @@ def test_peft_on_decoder(decoder_folder, texts, method: str) -> None:
 
 @pytest.mark.slow
 def test_simulation_pae_cache_cuts_round_two_upload(tmp_path: Path) -> None:
-    from fedsim.simulation import simulate
+    from fedsim.engine.simulation import simulate
 
     folder = save_decoder(tmp_path / "gpt2", "gpt2")
     cfg = compose_config(

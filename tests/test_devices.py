@@ -1,4 +1,4 @@
-"""Tests for fedsim.devices: hand-checked latency, energy, FLOPs, memory and round timing."""
+"""Tests for fedsim.clock.devices: hand-checked latency, energy, FLOPs, memory and round timing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from fedsim.devices import (
+from fedsim.clock.devices import (
     ClientWork,
     DeviceProfile,
     DeviceState,

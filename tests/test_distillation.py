@@ -11,8 +11,6 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from hydra.utils import instantiate
 
 from fedsim import keys
-from fedsim.checkpoint import RunState, load_checkpoint, save_checkpoint
-from fedsim.clients.base import TrainContext
 from fedsim.clients.distillation import (
     DFL,
     average_class_targets,
@@ -22,11 +20,13 @@ from fedsim.clients.distillation import (
     soft_targets,
 )
 from fedsim.clients.local_sgd import LocalSGD
-from fedsim.clients.loop import train_loop
 from fedsim.config import compose_config
+from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
-from fedsim.simulation import simulate
+from fedsim.records.checkpoint import RunState, load_checkpoint, save_checkpoint
 from fedsim.strategies.scaffold import Scaffold
+from fedsim.training.contract import TrainContext
+from fedsim.training.loop import train_loop
 
 
 # --- maths ---------------------------------------------------------------------------------------
@@ -374,9 +374,9 @@ def test_side_tuning_predicts_in_the_space_of_its_payloads(tmp_path: Path, monke
     # The real PAE client: DFL's labels are what the server reads from the deltas, never y.
     import huggingface_hub.constants
 
-    from fedsim.clients.side_tuning import SideTuning
-    from fedsim.data import ChatterbotData
-    from fedsim.models import TextClassifier
+    from fedsim.clients.side_tuning.tuning import SideTuning
+    from fedsim.learning.data import ChatterbotData
+    from fedsim.learning.models import TextClassifier
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -465,7 +465,7 @@ def test_dfl_composes_with_strategies_and_clients(overrides, teacher, tmp_path: 
     )
     summary = simulate(cfg, tmp_path / "run")
     assert summary["status"] == "completed"
-    from fedsim.results import read_metrics
+    from fedsim.records.results import read_metrics
 
     rows = read_metrics(tmp_path / "run")
     assert [r["num_failed"] for r in rows] == [0, 0]  # round 2 trained with soft targets

@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from fedsim.config import compose_config
-from fedsim.results import read_metrics
-from fedsim.simulation import KeptRayBackend, release_engine, simulate
+from fedsim.engine.simulation import KeptRayBackend, release_engine, simulate
+from fedsim.records.results import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from fedsim.evaluation import macro_f1
+from fedsim.learning.evaluation import macro_f1
 
 
 def test_macro_f1_by_hand() -> None:

@@ -11,7 +11,12 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.app.error import Error
 
 from fedsim import keys
-from fedsim.cohort import (
+from fedsim.config import compose_config
+from fedsim.engine.faults import FaultInjector, InjectedFault, LaneGivenUp
+from fedsim.engine.simulation import simulate
+from fedsim.errors import ConfigError
+from fedsim.records.results import read_metrics
+from fedsim.rounds.virtual_grid import (
     LANE_TIMEOUT_CODE,
     VirtualGrid,
     lane_settings,
@@ -19,11 +24,6 @@ from fedsim.cohort import (
     pack_replies,
     unpack_lane,
 )
-from fedsim.config import compose_config
-from fedsim.errors import ConfigError
-from fedsim.faults import FaultInjector, InjectedFault, LaneGivenUp
-from fedsim.results import read_metrics
-from fedsim.simulation import simulate
 
 TINY = ["num_clients=8", "num_rounds=4", "strategy.fraction_train=0.5", "runtime.progress=false"]
 

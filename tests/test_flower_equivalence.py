@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedsim.checkpoint import read_checkpoint
 from fedsim.config import compose_config
-from fedsim.workload import get_workload
+from fedsim.learning.workload import get_workload
+from fedsim.records.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.results import read_metrics
+from fedsim.records.results import read_metrics
 
 pytestmark = pytest.mark.slow
 

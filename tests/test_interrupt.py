@@ -21,8 +21,8 @@ import psutil
 import pytest
 from conftest import strip_wall_time
 
-from fedsim.checkpoint import read_checkpoint
-from fedsim.results import read_metrics
+from fedsim.records.checkpoint import read_checkpoint
+from fedsim.records.results import read_metrics
 
 pytestmark = pytest.mark.slow
 

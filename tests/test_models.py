@@ -1,4 +1,4 @@
-"""Tests for fedsim.models: real MiniLM weights, a tiny GPT-2 folder, the digits CNN."""
+"""Tests for fedsim.learning.models: real MiniLM weights, a tiny GPT-2 folder, the digits CNN."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fedsim.errors import ConfigError
-from fedsim.models import (
+from fedsim.learning.models import (
     BACKBONE_ALIASES,
     ModelFactory,
     SmallCNN,
@@ -294,7 +294,7 @@ SMALL = {
 
 
 def test_random_init_is_the_architecture_at_seeded_random_weights(monkeypatch) -> None:
-    import fedsim.models as models
+    import fedsim.learning.models as models
 
     factory = TextClassifier(init="random", architecture=SMALL, init_seed=7)
     torch.manual_seed(SEED)

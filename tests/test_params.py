@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedsim.params import decode_arrays, encode_state, keep_dtypes, load_arrays, to_arrays
+from fedsim.learning.params import decode_arrays, encode_state, keep_dtypes, load_arrays, to_arrays
 
 STATE = {
     "conv": torch.randn(16, 1, 3, 3, generator=torch.Generator().manual_seed(0)),
@@ -74,8 +74,8 @@ def test_flowers_fedadam_keeps_the_model_float32_on_the_wire(tmp_path) -> None:
     """Flower 1.41's FedAdam returns float64 arrays (NumPy 2 promotion); the round loop casts
     them back, so round 2 downloads as many bytes as round 1 (FedAvg's size)."""
     from fedsim.config import compose_config
-    from fedsim.results import read_metrics
-    from fedsim.simulation import simulate
+    from fedsim.engine.simulation import simulate
+    from fedsim.records.results import read_metrics
 
     args = ["strategy=fedadam", "num_clients=6", "num_rounds=2", "strategy.fraction_train=0.5",
             "runtime.progress=false", "eval.num_clients_final=0"]

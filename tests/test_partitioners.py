@@ -6,8 +6,8 @@ from datasets import Dataset
 
 from fedsim.config import compose_config
 from fedsim.errors import ConfigError
-from fedsim.partitioners import SampledPartitioner
-from fedsim.workload import get_workload
+from fedsim.learning.partitioners import SampledPartitioner
+from fedsim.learning.workload import get_workload
 
 
 def _assigned(num_partitions: int, rows: int, per_client: int, seed: int = 0) -> SampledPartitioner:

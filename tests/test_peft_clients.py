@@ -8,13 +8,13 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsim.clients.base import TrainContext
 from fedsim.clients.peft_tuning import PeftTuning
-from fedsim.clients.side_tuning import SideTuning
-from fedsim.data import ChatterbotData
+from fedsim.clients.side_tuning.tuning import SideTuning
 from fedsim.errors import ConfigError
-from fedsim.models import TextClassifier, count_parameters
-from fedsim.params import to_arrays
+from fedsim.learning.data import ChatterbotData
+from fedsim.learning.models import TextClassifier, count_parameters
+from fedsim.learning.params import to_arrays
+from fedsim.training.contract import TrainContext
 
 NUM_CLASSES = 21
 HEAD = 384 * NUM_CLASSES + NUM_CLASSES  # linear head on MiniLM's 384-wide pooled output

@@ -50,16 +50,16 @@ def make_config(strategy: str, seed: int, **strategy_kwargs: Any) -> dict[str, A
         "num_rounds": 3,
         "experiment": None,
         # As fedsim saves it: `${seed}` resolved into the data split and the partitioner.
-        "data": {"_target_": "fedsim.data.DigitsData", "test_fraction": 0.2, "seed": seed},
+        "data": {"_target_": "fedsim.learning.data.DigitsData", "test_fraction": 0.2, "seed": seed},
         "partition": {
             "_target_": "flwr_datasets.partitioner.DirichletPartitioner",
             "alpha": 0.5,
             "seed": seed,
         },
-        "model": {"_target_": "fedsim.models.SmallCNN", "hidden_size": 128},
+        "model": {"_target_": "fedsim.learning.models.SmallCNN", "hidden_size": 128},
         "strategy": {"_target_": f"flwr.serverapp.strategy.{strategy}", **strategy_kwargs},
         "client": {"_target_": "fedsim.clients.local_sgd.LocalSGD", "local_epochs": 1},
-        "devices": {"_target_": "fedsim.devices.Fleet", "server_gflops": 10000.0},
+        "devices": {"_target_": "fedsim.clock.devices.Fleet", "server_gflops": 10000.0},
         # runtime differs per run (engine settings): it must not split configurations.
         "runtime": {"num_cpus": 1 + seed, "ray_address": f"local-{seed}"},
     }
@@ -140,11 +140,11 @@ def test_a_seed_resolved_into_a_group_separates_seeds_not_configurations(tmp_pat
     one configuration, not three configurations; a fixed init_seed that differs still splits."""
     for seed in SEEDS:  # 0, 1, 2; a fixed knob ending in _seed equals the run seed on seed 0 only
         config = make_config("FedAvg", seed)
-        config["model"] = {"_target_": "fedsim.models.TextClassifier", "init_seed": seed}
+        config["model"] = {"_target_": "fedsim.learning.models.TextClassifier", "init_seed": seed}
         config["client"]["label_key_seed"] = 0
         write_run(tmp_path / str(seed), config, 0.7)
     fixed = make_config("FedAvg", 0)
-    fixed["model"] = {"_target_": "fedsim.models.TextClassifier", "init_seed": 7}
+    fixed["model"] = {"_target_": "fedsim.learning.models.TextClassifier", "init_seed": 7}
     fixed["client"]["label_key_seed"] = 0
     write_run(tmp_path / "fixed", fixed, 0.6)
     configurations = group_runs(load_runs([tmp_path]))

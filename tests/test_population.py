@@ -23,13 +23,13 @@ from datasets import Dataset
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.asynchronous import ClientIdsExcept
-from fedsim.cohort import VirtualGrid
-from fedsim.data import DataSplits, OnDemandPartitions, partition_train
-from fedsim.devices import DeviceAssignment, DeviceProfile, Fleet
-from fedsim.partitioners import SampledPartitioner
+from fedsim.clock.devices import DeviceAssignment, DeviceProfile, Fleet
+from fedsim.learning.data import DataSplits, OnDemandPartitions, partition_train
+from fedsim.learning.partitioners import SampledPartitioner
+from fedsim.rounds.asynchronous import ClientIdsExcept
+from fedsim.rounds.virtual_grid import VirtualGrid, listed_population_limit
 from fedsim.seeding import derive_seed, python_random_seeded
-from fedsim.strategies.common import count_nodes, listed_population_limit
+from fedsim.strategies.common import count_nodes
 
 PHONE = {
     "tier": "t",
@@ -160,7 +160,8 @@ def _watch_tree(proc: subprocess.Popen, stop: threading.Event, seen: dict) -> No
         seen["tree"] = max(seen["tree"], total)
 
 
-# Peak RSS measured on the 2-core machine for 1,000,000 clients (fedsim/data.py and devices.py
+# Peak RSS measured on the 2-core machine for 1,000,000 clients (fedsim/learning/data.py and
+# devices.py
 # draw partitions and profiles on demand): the driver 0.86 GB, each Ray worker 0.76 GB, Ray's
 # daemons about 0.9 GB, the tree 3.05 GB -- 100 clients: 2.98 GB. Before, the driver
 # held 1.30 GB and the tree 4.30 GB. Bounds: the measurements plus margin, per worker.

@@ -1,17 +1,18 @@
-"""Tests for fedsim.quantize: hand-computed codes, packing, byte counts, error bounds."""
+"""Tests for fedsim.clients.side_tuning.quantize: hand-computed codes, packing, byte counts, error
+bounds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedsim.errors import ConfigError
-from fedsim.quantize import (
+from fedsim.clients.side_tuning.quantize import (
     dequantize,
     fake_quantize,
     payload_nbytes,
     quantize,
 )
+from fedsim.errors import ConfigError
 
 
 def test_quantize_int8_per_token_by_hand() -> None:

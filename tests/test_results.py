@@ -5,8 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedsim.errors import ConfigError
-from fedsim.progress import RoundProgress, format_duration
-from fedsim.results import CLIENT_EVAL_FILE, RunWriter, read_metrics
+from fedsim.records.progress import RoundProgress, format_duration
+from fedsim.records.results import CLIENT_EVAL_FILE, RunWriter, read_metrics
 
 
 def test_run_writer_writes_and_never_reuses_a_folder(tmp_path) -> None:

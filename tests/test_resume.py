@@ -8,8 +8,8 @@ import pytest
 from conftest import strip_wall_time
 
 from fedsim.config import compose_config
-from fedsim.results import read_metrics
-from fedsim.simulation import simulate
+from fedsim.engine.simulation import simulate
+from fedsim.records.results import read_metrics
 
 pytestmark = pytest.mark.slow
 

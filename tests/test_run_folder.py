@@ -21,12 +21,12 @@ import yaml
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from fedsim.checkpoint import CHECKPOINT_FILE, tensors_digest
 from fedsim.config import compose_config
+from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
-from fedsim.results import METRICS_FILE, SUMMARY_FILE, RunWriter, read_metrics
-from fedsim.saved_config import check_saved_config, shipped_targets
-from fedsim.simulation import simulate
+from fedsim.records.checkpoint import CHECKPOINT_FILE, tensors_digest
+from fedsim.records.results import METRICS_FILE, SUMMARY_FILE, RunWriter, read_metrics
+from fedsim.records.saved_config import check_saved_config, shipped_targets
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def _edit_config(run: Path, edit) -> None:
 # --- resuming runs nothing the folder names ------------------------------------------------------
 def test_shipped_targets_are_fedsims_and_flowers_classes() -> None:
     targets = shipped_targets()
-    assert "fedsim.faults.FaultInjector" in targets
+    assert "fedsim.engine.faults.FaultInjector" in targets
     assert "flwr.serverapp.strategy.FedAvg" in targets
     assert all(t.split(".")[0] in ("fedsim", "flwr", "flwr_datasets") for t in targets)
 
@@ -121,8 +121,8 @@ def test_resume_never_unpickles_a_file_in_the_folder(killed_run: Path, tmp_path:
         (lambda t: t["faults"].__setitem__("_args_", [0.5]), "faults._args_"),
         (lambda t: t["strategy"].__setitem__("_partial_", True), "strategy._partial_"),
         (lambda t: t.__setitem__("seed", "${oc.env:HOME}"), "a saved config holds no interp"),
-        (lambda t: t["model"].__setitem__("_target_", "fedsim.results.atomic_write_text"),
-         "model._target_=fedsim.results.atomic_write_text"),
+        (lambda t: t["model"].__setitem__("_target_", "fedsim.records.results.atomic_write_text"),
+         "model._target_=fedsim.records.results.atomic_write_text"),
     ],
     ids=["args", "partial", "interpolation", "fedsim-function"],
 )

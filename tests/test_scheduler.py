@@ -6,11 +6,11 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 
 from fedsim import keys
-from fedsim.cohort import node_id_of
-from fedsim.devices import DeviceProfile, Fleet
+from fedsim.clock.devices import DeviceProfile, Fleet
+from fedsim.clock.scheduler import DeviceCost, RoundScheduler
 from fedsim.errors import ConfigError
-from fedsim.params import content_nbytes
-from fedsim.scheduler import DeviceCost, RoundScheduler
+from fedsim.keys import node_id_of
+from fedsim.learning.params import content_nbytes
 
 MB = 1_000_000  # bytes
 NPY_HEADER = 128  # bytes Flower's Array adds per tensor (numpy .npy format header)

@@ -21,19 +21,7 @@ from hydra.utils import instantiate
 from scipy.stats import binomtest
 
 from fedsim import keys
-from fedsim.clients.base import TrainContext
-from fedsim.clients.side_tuning import (
-    DevicePayload,
-    SideTuning,
-    delta_targets,
-    encode_delta,
-)
-from fedsim.cohort import node_id_of
-from fedsim.config import compose_config
-from fedsim.data import ChatterbotData, DataSplits
-from fedsim.devices import Fleet, count_forward_flops
-from fedsim.errors import ConfigError
-from fedsim.label_attack import (
+from fedsim.clients.side_tuning.label_attack import (
     base_attack,
     content_attack,
     frequency_attack,
@@ -41,13 +29,7 @@ from fedsim.label_attack import (
     received_embeddings,
     recovery_rate,
 )
-from fedsim.models import TextClassifier, pool_hidden_states
-from fedsim.params import arrays_nbytes, to_arrays
-from fedsim.progress import notices
-from fedsim.quantize import dequantize
-from fedsim.results import read_metrics
-from fedsim.scheduler import RoundScheduler
-from fedsim.side_network import (
+from fedsim.clients.side_tuning.network import (
     BASE_KEY,
     TAPS_KEY,
     GatedAdapterChain,
@@ -60,8 +42,26 @@ from fedsim.side_network import (
     unpack_tokens,
     zero_shot_logits,
 )
-from fedsim.simulation import simulate
-from fedsim.workload import get_workload
+from fedsim.clients.side_tuning.quantize import dequantize
+from fedsim.clients.side_tuning.tuning import (
+    DevicePayload,
+    SideTuning,
+    delta_targets,
+    encode_delta,
+)
+from fedsim.clock.devices import Fleet, count_forward_flops
+from fedsim.clock.scheduler import RoundScheduler
+from fedsim.config import compose_config
+from fedsim.engine.simulation import simulate
+from fedsim.errors import ConfigError
+from fedsim.keys import node_id_of
+from fedsim.learning.data import ChatterbotData, DataSplits
+from fedsim.learning.models import TextClassifier, pool_hidden_states
+from fedsim.learning.params import arrays_nbytes, to_arrays
+from fedsim.learning.workload import get_workload
+from fedsim.records.progress import notices
+from fedsim.records.results import read_metrics
+from fedsim.training.contract import TrainContext
 
 MAX_LENGTH = 16
 NUM_ROWS = 40
@@ -742,7 +742,8 @@ def minilm_backbone(inner: TextClassifier) -> torch.nn.Module:
 
 
 def test_label_recovery_attacks_on_a_short_real_run() -> None:
-    # Threat model (fedsim/label_attack.py): the server keeps every payload, knows the sender,
+    # Threat model (clients/side_tuning/label_attack.py): the server keeps every payload, knows the
+    # sender,
     # the public MiniLM, the class names and the fleet's class frequencies; no key, no labels.
     # Chance = always the most frequent class: 408 / 1,493 = 0.273 (1/C = 0.048).
     today = payloads_of_one_round(["client.per_device_keys=false"])  # one key for the fleet

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from fedsim.config import compose_config
-from fedsim.results import read_metrics
-from fedsim.simulation import simulate
+from fedsim.engine.simulation import simulate
+from fedsim.records.results import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -7,15 +7,12 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedsim import keys
 from fedsim.clients.local_sgd import LocalSGD
-from fedsim.cohort import VirtualGrid, partition_id_of
+from fedsim.clock.scheduler import RoundScheduler
 from fedsim.config import build, compose_config
 from fedsim.errors import ConfigError
-from fedsim.models import SmallCNN
-from fedsim.params import arrays_nbytes, to_arrays
-from fedsim.scheduler import RoundScheduler
-from fedsim.seeding import python_random_seeded
-from fedsim.server import federation_view
-from fedsim.slicing import (
+from fedsim.learning.models import SmallCNN
+from fedsim.learning.params import arrays_nbytes, to_arrays
+from fedsim.learning.slicing import (
     AxisDim,
     SlimLayout,
     aggregate_sliced,
@@ -25,6 +22,9 @@ from fedsim.slicing import (
     slice_state,
     tensor_index,
 )
+from fedsim.rounds.synchronous import federation_view
+from fedsim.rounds.virtual_grid import VirtualGrid, partition_id_of
+from fedsim.seeding import python_random_seeded
 from fedsim.strategies.common import to_numpy, to_record
 from fedsim.strategies.fedrolex import FedRolex
 from fedsim.strategies.heterofl import HeteroFL, check_widths, largest_fitting_width
@@ -312,7 +312,7 @@ def test_fedrolex_round_rolls_the_window() -> None:
 
 
 def test_text_classifier_cannot_be_sliced() -> None:
-    from fedsim.models import check_full_width
+    from fedsim.learning.models import check_full_width
 
     with pytest.raises(ConfigError):
         check_full_width(0.5, "model=text_classifier")

@@ -15,20 +15,20 @@ from conftest import strip_wall_time
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim import keys
-from fedsim.checkpoint import RunState, load_checkpoint, save_checkpoint
-from fedsim.clients.base import TrainContext
-from fedsim.clients.loop import Batch, build_terms, train_loop
 from fedsim.config import compose_config
+from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
-from fedsim.models import SmallCNN, forward_with_features
-from fedsim.params import arrays_nbytes, to_arrays
-from fedsim.results import read_metrics
-from fedsim.simulation import simulate
+from fedsim.learning.models import SmallCNN, forward_with_features
+from fedsim.learning.params import arrays_nbytes, to_arrays
+from fedsim.records.checkpoint import RunState, load_checkpoint, save_checkpoint
+from fedsim.records.results import read_metrics
 from fedsim.strategies.feddyn import FedDyn, feddyn_client_grad, feddyn_server_update
 from fedsim.strategies.fednova import FedNova, fednova_aggregate, fednova_norm
 from fedsim.strategies.fedspeed import FedSpeed, fedspeed_server_update, sam_perturbation
 from fedsim.strategies.moon import Moon, moon_contrastive_loss
 from fedsim.strategies.scaffold import Scaffold, scaffold_client_control, scaffold_server_update
+from fedsim.training.contract import TrainContext
+from fedsim.training.loop import Batch, build_terms, train_loop
 
 
 def _a(*values: float) -> np.ndarray:

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 import fedsim
 from fedsim.config import compose_config, compose_with_provenance
 from fedsim.errors import ConfigError
-from fedsim.results import read_metrics
+from fedsim.records.results import read_metrics
 
 TINY = ["num_clients=4", "num_rounds=2", "strategy.fraction_train=1.0", "runtime.progress=false"]
 

@@ -1,4 +1,4 @@
-"""CyclicFL warm start (fedsim/warm_start.py): order, costs on the clock, rows, resume."""
+"""CyclicFL warm start (fedsim/rounds/warm_start.py): order, costs on the clock, rows, resume."""
 
 from pathlib import Path
 
@@ -6,10 +6,10 @@ import pytest
 from conftest import strip_wall_time
 
 from fedsim.config import compose_config
+from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
-from fedsim.results import read_metrics
-from fedsim.simulation import simulate
-from fedsim.warm_start import CyclicWarmStart, cyclic_visit_order
+from fedsim.records.results import read_metrics
+from fedsim.rounds.warm_start import CyclicWarmStart, cyclic_visit_order
 
 
 def test_cyclic_visit_order_is_seeded_distinct_and_per_cycle() -> None:

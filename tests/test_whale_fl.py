@@ -16,19 +16,20 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from omegaconf import OmegaConf
 
 from fedsim import keys
-from fedsim.checkpoint import capture_object_state, restore_object_state
 from fedsim.clients.local_sgd import LocalSGD
-from fedsim.cohort import VirtualGrid, partition_id_of
+from fedsim.clock.devices import DeviceState, Fleet
+from fedsim.clock.scheduler import RoundScheduler
+from fedsim.clock.server_view import ObservationLog
 from fedsim.config import build, compose_config
-from fedsim.devices import DeviceState, Fleet
+from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
-from fedsim.models import SmallCNN
-from fedsim.params import to_arrays
-from fedsim.results import CLIENTS_FILE, read_metrics
-from fedsim.scheduler import RoundScheduler
+from fedsim.learning.models import SmallCNN
+from fedsim.learning.params import to_arrays
+from fedsim.records.checkpoint import capture_object_state, restore_object_state
+from fedsim.records.results import CLIENTS_FILE, read_metrics
+from fedsim.rounds.synchronous import federation_view
+from fedsim.rounds.virtual_grid import VirtualGrid, partition_id_of
 from fedsim.seeding import python_random_seeded
-from fedsim.server import federation_view
-from fedsim.simulation import simulate
 from fedsim.strategies.common import to_numpy, to_record
 from fedsim.strategies.heterofl import expected_latency_s
 from fedsim.strategies.whale_fl import (
@@ -38,7 +39,6 @@ from fedsim.strategies.whale_fl import (
     scaled_scores,
     width_of_scaled,
 )
-from fedsim.view import ObservationLog
 
 NUM_CLIENTS = 8
 PAPER = {"a": 1.0, "b": 0.0, "c": 1.0, "loss_threshold": 1.5, "loss_change_threshold": 0.5}

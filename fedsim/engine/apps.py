@@ -1,0 +1,90 @@
+"""The Flower ServerApp and the ONE ClientApp.
+
+``client_app`` trains whatever virtual clients a lane message carries (fedsim/engine/worker.py); it
+needs
+no configuration of its own, since each message carries the job. ``make_server_app`` builds the
+ServerApp of a run; ``server_app`` is the module-level one that ``flwr run .`` loads (its Hydra
+overrides come from the ``overrides`` run-config key in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shlex
+import warnings
+from pathlib import Path
+from typing import cast
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig
+
+from fedsim.engine.worker import handle_lane
+from fedsim.records.checkpoint import RunState
+from fedsim.records.progress import StartupLog
+from fedsim.records.results import RunWriter
+from fedsim.rounds.interrupt import AbandonableGrid, round_loop
+from fedsim.rounds.synchronous import run_rounds
+
+__all__ = ["client_app", "server_app", "make_server_app"]
+
+client_app = ClientApp()
+
+
+def quiet_flower() -> None:
+    """Keep Flower's logs out of the progress display.
+
+    fedsim reports what Flower would log: a failed client or lost lane is counted per round
+    (``num_failed``), its reason kept in ``clients.jsonl``; an engine failure raises.
+    """
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="flwr")
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    """Train the lane's virtual clients; reply with their packed updates."""
+    return Message(handle_lane(msg.content), reply_to=msg)
+
+
+def make_server_app(
+    cfg: DictConfig,
+    strategy: Strategy,
+    writer: RunWriter,
+    summary: dict,
+    resume: RunState | None = None,
+    startup: StartupLog | None = None,
+) -> ServerApp:
+    """A ServerApp that runs ``cfg``'s rounds (after ``resume``) and fills ``summary``."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        # After a signal, the grid stops the round in progress when it must be abandoned.
+        grid = cast(Grid, AbandonableGrid(grid))
+        with round_loop():
+            summary.update(run_rounds(grid, cfg, strategy, writer, resume, startup))
+
+    return app
+
+
+# --- `flwr run .` -----------------------------------------------------------------------------
+server_app = ServerApp()
+
+
+@server_app.main()
+def _flwr_run_main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: compose the config from run-config overrides and run."""
+    from fedsim.config import build, compose_with_provenance, validate
+
+    quiet_flower()
+    overrides = shlex.split(str(context.run_config.get("overrides", "")))
+    cfg, made_by = compose_with_provenance(overrides)
+    validate(cfg)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    writer = RunWriter(Path(str(context.run_config.get("results-dir", "results/runs"))) / stamp)
+    writer.start(cfg, made_by)
+    run_rounds(grid, cfg, build(cfg, "strategy"), writer)

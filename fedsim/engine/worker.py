@@ -1,0 +1,154 @@
+"""What runs inside a Ray worker: one lane message = several virtual clients trained in turn.
+
+The worker keeps the workload (data, features) and one model instance resident across rounds;
+for each virtual client it loads the received tensors, trains, and packs the reply. One client's
+exception is reported as that client's error; the other clients of the lane still answer. After
+an injected hang past the lane's timeout the worker gives the lane up at once: the clients it did
+not train are left out of the reply, and the server sends them again
+(fedsim/rounds/virtual_grid.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim import keys
+from fedsim.engine.faults import LaneGivenUp
+from fedsim.learning.params import decode_arrays, load_state, to_arrays
+from fedsim.learning.workload import Workload, get_workload
+from fedsim.rounds.virtual_grid import LaneSettings, lane_settings, pack_replies, unpack_lane
+from fedsim.seeding import derive_seed, torch_generator
+from fedsim.training.contract import TrainContext, behaviour_of
+
+__all__ = ["ClientRuntime", "handle_lane"]
+
+
+class ClientRuntime:
+    """Process-resident state of one job in a worker: workload, a model, the behaviour."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.seed = int(cfg.seed)
+        torch.set_num_threads(max(1, int(cfg.runtime.client_num_cpus)))
+        self.workload: Workload = get_workload(cfg)
+        self.model = self.workload.build_model()
+        self._models: dict[float, torch.nn.Module] = {1.0: self.model}  # width -> resident
+        # DFL and other cross-cutting client features wrap the behaviour (none: itself)
+        self.behaviour = behaviour_of(cfg)
+        self.faults = instantiate(cfg.faults)
+
+    def model_for(self, width: float) -> torch.nn.Module:
+        """The resident model of a width (``keys.WIDTH``: a width-sliced sub-model), built once."""
+        if width not in self._models:
+            self._models[width] = self.workload.build_model(width)
+        return self._models[width]
+
+    def train_client(
+        self,
+        partition_id: int,
+        content: RecordDict,
+        state: RecordDict,
+        received: dict[str, torch.Tensor] | None = None,
+        lane: LaneSettings | None = None,
+        time_left_s: float | None = None,
+    ) -> RecordDict:
+        """One client-round: load the received arrays, train locally, return the reply.
+
+        ``state`` (the client's persistent state) is updated in place by the behaviour.
+        ``received`` is ``content``'s arrays already decoded (clients of a lane share them).
+        ``lane`` (which attempt, the lane's timeout) and ``time_left_s`` (of that timeout) tell
+        injected faults how to strike (fedsim/engine/faults.py).
+        """
+        config: ConfigRecord = content.get(keys.CONFIG, ConfigRecord())
+        server_round = int(config.get(keys.SERVER_ROUND, 0))
+        lane = lane or LaneSettings()
+        self.faults.strike(
+            self.seed,
+            server_round,
+            partition_id,
+            first_attempt=lane.attempt == 1,
+            timeout_s=lane.timeout_s,
+            time_left_s=time_left_s,
+        )
+        model = self.model_for(float(config.get(keys.WIDTH, 1.0)))
+        load_state(model, received or decode_arrays(content[keys.ARRAYS]))
+        # Dropout and other global-RNG draws, and the batch order, are named by (round, client).
+        # (Not torch.manual_seed: without CUDA it queues a formatted stack trace on every call.)
+        torch.default_generator.manual_seed(
+            derive_seed(self.seed, "train-global", server_round, partition_id)
+        )
+        ctx = TrainContext(
+            partition_id=partition_id,
+            server_round=server_round,
+            config=config,
+            generator=torch_generator(self.seed, "train-batches", server_round, partition_id),
+            state=state,
+            received=RecordDict(
+                {k: v for k, v in content.items() if k not in (keys.ARRAYS, keys.CONFIG)}
+            ),
+        )
+        outcome = self.behaviour.train(model, self.workload.client_data(partition_id), ctx)
+        metrics = MetricRecord(
+            {
+                keys.NUM_EXAMPLES: outcome.num_examples,
+                keys.TRAIN_LOSS: outcome.mean_loss,
+                keys.TRAIN_STEPS: outcome.num_steps,
+                keys.EXTRA_UPLOAD_BYTES: outcome.extra_upload_bytes,
+                **outcome.metrics,
+            }
+        )
+        arrays: ArrayRecord = to_arrays(model)
+        clash = set(outcome.records) & {keys.ARRAYS, keys.METRICS}
+        if clash:
+            raise ValueError(f"a client's extra records may not be named {sorted(clash)}")
+        return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics, **outcome.records})
+
+
+_RUNTIMES: dict[str, ClientRuntime] = {}
+_LOCK = threading.Lock()
+
+
+def _runtime(job: ConfigRecord) -> ClientRuntime:
+    digest = str(job[keys.JOB_HASH])
+    with _LOCK:
+        if digest not in _RUNTIMES:
+            _RUNTIMES.clear()
+            _RUNTIMES[digest] = ClientRuntime(OmegaConf.create(str(job[keys.JOB_YAML])))
+        return _RUNTIMES[digest]
+
+
+def handle_lane(content: RecordDict) -> RecordDict:
+    """Train every virtual client of a lane message; return the packed replies."""
+    started_s = time.monotonic()  # the lane's timeout runs from about here (server: from push)
+    job, clients = unpack_lane(content)
+    lane = lane_settings(content)
+    runtime = _runtime(job)
+    if not clients:
+        time.sleep(lane.hold_s)  # a probe keeps its worker busy (VirtualGrid.recover)
+    deadline_s = None if lane.timeout_s is None else started_s + lane.timeout_s
+    replies: list[tuple[int, RecordDict | str]] = []
+    states: dict[int, RecordDict] = {}
+    decoded: dict[int, dict[str, torch.Tensor]] = {}  # id(ArrayRecord) -> tensors, per lane
+    for partition_id, client_content, state in clients:
+        try:
+            arrays = client_content[keys.ARRAYS]
+            if id(arrays) not in decoded:
+                decoded[id(arrays)] = decode_arrays(arrays)
+            left_s = None if deadline_s is None else deadline_s - time.monotonic()
+            reply = runtime.train_client(
+                partition_id, client_content, state, decoded[id(arrays)], lane, left_s
+            )
+        except LaneGivenUp:
+            break  # past the timeout: the server sends this client and the rest again
+        except Exception as exc:  # noqa: BLE001 - one client's failure must not sink its lane
+            replies.append((partition_id, f"{type(exc).__name__}: {exc}"))
+            continue
+        replies.append((partition_id, reply))
+        states[partition_id] = state
+    return pack_replies(replies, states)

@@ -1,0 +1,211 @@
+"""The sole writer of run folders: ``config.yaml``, ``metrics.jsonl``, ``summary.json``.
+
+(``run.log``, the console's lines, is appended by :mod:`fedsim.records.progress` once the folder is
+claimed here.)
+
+What a run folder promises, whatever happens to the process:
+
+* one writer: a run (or a resume) holds an exclusive lock on its folder for as long as it
+  writes; a second process is refused in one line. Claiming a new folder happens under that
+  lock, so two runs started on one folder cannot both think it is theirs;
+* never reused: starting a run in a folder that already holds ``metrics.jsonl`` is refused;
+* nothing lost: rows are appended as they come and made durable (fsync) before every checkpoint
+  that counts them, so a resumed run never has a gap; every other file is written to a
+  temporary file and renamed over the old one, so a file is always a whole version;
+* nothing removed early: a resume rewrites the rows past its checkpoint only when it writes its
+  first new row, and replaces ``summary.json`` and ``client_eval.jsonl`` only with new, complete
+  versions (a resume that fails to start leaves the folder as it was);
+* the user's umask: every file gets the mode a plain ``open`` would give it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim.errors import ConfigError
+
+__all__ = [
+    "CHOICES_FILE",
+    "RunWriter",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "SUMMARY_FILE",
+    "CLIENTS_FILE",
+    "CLIENT_EVAL_FILE",
+    "read_metrics",
+    "atomic_write_text",
+    "apply_umask",
+]
+
+CONFIG_FILE = "config.yaml"
+# Each config group's chosen option and the overrides of the command (fedsim.config.provenance)
+CHOICES_FILE = "choices.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CLIENTS_FILE = "clients.jsonl"  # one row per client-round: device, outcome, latency, bytes
+CLIENT_EVAL_FILE = "client_eval.jsonl"  # one row per client: the final model on its local data
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; a diverged value is recorded as null
+    return value
+
+
+def apply_umask(path: Path | str) -> None:
+    """Give ``path`` the mode ``open`` would have: 0666 less the umask (mkstemp makes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunWriter:
+    """Writes one run folder, holding its lock from :meth:`start` / :meth:`reopen` to :meth:`close`.
+
+    Parameters
+    ----------
+    run_dir
+        The run's folder (created if missing). It must not already hold a run.
+
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = Path(run_dir)
+        self._lock_fd: int | None = None
+        self._resumed_after: int | None = None  # rows past this round go at the first new row
+
+    def _lock(self) -> None:
+        """Take the folder's exclusive lock (``flock`` on the folder itself: no file to leave)."""
+        if self._lock_fd is not None:
+            return  # this writer holds it already (a run that reopens its own folder)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError("hydra.run.dir", self.run_dir, "must be a folder, not a file")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise ConfigError(
+                "hydra.run.dir", self.run_dir, f"cannot be created or opened ({exc.strerror})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                "hydra.run.dir", self.run_dir,
+                "is being written by another fedsim process; wait for it to end",
+            ) from None
+        if not os.access(self.run_dir, os.W_OK):
+            os.close(fd)
+            raise ConfigError("hydra.run.dir", self.run_dir, "must be a folder you can write to")
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the folder's lock (process exit does too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def start(self, cfg: DictConfig, made_by: Mapping[str, Any] | None = None) -> None:
+        """Claim the folder and save the resolved config (and ``choices.yaml``: what made it)."""
+        self._lock()
+        if (self.run_dir / METRICS_FILE).exists():
+            self.close()
+            raise ConfigError(
+                "hydra.run.dir",
+                self.run_dir,
+                "must be a new folder: it already holds a run, which is never overwritten",
+            )
+        atomic_write_text(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        if made_by is not None:
+            atomic_write_text(self.run_dir / CHOICES_FILE, yaml.safe_dump(dict(made_by)))
+        (self.run_dir / METRICS_FILE).touch()
+
+    def reopen(self, server_round: int) -> None:
+        """Continue a run from its checkpoint after ``server_round``.
+
+        Rows of later rounds (written after the checkpoint, before the run died) are dropped
+        when the first new row is written: the resumed run computes them again, identically.
+        """
+        self._lock()
+        self._resumed_after = server_round
+
+    def _drop_rows_past_checkpoint(self) -> None:
+        server_round, self._resumed_after = self._resumed_after, None
+        for name in (METRICS_FILE, CLIENTS_FILE):
+            path = self.run_dir / name
+            if path.exists():
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and _row_round(line) <= server_round  # type: ignore[operator]
+                ]
+                atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+    def write_rows(self, rows: Iterable[Mapping[str, Any]], file: str) -> None:
+        """Write ``file`` as JSON lines, one per row, atomically (replacing any earlier one)."""
+        lines = [json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows]
+        atomic_write_text(self.run_dir / file, "".join(lines))
+
+    def log_row(self, row: Mapping[str, Any], file: str = METRICS_FILE) -> None:
+        """Append one JSON row to ``file`` (durable at the next :meth:`sync`)."""
+        if self._resumed_after is not None:
+            self._drop_rows_past_checkpoint()
+        line = json.dumps({k: _jsonable(v) for k, v in row.items()})
+        with open(self.run_dir / file, "a") as handle:
+            handle.write(line + "\n")
+
+    def sync(self) -> None:
+        """Make every row appended so far durable: called before a checkpoint that counts them."""
+        for name in (METRICS_FILE, CLIENTS_FILE):
+            path = self.run_dir / name
+            if path.exists():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` atomically."""
+        text = json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2)
+        atomic_write_text(self.run_dir / SUMMARY_FILE, text + "\n")
+
+
+def _row_round(line: str) -> float:
+    """The round of a JSON row; a torn last line (the run died mid-write) counts as later."""
+    try:
+        return float(json.loads(line).get("round", 0))
+    except json.JSONDecodeError:
+        return math.inf
+
+
+def read_metrics(run_dir: Path | str, file: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """The rows of a run's JSON-lines file."""
+    path = Path(run_dir) / file
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

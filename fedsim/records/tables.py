@@ -1,0 +1,155 @@
+"""Run folders as pandas tables: ``fedsim.load_runs`` and ``fedsim.load_clients``.
+
+One row per round (``load_runs``, from ``metrics.jsonl``) or per client-round (``load_clients``,
+from ``clients.jsonl``), each with the columns that say which run it comes from:
+
+- ``run``: the run folder, relative to the folder given (``.`` for a run folder itself);
+- ``seed`` and ``status`` (``summary.json``: completed, interrupted, failed, ...; None while a run
+  is going or after it was killed);
+- one column per config group with the option chosen (``strategy``: ``fedprox``, ``devices``:
+  ``phones_mixed``, ...) and ``overrides``, the command's overrides in one string, both from the
+  run's ``choices.yaml`` (None for runs written before fedsim saved it);
+
+then every key of the rows themselves (``round``, ``phase``, ``accuracy``, ``sim_time_s``,
+``bytes_up``, ``energy_j``, ...). At the end of a ``--multirun`` the sweep folder gets
+``runs.parquet``, ``load_runs`` of the whole sweep (:class:`RunsTableCallback`).
+
+Example::
+
+    import fedsim
+    df = fedsim.load_runs("results/sweeps/my_sweep")
+    last = df[df.phase == "train"].groupby(["run"]).tail(1)
+    print(last.groupby("strategy").accuracy.agg(["mean", "std", "count"]))
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from hydra.experimental.callback import Callback
+
+from fedsim.config import GROUPS
+from fedsim.errors import ConfigError
+from fedsim.records.results import (
+    CHOICES_FILE,
+    CLIENTS_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["RUNS_TABLE_FILE", "RunsTableCallback", "load_clients", "load_runs", "write_runs_table"]
+
+RUNS_TABLE_FILE = "runs.parquet"
+#: One column per config group (experiment included).
+CHOICE_COLUMNS = GROUPS
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    if not path.is_dir():
+        raise ConfigError("path", path, "is not a folder; expected a run folder or a sweep folder")
+    found = sorted(
+        {m.parent for m in path.rglob(METRICS_FILE) if (m.parent / CONFIG_FILE).is_file()}
+    )
+    if not found:
+        raise ConfigError(
+            "path", path, f"holds no run folder (a folder with {METRICS_FILE} and {CONFIG_FILE})"
+        )
+    return found
+
+
+def _rows(file: Path) -> list[dict[str, Any]]:
+    """JSON lines; a truncated last line (a run killed mid-write) is dropped."""
+    if not file.is_file():
+        return []
+    rows = []
+    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ConfigError(str(file), number, "is not a JSON line") from None
+    return rows
+
+
+def _run_columns(root: Path, run_dir: Path) -> dict[str, Any]:
+    """``run``, ``seed``, ``status``, the group choices and ``overrides`` of one run folder."""
+    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+    summary_file = run_dir / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    made_by_file = run_dir / CHOICES_FILE
+    made_by = yaml.safe_load(made_by_file.read_text()) if made_by_file.is_file() else {}
+    choices = made_by.get("choices", {})
+    columns: dict[str, Any] = {
+        "run": str(run_dir.relative_to(root)),
+        "seed": config.get("seed"),
+        "status": summary.get("status"),
+    }
+    columns |= {group: choices.get(group) for group in CHOICE_COLUMNS}
+    overrides = made_by.get("overrides")
+    columns["overrides"] = None if overrides is None else " ".join(overrides)
+    return columns
+
+
+def _table(path: str | Path, file: str) -> pd.DataFrame:
+    import pandas as pd
+
+    root = Path(path).expanduser().resolve()
+    records = []
+    for run_dir in _run_dirs(root):
+        columns = _run_columns(root, run_dir)
+        records += [columns | row for row in _rows(run_dir / file)]
+    return pd.DataFrame.from_records(records)
+
+
+def load_runs(path: str | Path) -> pd.DataFrame:
+    """Every round of every run folder at or below ``path``: one row per ``metrics.jsonl`` row.
+
+    Raises :class:`fedsim.errors.ConfigError` if ``path`` holds no run folder.
+    """
+    return _table(path, METRICS_FILE)
+
+
+def load_clients(path: str | Path) -> pd.DataFrame:
+    """Every client-round of the runs at or below ``path``, with :func:`load_runs`' run columns.
+
+    Rows come from ``clients.jsonl``, which runs with a device fleet write.
+    """
+    return _table(path, CLIENTS_FILE)
+
+
+def write_runs_table(sweep_dir: str | Path) -> Path:
+    """Write ``sweep_dir/runs.parquet`` (:func:`load_runs` of the sweep); return its path."""
+    out = Path(sweep_dir) / RUNS_TABLE_FILE
+    table = load_runs(sweep_dir)
+    tmp = out.with_suffix(".parquet.tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(out)  # a reader never sees half a file
+    return out
+
+
+class RunsTableCallback(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a sweep's ``runs.parquet``.
+
+    Called at the end of a ``--multirun``. A sweep whose table cannot be written still ends as
+    it would have: the reason is one line on stderr.
+    """
+
+    def on_multirun_end(self, config: Any, **_: Any) -> None:
+        """Write the sweep's table into ``hydra.sweep.dir``."""
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            out = write_runs_table(sweep_dir)
+        except (ConfigError, OSError, ValueError) as error:
+            print(f"[fedsim] no {RUNS_TABLE_FILE} for {sweep_dir}: {error}", file=sys.stderr)
+            return
+        print(f"[fedsim] sweep table: {out}", file=sys.stderr)
+

@@ -431,7 +431,8 @@ class DFL:
         """
         if getattr(behaviour, "per_device_keys", False) and self.teacher != "stale_local":
             raise ConfigError(
-                "distillation.teacher", self.teacher,
+                "distillation.teacher",
+                self.teacher,
                 "must be stale_local with client.per_device_keys=true (each device trains in "
                 "its own label space; server-side targets would mix them), or set "
                 "client.per_device_keys=false",

@@ -99,7 +99,14 @@ def _conf_dir() -> Path:
 CONF_DIR = _conf_dir()
 #: Config groups a user picks options from.
 GROUPS = (
-    "data", "partition", "model", "strategy", "client", "devices", "warm_start", "distillation",
+    "data",
+    "partition",
+    "model",
+    "strategy",
+    "client",
+    "devices",
+    "warm_start",
+    "distillation",
     "experiment",
 )
 
@@ -171,8 +178,10 @@ def check_sweep_jobs(base: Sequence[str], sweeps: Sequence[tuple[str, Sequence[s
     logging.getLogger("flwr").setLevel(logging.CRITICAL)  # FedAvg's notes are not for here
     keys = [key for key, _ in sweeps]
     if math.prod(len(values) for _, values in sweeps) <= MAX_JOBS_CHECKED:
-        jobs = [dict(zip(keys, combo, strict=True)) for combo in
-                itertools.product(*(values for _, values in sweeps))]
+        jobs = [
+            dict(zip(keys, combo, strict=True))
+            for combo in itertools.product(*(values for _, values in sweeps))
+        ]
     else:
         jobs = [{key: value} for key, values in sweeps for value in values]
     plain = {o.split("=", 1)[0]: o for o in base}

@@ -514,7 +514,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_out(args.out, args.force)
         runs, left_out = _load(args.sweep_dir)
         text = write_report(
-            args.sweep_dir, runs, args.out, args.target, args.method, args.band, args.early_rounds,
+            args.sweep_dir,
+            runs,
+            args.out,
+            args.target,
+            args.method,
+            args.band,
+            args.early_rounds,
             left_out,
         )
     except ConfigError as err:

@@ -63,8 +63,10 @@ def write_flower_config(flwr_home: Path, port: int) -> None:
 def _ready(process: psutil.Process, port: int) -> bool:
     """``process`` itself listens on ``port`` (not someone who took it first) and is healthy."""
     try:
-        listening = any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
-                        for c in process.net_connections(kind="tcp"))
+        listening = any(
+            c.laddr.port == port and c.status == psutil.CONN_LISTEN
+            for c in process.net_connections(kind="tcp")
+        )
     except psutil.Error:
         return False
     return listening and _healthy(port)
@@ -86,16 +88,24 @@ def superlink(flwr_home: Path, port: int, env: dict[str, str]) -> Iterator[psuti
         str(Path(sys.executable).with_name("flower-superlink")),
         "--insecure",
         "--simulation",
-        "--isolation", "subprocess",
-        "--host", "127.0.0.1",
-        "--port", str(port),
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
         "--disable-runtime-dependency-installation",
-        "--log-file", str(log_file),
+        "--log-file",
+        str(log_file),
     ]
     with open(log_file.with_suffix(".out"), "w") as out:
         # Its own session: a Ctrl-C at the terminal reaches this script, which stops it.
         proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=out, cwd=flwr_home.parents[1],
+            command,
+            env=env,
+            stdout=out,
+            stderr=out,
+            cwd=flwr_home.parents[1],
             start_new_session=True,
         )
     process = psutil.Process(proc.pid)
@@ -146,8 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
     }
     run_config = f'overrides="{args.overrides}" results-dir="{args.results_dir}"'
-    flwr = [str(Path(sys.executable).with_name("flwr")), "run", ".", CONNECTION, "--stream",
-            "--run-config", run_config]
+    flwr = [
+        str(Path(sys.executable).with_name("flwr")),
+        "run",
+        ".",
+        CONNECTION,
+        "--stream",
+        "--run-config",
+        run_config,
+    ]
     code = 1
     for attempt in range(START_ATTEMPTS):
         port = free_port()  # another process may bind it first: then the next attempt

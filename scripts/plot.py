@@ -73,9 +73,17 @@ LEGEND_ROW_IN = 0.22  # height of one row of a small-font legend in inches
 # templates), 8 pt type, no title unless --title, and a vector copy (.pdf) beside a raster --out.
 PAPER_WIDTH_IN = 3.3
 PAPER_PANEL_HEIGHT_IN = 2.2
-PAPER_RC = {"font.size": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
-            "legend.fontsize": 7, "lines.linewidth": 1.0, "lines.markersize": 2.5,
-            "pdf.fonttype": 42, "ps.fonttype": 42}  # fmt: skip  (42: fonts embedded as TrueType)
+PAPER_RC = {
+    "font.size": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "lines.linewidth": 1.0,
+    "lines.markersize": 2.5,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+}  # fmt: skip  (42: fonts embedded as TrueType)
 VECTOR_FORMATS = ("pdf", "svg", "eps", "ps")
 STYLES = ("screen", "paper")
 BAND_ALPHA = 0.2

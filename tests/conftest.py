@@ -41,8 +41,12 @@ def kill_and_resume(tmp_path: Path):
         run_dir = tmp_path / "killed-run"
         metrics = run_dir / "metrics.jsonl"
         with open(tmp_path / "killed.log", "w") as log:
-            proc = subprocess.Popen([*FEDSIM, *args, f"hydra.run.dir={run_dir}"], stdout=log,
-                                    stderr=log, start_new_session=True)
+            proc = subprocess.Popen(
+                [*FEDSIM, *args, f"hydra.run.dir={run_dir}"],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
             deadline = time.monotonic() + timeout_s
             while not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
                 assert proc.poll() is None, "the run ended before it could be killed"
@@ -52,8 +56,12 @@ def kill_and_resume(tmp_path: Path):
             proc.wait()
         killed_rows = len(metrics.read_text().splitlines())
         assert not (run_dir / "summary.json").exists()
-        resumed = subprocess.run([*FEDSIM, f"resume={run_dir}", "runtime.progress=false"],
-                                 capture_output=True, text=True, timeout=timeout_s)
+        resumed = subprocess.run(
+            [*FEDSIM, f"resume={run_dir}", "runtime.progress=false"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         return run_dir, killed_rows
 

@@ -90,9 +90,15 @@ class Driver:
 
     def dispatch(self, pid: int, steps: int | None = None) -> bool:
         self.sent.append((pid, steps))
-        job = {"pid": pid, "base": self.version, "sent_s": self.now, "steps": steps,
-               "arrival_s": self.now + steps * self.speeds[pid], "train_loss": None,
-               "delta": {"w": np.full(3, 1.0)}}
+        job = {
+            "pid": pid,
+            "base": self.version,
+            "sent_s": self.now,
+            "steps": steps,
+            "arrival_s": self.now + steps * self.speeds[pid],
+            "train_loss": None,
+            "delta": {"w": np.full(3, 1.0)},
+        }
         self._push(job["arrival_s"], "arrival", job)
         return True
 
@@ -168,8 +174,16 @@ def test_compass_late_arrival_goes_to_the_general_buffer() -> None:
     strategy.groups = {0: {"clients": [0, 1], "arrived": [], "expected": 5.0, "latest": 7.5}}
     driver.events.clear()
     driver.now = 8.0  # past the latest arrival time
-    job = {"pid": 0, "base": 0, "sent_s": 0.0, "arrival_s": 8.0, "steps": 8,
-           "train_loss": None, "delta": {"w": np.ones(3)}, "staleness": 0}
+    job = {
+        "pid": 0,
+        "base": 0,
+        "sent_s": 0.0,
+        "arrival_s": 8.0,
+        "steps": 8,
+        "train_loss": None,
+        "delta": {"w": np.ones(3)},
+        "staleness": 0,
+    }
     strategy.on_arrival(driver, job)
     assert job["outcome"] == LATE
     assert [e["pid"] for e in strategy.general_buffer] == [0]
@@ -183,10 +197,21 @@ def test_fedbuff_first_update_with_everyone_in_flight_is_fedavg(tmp_path: Path) 
     client trained on the initial model (staleness 0), which is FedAvg's first round with every
     client. (Later ones differ: a freed slot is refilled at once, with the model of the moment.)
     Full-batch steps make batch order irrelevant (the two draw it by different names)."""
-    common = ["num_clients=6", "num_rounds=2", "client.batch_size=1000", "client.local_epochs=2",
-              "runtime.progress=false", "eval.num_clients_final=0"]
-    buff = [*common, "strategy=fedbuff", "strategy.concurrency=6", "strategy.buffer_size=6",
-            "strategy.weighting=examples"]
+    common = [
+        "num_clients=6",
+        "num_rounds=2",
+        "client.batch_size=1000",
+        "client.local_epochs=2",
+        "runtime.progress=false",
+        "eval.num_clients_final=0",
+    ]
+    buff = [
+        *common,
+        "strategy=fedbuff",
+        "strategy.concurrency=6",
+        "strategy.buffer_size=6",
+        "strategy.weighting=examples",
+    ]
     avg = [*common, "strategy.fraction_train=1.0"]
     simulate(compose_config(buff), tmp_path / "buff")
     simulate(compose_config(avg), tmp_path / "avg")
@@ -200,8 +225,15 @@ def test_fedbuff_first_update_with_everyone_in_flight_is_fedavg(tmp_path: Path) 
 
 
 def test_fedbuff_run_on_the_simulated_clock(tmp_path: Path) -> None:
-    args = ["num_clients=12", "num_rounds=8", "strategy=fedbuff", "strategy.concurrency=6",
-            "strategy.buffer_size=3", "devices=phones_mixed", "runtime.progress=false"]
+    args = [
+        "num_clients=12",
+        "num_rounds=8",
+        "strategy=fedbuff",
+        "strategy.concurrency=6",
+        "strategy.buffer_size=3",
+        "devices=phones_mixed",
+        "runtime.progress=false",
+    ]
     summary = simulate(compose_config(args), tmp_path)
     assert summary["status"] == "completed"
     rows = read_metrics(tmp_path)
@@ -220,8 +252,15 @@ def test_fedbuff_run_on_the_simulated_clock(tmp_path: Path) -> None:
 
 
 def test_fedcompass_run_gives_steps_and_groups(tmp_path: Path) -> None:
-    args = ["num_clients=8", "num_rounds=14", "strategy=fedcompass", "strategy.q_min=2",
-            "strategy.q_max=8", "devices=phones_mixed", "runtime.progress=false"]
+    args = [
+        "num_clients=8",
+        "num_rounds=14",
+        "strategy=fedcompass",
+        "strategy.q_min=2",
+        "strategy.q_max=8",
+        "devices=phones_mixed",
+        "runtime.progress=false",
+    ]
     assert simulate(compose_config(args), tmp_path)["status"] == "completed"
     rows = read_metrics(tmp_path)
     assert len(rows) == 14
@@ -232,8 +271,11 @@ def test_fedcompass_run_gives_steps_and_groups(tmp_path: Path) -> None:
 
 
 def test_async_refuses_round_only_clock_knobs(tmp_path: Path) -> None:
-    proc = subprocess.run([*FEDSIM, "strategy=fedbuff", "clock.deadline_s=1",
-                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*FEDSIM, "strategy=fedbuff", "clock.deadline_s=1", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "fedsim: error: clock.deadline_s=1: must be null with an asynchronous strategy"
@@ -241,17 +283,30 @@ def test_async_refuses_round_only_clock_knobs(tmp_path: Path) -> None:
 
 
 def test_a_fleet_too_small_for_the_job_stops_instead_of_waiting_forever(tmp_path: Path) -> None:
-    args = ["num_clients=4", "num_rounds=3", "strategy=fedbuff", "strategy.concurrency=2",
-            "strategy.buffer_size=2", "devices.profiles.0.memory_gb=0.0001",
-            "runtime.progress=false", "eval.num_clients_final=0"]
+    args = [
+        "num_clients=4",
+        "num_rounds=3",
+        "strategy=fedbuff",
+        "strategy.concurrency=2",
+        "strategy.buffer_size=2",
+        "devices.profiles.0.memory_gb=0.0001",
+        "runtime.progress=false",
+        "eval.num_clients_final=0",
+    ]
     summary = simulate(compose_config(args), tmp_path)
     assert summary["status"] == "failed" and summary["num_rounds"] == 0
     assert read_metrics(tmp_path) == []
 
 
 def test_max_sim_time_stops_a_run(tmp_path: Path) -> None:
-    args = ["num_clients=10", "num_rounds=6", "strategy=fedbuff", "strategy.concurrency=5",
-            "strategy.buffer_size=2", "runtime.progress=false"]
+    args = [
+        "num_clients=10",
+        "num_rounds=6",
+        "strategy=fedbuff",
+        "strategy.concurrency=5",
+        "strategy.buffer_size=2",
+        "runtime.progress=false",
+    ]
     simulate(compose_config(args), tmp_path / "full")
     times = [r["sim_time_s"] for r in read_metrics(tmp_path / "full")]
     k = next(i for i in range(2, len(times)) if times[i] > times[i - 1])  # updates can tie
@@ -263,19 +318,29 @@ def test_max_sim_time_stops_a_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [
-    ["strategy=fedbuff", "strategy.concurrency=5", "strategy.buffer_size=2"],
-    ["strategy=fedcompass", "strategy.q_min=2", "strategy.q_max=6"],
-])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["strategy=fedbuff", "strategy.concurrency=5", "strategy.buffer_size=2"],
+        ["strategy=fedcompass", "strategy.q_min=2", "strategy.q_max=6"],
+    ],
+)
 def test_async_run_killed_and_resumed_is_bit_for_bit(
     tmp_path: Path, kill_and_resume, strategy
 ) -> None:
     """The event queue, the clients in flight and the strategy's buffers are in the checkpoint."""
-    args = ["num_clients=8", "num_rounds=40", "devices=phones_mixed", "runtime.progress=false",
-            "client.local_epochs=3", *strategy]
+    args = [
+        "num_clients=8",
+        "num_rounds=40",
+        "devices=phones_mixed",
+        "runtime.progress=false",
+        "client.local_epochs=3",
+        *strategy,
+    ]
     simulate(compose_config(args), tmp_path / "reference")
     run, killed_at = kill_and_resume(args, rows=10)
     assert 10 <= killed_at < 40
     for name in ("metrics.jsonl", "clients.jsonl"):
         assert strip_wall_time(read_metrics(run, name)) == strip_wall_time(
-            read_metrics(tmp_path / "reference", name))
+            read_metrics(tmp_path / "reference", name)
+        )

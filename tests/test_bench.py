@@ -14,8 +14,13 @@ from fedsim.scripts.plain_loop import plain_fedavg
 
 pytestmark = pytest.mark.slow
 
-WORK = ["num_clients=8", "strategy.fraction_train=1.0", "num_rounds=3", "seed=5",
-        "runtime.progress=false"]
+WORK = [
+    "num_clients=8",
+    "strategy.fraction_train=1.0",
+    "num_rounds=3",
+    "seed=5",
+    "runtime.progress=false",
+]
 
 
 def test_plain_loop_trains_what_fedsim_trains(tmp_path: Path) -> None:
@@ -33,9 +38,22 @@ def test_plain_loop_trains_what_fedsim_trains(tmp_path: Path) -> None:
 def test_bench_cli_writes_cases_and_targets(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.scripts.bench", "--cases", "sweep_startup",
-         "--sweep-runs", "2", "--work-dir", str(tmp_path / "work"), "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "fedsim.scripts.bench",
+            "--cases",
+            "sweep_startup",
+            "--sweep-runs",
+            "2",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -8,8 +8,12 @@ from fedsim.records.checkpoint import CHECKPOINT_FILE, RunState, load_checkpoint
 
 
 def _state() -> RunState:
-    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
-                          "b": Array(np.ones(2, dtype=np.float64))})
+    arrays = ArrayRecord(
+        {
+            "w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
+            "b": Array(np.ones(2, dtype=np.float64)),
+        }
+    )
     soft = ArrayRecord({"p": Array(np.full(4, 0.25, dtype=np.float16))})
     meta = ConfigRecord({"seen": [1, 2], "tag": "x", "raw": b"\x00\xff"})
     clients = {3: RecordDict({"soft": soft, "meta": meta})}

@@ -34,11 +34,16 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     run_dir = tmp_path / "run"
     _files(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    extra = [] if any(a.startswith("resume=") for a in args) else [
-        f"hydra.run.dir={run_dir}", "runtime.progress=false"]
+    extra = (
+        []
+        if any(a.startswith("resume=") for a in args)
+        else [f"hydra.run.dir={run_dir}", "runtime.progress=false"]
+    )
     return subprocess.run(
         [*FEDSIM, *args, *extra],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
 
@@ -57,8 +62,11 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         (["data=hf", "data.path=/nonexistent/x.csv"], "data.path=/nonexistent/x.csv", "not found"),
         (["data=hf"], "data.path", ""),
         (["client.lr=-1"], "client.lr=-1", "> 0"),
-        (["experiment=null"], "experiment=null",
-         "unknown option; accepted: cyclic_text_scratch, digits_noniid"),
+        (
+            ["experiment=null"],
+            "experiment=null",
+            "unknown option; accepted: cyclic_text_scratch, digits_noniid",
+        ),
         (["eval.num_clients_final=-1"], "eval.num_clients_final=-1", "all or an integer >= 0"),
         (["eval.num_clients_final=half"], "eval.num_clients_final=half", "all or an integer"),
         (["strategy.fraction_train=1.5"], "strategy.fraction_train=1.5", "(0, 1]"),
@@ -69,26 +77,46 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         (["seed=-1"], "seed=-1", "integer >= 0"),
         (["warm_start=cyclc"], "warm_start=cyclc", "cyclic, none"),
         (["warm_start=cyclic", "warm_start.num_cycles=0"], "warm_start.num_cycles=0", ">= 1"),
-        (["warm_start=cyclic", "warm_start.clients_per_cycle=41"],
-         "warm_start.clients_per_cycle=41", "<= num_clients (40)"),
+        (
+            ["warm_start=cyclic", "warm_start.clients_per_cycle=41"],
+            "warm_start.clients_per_cycle=41",
+            "<= num_clients (40)",
+        ),
         (["distillation=dfl", "distillation.temperature=0"], "distillation.temperature=0", "> 0"),
-        (["distillation=dfl", "distillation.beta_schedule=cosine"],
-         "distillation.beta_schedule=cosine", "acc_based"),
-        (["distillation=dfl", "distillation.teacher=both"],
-         "distillation.teacher=both", "class_global"),
+        (
+            ["distillation=dfl", "distillation.beta_schedule=cosine"],
+            "distillation.beta_schedule=cosine",
+            "acc_based",
+        ),
+        (
+            ["distillation=dfl", "distillation.teacher=both"],
+            "distillation.teacher=both",
+            "class_global",
+        ),
         (["strategy=heterofl", "strategy.widths=[0,0.5]"], "strategy.widths", "(0, 1]"),
-        (["strategy=heterofl", "strategy.latency_budget_s=-1"], "strategy.latency_budget_s=-1",
-         "> 0"),
-        (["strategy=heterofl", "data=chatterbot", "model=text_classifier"], "strategy=",
-         "model=cnn or client=side_tuning"),
-        (["strategy=fedrolex", "strategy.index_policy=spiral"], "strategy.index_policy=spiral",
-         "roll"),
+        (
+            ["strategy=heterofl", "strategy.latency_budget_s=-1"],
+            "strategy.latency_budget_s=-1",
+            "> 0",
+        ),
+        (
+            ["strategy=heterofl", "data=chatterbot", "model=text_classifier"],
+            "strategy=",
+            "model=cnn or client=side_tuning",
+        ),
+        (
+            ["strategy=fedrolex", "strategy.index_policy=spiral"],
+            "strategy.index_policy=spiral",
+            "roll",
+        ),
         (["strategy=whale_fl", "strategy.tradeoff=-1"], "strategy.tradeoff=-1", ">= 0"),
         (["strategy=whale_fl", "strategy.fisher_window=0"], "strategy.fisher_window=0", ">= 1"),
-        (["strategy=whale_fl", "strategy.reference_quantile=2"], "strategy.reference_quantile=2",
-         "[0, 1]"),
-        (["strategy=whale_fl", "strategy.initial_status=-1"], "strategy.initial_status=-1",
-         ">= 0"),
+        (
+            ["strategy=whale_fl", "strategy.reference_quantile=2"],
+            "strategy.reference_quantile=2",
+            "[0, 1]",
+        ),
+        (["strategy=whale_fl", "strategy.initial_status=-1"], "strategy.initial_status=-1", ">= 0"),
         (["num_rounds=2.5"], "num_rounds=2.5", "integer >= 1"),
         (["checkpoint_every=-1"], "checkpoint_every=-1", "integer >= 0"),
         (["runtime.client_num_cpus=0"], "runtime.client_num_cpus=0", "> 0"),
@@ -97,14 +125,23 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         (["devices=phones_mixed", "devices.shares=[0.5,0.2,0.2]"], "devices.shares", "sum to 1"),
         (["devices=uniform", "devices.server_gflops=-1"], "devices.server_gflops=-1", "> 0"),
         (["partition=shard", "num_clients=1000"], "num_clients", "shard"),
-        (["data=chatterbot", "model=text_classifier", "model.backbone=/no/such/model"],
-         "model.backbone=/no/such/model", "minilm"),
+        (
+            ["data=chatterbot", "model=text_classifier", "model.backbone=/no/such/model"],
+            "model.backbone=/no/such/model",
+            "minilm",
+        ),
         (["data=hf", "data.path={tmp}/garbage.csv", "model=text_classifier"], "data.path=", ""),
-        (["data=hf", "data.path={tmp}/nolabel.csv", "model=text_classifier"],
-         "data.label_column=label", "other"),
+        (
+            ["data=hf", "data.path={tmp}/nolabel.csv", "model=text_classifier"],
+            "data.label_column=label",
+            "other",
+        ),
         (["data=hf", "data.path={tmp}/notes.txt"], "data.path={tmp}/notes.txt", ""),
-        (["data=hf", "data.path={tmp}/unlabelled.parquet", "model=text_classifier"],
-         "data.label_column=label", "label in every row, not -1"),
+        (
+            ["data=hf", "data.path={tmp}/unlabelled.parquet", "model=text_classifier"],
+            "data.label_column=label",
+            "label in every row, not -1",
+        ),
         (["resume={tmp}/nothing_here"], "resume={tmp}/nothing_here", "run folder"),
         (["resume={tmp}/no_ckpt"], "resume={tmp}/no_ckpt", "nothing to resume"),
         (["resume={tmp}/corrupt_ckpt"], "resume=", "corrupt"),
@@ -133,16 +170,25 @@ def test_existing_run_folder_is_never_overwritten(tmp_path) -> None:
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path) -> None:
-    proc = subprocess.run([*FEDSIM, "--cfg", "job", "strategy=fedprox"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [*FEDSIM, "--cfg", "job", "strategy=fedprox"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "flwr.serverapp.strategy.FedProx" in proc.stdout and "proximal_mu" in proc.stdout
 
 
 def test_diverging_learning_rate_stops_cleanly_with_metrics_saved(tmp_path) -> None:
     # No clip: the common one (client.max_grad_norm=10) bounds each step and keeps this finite.
-    proc = _run(["num_clients=4", "num_rounds=5", "strategy.fraction_train=1.0", "client.lr=1e9",
-                 "client.max_grad_norm=null"], tmp_path)
+    proc = _run(
+        [
+            "num_clients=4",
+            "num_rounds=5",
+            "strategy.fraction_train=1.0",
+            "client.lr=1e9",
+            "client.max_grad_norm=null",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stopping (metrics so far are saved)" in proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

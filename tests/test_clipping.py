@@ -156,8 +156,6 @@ def _context(config: dict | None = None, received: RecordDict | None = None) -> 
     )
 
 
-
-
 def _ones_like(model: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord({k: torch.ones_like(p) for k, p in trainable(model).items()})
 

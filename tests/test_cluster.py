@@ -43,8 +43,15 @@ def ray_cluster():
     port = _free_port()
     address = f"127.0.0.1:{port}"
     common = ["--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    head = [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
-            f"--temp-dir={temp_dir}", *common]
+    head = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--include-dashboard=false",
+        f"--temp-dir={temp_dir}",
+        *common,
+    ]
     worker = [RAY, "start", f"--address={address}", *common]
     try:
         for command in (head, worker):
@@ -59,8 +66,15 @@ def ray_cluster():
 def test_simulation_runs_on_an_existing_cluster(ray_cluster: str, tmp_path: Path) -> None:
     import ray
 
-    cfg = compose_config(["num_clients=6", "num_rounds=2", "strategy.fraction_train=0.5",
-                          f"runtime.ray_address={ray_cluster}", "runtime.progress=false"])
+    cfg = compose_config(
+        [
+            "num_clients=6",
+            "num_rounds=2",
+            "strategy.fraction_train=0.5",
+            f"runtime.ray_address={ray_cluster}",
+            "runtime.progress=false",
+        ]
+    )
     summary = simulate(cfg, tmp_path / "run")
     assert summary["status"] == "completed"
     rows = read_metrics(tmp_path / "run")
@@ -77,9 +91,11 @@ def test_simulation_runs_on_an_existing_cluster(ray_cluster: str, tmp_path: Path
     finally:
         ray.shutdown()
     # Same metrics as a local run of the same config: where it runs never changes what it computes
-    local = compose_config(["num_clients=6", "num_rounds=2", "strategy.fraction_train=0.5",
-                            "runtime.progress=false"])
+    local = compose_config(
+        ["num_clients=6", "num_rounds=2", "strategy.fraction_train=0.5", "runtime.progress=false"]
+    )
     simulate(local, tmp_path / "local")
     strip = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
-    assert strip == [{k: v for k, v in r.items() if k != "wall_time_s"}
-                     for r in read_metrics(tmp_path / "local")]
+    assert strip == [
+        {k: v for k, v in r.items() if k != "wall_time_s"} for r in read_metrics(tmp_path / "local")
+    ]

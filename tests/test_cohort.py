@@ -50,8 +50,12 @@ def test_pack_lane_stores_shared_content_once() -> None:
 
 
 def test_replies_round_trip_with_errors() -> None:
-    ok = RecordDict({"arrays": ArrayRecord([np.full(2, 5.0, dtype=np.float32)]),
-                     "metrics": MetricRecord({"num-examples": 4})})
+    ok = RecordDict(
+        {
+            "arrays": ArrayRecord([np.full(2, 5.0, dtype=np.float32)]),
+            "metrics": MetricRecord({"num-examples": 4}),
+        }
+    )
     state = RecordDict({"c_i": ArrayRecord([np.ones(2, dtype=np.float32)])})
     out, states = unpack_replies(pack_replies([(2, ok), (5, "RuntimeError: boom")], {2: state}))
     assert out[5] == "RuntimeError: boom"

@@ -254,7 +254,9 @@ def test_report_early_rounds_table(grid_sweep: Path, tmp_path: Path) -> None:
     # round 1: 0.5 on both seeds; round 2: 0.75 0.79 -> 0.77 ± 12.706 x 0.02 = 0.254; round 3
     # is the final accuracy 0.70 0.74
     assert (fedprox["round 1"], fedprox["round 2"], fedprox["round 3"]) == (
-        "0.500 ± 0.000", "0.770 ± 0.254", "0.720 ± 0.254"
+        "0.500 ± 0.000",
+        "0.770 ± 0.254",
+        "0.720 ± 0.254",
     )
     assert got[("alpha=1", "strategy=FedAvg")]["round 3"] == "0.920 ± 0.254"
     out_off = tmp_path / "off"

@@ -32,14 +32,18 @@ NEEDS: dict[tuple[str, str], list[str]] = {
     ("model", "text_classifier"): ["data=chatterbot", "model.max_length=16"],
     ("model", "text_scratch"): ["data=chatterbot", "model.max_length=16"],
     # Side-tuning and the peft baselines fine-tune the text backbone.
-    **{("client", name): [*TEXT, "client.max_steps=2"]
-       for name in ("side_tuning", "pae_side_tuning", "lora", "ia3", "full_ft")},
+    **{
+        ("client", name): [*TEXT, "client.max_steps=2"]
+        for name in ("side_tuning", "pae_side_tuning", "lora", "ia3", "full_ft")
+    },
     ("experiment", "mobile_side_tuning"): ["model.max_length=16", "client.max_steps=2"],
     ("experiment", "cyclic_text_scratch"): ["model.max_length=16", "client.max_steps=2"],
     # The tiny setup has 4 clients: a short stage over 2 of them.
     ("warm_start", "cyclic"): ["warm_start.num_cycles=1", "warm_start.clients_per_cycle=2"],
     ("partition", "natural"): [
-        *TEXT, "data.languages=all", f"num_clients={len(chatterbot_languages())}",
+        *TEXT,
+        "data.languages=all",
+        f"num_clients={len(chatterbot_languages())}",
         "strategy.fraction_train=0.1",
     ],
 }
@@ -51,9 +55,15 @@ VARIANTS: list[list[str]] = [
     ["strategy=heterofl", "devices=phones_mixed", "strategy.latency_budget_s=0.02"],
     ["strategy=fedrolex", "strategy.index_policy=random"],
     ["strategy=fedrolex", "strategy.index_policy=static"],
-    ["strategy=whale_fl", "devices=phones_mixed", "strategy.utility=latency_fisher",
-     "strategy.tradeoff=0.5", "strategy.fisher_window=2", "strategy.reference_quantile=0.9",
-     "num_rounds=2"],
+    [
+        "strategy=whale_fl",
+        "devices=phones_mixed",
+        "strategy.utility=latency_fisher",
+        "strategy.tradeoff=0.5",
+        "strategy.fisher_window=2",
+        "strategy.reference_quantile=0.9",
+        "num_rounds=2",
+    ],
     ["strategy=whale_fl", "devices=phones_mixed", "strategy.time_unit_s=1e-5", "num_rounds=3"],
     ["strategy=whale_fl", "client=side_tuning", *TEXT, "client.max_steps=2"],
     ["strategy=heterofl", "client=side_tuning", *TEXT, "client.max_steps=2"],

@@ -34,8 +34,15 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "devices"
 
 def profile_dict(**overrides: object) -> dict[str, object]:
     base: dict[str, object] = dict(
-        name="phone", tier="mid", train_gflops=10.0, memory_gb=2.0, uplink_mbps=4.0,
-        downlink_mbps=16.0, availability=1.0, compute_power_w=3.0, radio_tx_power_w=4.0,
+        name="phone",
+        tier="mid",
+        train_gflops=10.0,
+        memory_gb=2.0,
+        uplink_mbps=4.0,
+        downlink_mbps=16.0,
+        availability=1.0,
+        compute_power_w=3.0,
+        radio_tx_power_w=4.0,
         radio_rx_power_w=2.0,
     )
     base.update(overrides)
@@ -43,22 +50,37 @@ def profile_dict(**overrides: object) -> dict[str, object]:
 
 
 def dynamics_dict(**overrides: float) -> dict[str, float]:
-    base = dict(compute_sigma=0.0, bandwidth_sigma=0.0, p_good_to_bad=0.0, p_bad_to_good=1.0,
-                bad_bandwidth_factor=1.0)
+    base = dict(
+        compute_sigma=0.0,
+        bandwidth_sigma=0.0,
+        p_good_to_bad=0.0,
+        p_bad_to_good=1.0,
+        bad_bandwidth_factor=1.0,
+    )
     base.update(overrides)
     return base
 
 
 def make_fleet(profiles=None, shares=None, **dynamics: float) -> Fleet:
-    return Fleet(profiles=profiles or [profile_dict()], shares=shares or [1.0],
-                 dynamics=dynamics_dict(**dynamics), server_gflops=1000.0)
+    return Fleet(
+        profiles=profiles or [profile_dict()],
+        shares=shares or [1.0],
+        dynamics=dynamics_dict(**dynamics),
+        server_gflops=1000.0,
+    )
 
 
 PROFILE = DeviceProfile(**profile_dict())  # type: ignore[arg-type]
-STATE = DeviceState(online=True, compute_gflops=10.0, uplink_mbps=4.0, downlink_mbps=16.0,
-                    channel_good=True)
-WORK = ClientWork(train_flops=50 * 10**9, bytes_down=8_000_000, bytes_up=2_000_000,
-                  peak_memory_bytes=10**9, server_flops=2 * 10**12)
+STATE = DeviceState(
+    online=True, compute_gflops=10.0, uplink_mbps=4.0, downlink_mbps=16.0, channel_good=True
+)
+WORK = ClientWork(
+    train_flops=50 * 10**9,
+    bytes_down=8_000_000,
+    bytes_up=2_000_000,
+    peak_memory_bytes=10**9,
+    server_flops=2 * 10**12,
+)
 
 
 # ----------------------------------------------------------------------------- latency, energy
@@ -127,10 +149,11 @@ def test_count_forward_flops_linear() -> None:
 
 
 # ---------------------------------------------------------------------------------- memory
-@pytest.mark.parametrize(("optimizer", "momentum", "optimizer_bytes"),
-                         [("sgd", False, 0), ("sgd", True, 220), ("adam", False, 440)])
-def test_estimate_train_memory_linear(optimizer: str, momentum: bool,
-                                      optimizer_bytes: int) -> None:
+@pytest.mark.parametrize(
+    ("optimizer", "momentum", "optimizer_bytes"),
+    [("sgd", False, 0), ("sgd", True, 220), ("adam", False, 440)],
+)
+def test_estimate_train_memory_linear(optimizer: str, momentum: bool, optimizer_bytes: int) -> None:
     inputs, labels = linear_batch()
     est = estimate_train_memory_bytes(nn.Linear(10, 5), inputs, labels, optimizer, momentum)
     assert est.params == 220  # (10*5 + 5) fp32 params * 4 B
@@ -175,8 +198,9 @@ LATENCIES = {0: 3.0, 1: 1.0, 2: 2.0}
     ],
 )
 def test_synchronous_round_cases(deadline_s, target_count, round_time_s, kept, stragglers) -> None:
-    timing = synchronous_round(LATENCIES, deadline_s=deadline_s, target_count=target_count,
-                               server_time_s=0.5)
+    timing = synchronous_round(
+        LATENCIES, deadline_s=deadline_s, target_count=target_count, server_time_s=0.5
+    )
     assert timing.round_time_s == pytest.approx(round_time_s)
     assert timing.kept == kept
     assert timing.stragglers == stragglers
@@ -188,8 +212,9 @@ def test_synchronous_round_ties_break_by_partition_id_and_empty_round() -> None:
     assert synchronous_round({}, server_time_s=0.5).round_time_s == 0.5
 
 
-@pytest.mark.parametrize("kwargs", [{"deadline_s": 0.0}, {"target_count": 0},
-                                    {"server_time_s": -1.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"deadline_s": 0.0}, {"target_count": 0}, {"server_time_s": -1.0}]
+)
 def test_synchronous_round_rejects_bad_arguments(kwargs) -> None:
     with pytest.raises(ValueError):
         synchronous_round(LATENCIES, **kwargs)
@@ -205,8 +230,10 @@ def test_sim_clock_advances_and_round_trips() -> None:
 
 
 # -------------------------------------------------------------------------------- assignment
-THREE_TIERS = [profile_dict(name=n, tier=n, train_gflops=g)
-               for n, g in (("low", 5.0), ("mid", 15.0), ("high", 30.0))]
+THREE_TIERS = [
+    profile_dict(name=n, tier=n, train_gflops=g)
+    for n, g in (("low", 5.0), ("mid", 15.0), ("high", 30.0))
+]
 
 
 def test_assign_seeded_and_stable_when_num_clients_changes() -> None:
@@ -228,8 +255,13 @@ def test_assign_respects_shares_for_10000_clients() -> None:
 # -------------------------------------------------------------------------------- conditions
 def test_conditions_deterministic_and_order_independent() -> None:
     def fresh() -> Fleet:
-        return make_fleet(compute_sigma=0.3, bandwidth_sigma=0.6, p_good_to_bad=0.3,
-                          p_bad_to_good=0.5, bad_bandwidth_factor=0.2)
+        return make_fleet(
+            compute_sigma=0.3,
+            bandwidth_sigma=0.6,
+            p_good_to_bad=0.3,
+            p_bad_to_good=0.5,
+            bad_bandwidth_factor=0.2,
+        )
 
     forward, backward = fresh(), fresh()
     rounds = range(1, 21)
@@ -261,9 +293,15 @@ def test_uniform_fleet_has_no_variation() -> None:
     fleet = instantiate(OmegaConf.load(CONF_DIR / "uniform.yaml"))
     profile = fleet.profiles[0]
     states = {fleet.conditions(profile, 0, c, r) for c in range(20) for r in range(1, 20)}
-    assert states == {DeviceState(online=True, compute_gflops=profile.train_gflops,
-                                  uplink_mbps=profile.uplink_mbps,
-                                  downlink_mbps=profile.downlink_mbps, channel_good=True)}
+    assert states == {
+        DeviceState(
+            online=True,
+            compute_gflops=profile.train_gflops,
+            uplink_mbps=profile.uplink_mbps,
+            downlink_mbps=profile.downlink_mbps,
+            channel_good=True,
+        )
+    }
 
 
 def test_offline_rate_matches_availability() -> None:
@@ -279,10 +317,14 @@ def test_offline_rate_matches_availability() -> None:
     [
         ({"shares": [0.5, 0.4]}, "devices.shares"),
         ({"shares": [1.0]}, "devices.shares"),  # wrong length for two profiles
-        ({"profiles": [profile_dict(train_gflops=-1.0), profile_dict()]},
-         "devices.profiles[0].train_gflops"),
-        ({"profiles": [profile_dict(), profile_dict(availability=1.5)]},
-         "devices.profiles[1].availability"),
+        (
+            {"profiles": [profile_dict(train_gflops=-1.0), profile_dict()]},
+            "devices.profiles[0].train_gflops",
+        ),
+        (
+            {"profiles": [profile_dict(), profile_dict(availability=1.5)]},
+            "devices.profiles[1].availability",
+        ),
         ({"profiles": [profile_dict(), {"name": "x"}]}, "devices.profiles[1]"),
         ({"dynamics": {"compute_sigma": 0.1}}, "devices.dynamics"),
         ({"dynamics": dynamics_dict(p_good_to_bad=2.0)}, "devices.dynamics.p_good_to_bad"),
@@ -290,8 +332,12 @@ def test_offline_rate_matches_availability() -> None:
     ],
 )
 def test_fleet_validation_errors_name_the_key(kwargs, key: str) -> None:
-    args = dict(profiles=[profile_dict(), profile_dict()], shares=[0.5, 0.5],
-                dynamics=dynamics_dict(), server_gflops=1000.0)
+    args = dict(
+        profiles=[profile_dict(), profile_dict()],
+        shares=[0.5, 0.5],
+        dynamics=dynamics_dict(),
+        server_gflops=1000.0,
+    )
     args.update(kwargs)
     with pytest.raises(ConfigError) as info:
         Fleet(**args)

@@ -50,8 +50,9 @@ def test_probabilities_are_checked(key) -> None:
 def _struck(kind: str, **probs: float) -> tuple[int, int]:
     """(round, client) of the first draw of ``kind`` under ``probs`` for seed 0."""
     faults = FaultInjector(**probs)
-    return next((r, p) for r in range(1, 50) for p in range(20)
-                if getattr(faults.draw(0, r, p), kind))
+    return next(
+        (r, p) for r in range(1, 50) for p in range(20) if getattr(faults.draw(0, r, p), kind)
+    )
 
 
 def test_later_attempt_reports_a_kill_instead_of_killing() -> None:
@@ -112,7 +113,9 @@ class ScriptedLanes:
             reply, delay_s = reply if isinstance(reply, tuple) else (reply, 0.0)
             if reply is not None:  # else never: a worker that hangs for good
                 self._replies[msg.metadata.message_id] = (
-                    time.monotonic() + delay_s, Message(reply, reply_to=msg))
+                    time.monotonic() + delay_s,
+                    Message(reply, reply_to=msg),
+                )
             ids.append(msg.metadata.message_id)
         return ids
 
@@ -126,24 +129,37 @@ def _train(content: RecordDict) -> RecordDict:
     """A worker's reply in which every client of the lane trained."""
     _, clients = unpack_lane(content)
     attempt = lane_settings(content).attempt
-    return pack_replies([(pid, RecordDict({"metrics": MetricRecord({"attempt": attempt})}))
-                         for pid, _, _ in clients])
+    return pack_replies(
+        [
+            (pid, RecordDict({"metrics": MetricRecord({"attempt": attempt})}))
+            for pid, _, _ in clients
+        ]
+    )
 
 
 def _grid(lanes: ScriptedLanes, **kwargs) -> VirtualGrid:
-    return VirtualGrid(lanes, num_clients=8, job=ConfigRecord({keys.JOB_HASH: "h"}),
-                       poll_interval_s=0.001, probe_hold_s=0.01, **kwargs)
+    return VirtualGrid(
+        lanes,
+        num_clients=8,
+        job=ConfigRecord({keys.JOB_HASH: "h"}),
+        poll_interval_s=0.001,
+        probe_hold_s=0.01,
+        **kwargs,
+    )
 
 
 def _to(pids: list[int]) -> list[Message]:
-    return [Message(RecordDict({"config": ConfigRecord({"r": 1})}), node_id_of(p),
-                    MessageType.TRAIN) for p in pids]
+    return [
+        Message(RecordDict({"config": ConfigRecord({"r": 1})}), node_id_of(p), MessageType.TRAIN)
+        for p in pids
+    ]
 
 
 def _lanes_sent(lanes: ScriptedLanes) -> list[tuple[int, list[int]]]:
     """(attempt, clients) of each lane message sent; a probe is (attempt, [])."""
-    return [(lane_settings(c).attempt, [pid for pid, _, _ in unpack_lane(c)[1]])
-            for c in lanes.sent]
+    return [
+        (lane_settings(c).attempt, [pid for pid, _, _ in unpack_lane(c)[1]]) for c in lanes.sent
+    ]
 
 
 def test_exchange_of_no_messages_sends_nothing() -> None:
@@ -194,8 +210,12 @@ def test_late_lane_is_waited_for_before_its_clients_are_sent_again() -> None:
 
 @pytest.mark.usefixtures("flower_identity")
 def test_lane_failing_every_attempt_fails_its_clients_only() -> None:
-    lanes = ScriptedLanes(2, lambda content, lane_index: _train(content) if lane_index in (
-        None, 1) else Error(code=0, reason="boom"))
+    lanes = ScriptedLanes(
+        2,
+        lambda content, lane_index: (
+            _train(content) if lane_index in (None, 1) else Error(code=0, reason="boom")
+        ),
+    )
     replies, _ = _grid(lanes, timeout_s=5.0).exchange(_to([0, 1, 2, 3]))
     assert [r.has_error() for r in replies] == [True, False, True, False]
     assert replies[0].error.code == LANE_TIMEOUT_CODE
@@ -245,19 +265,24 @@ def _run_twice(tmp_path: Path, overrides: list[str]) -> list[Path]:
     return runs
 
 
-def _assert_faults_stay_in_their_round(runs: list[Path], kind: str, faults: FaultInjector,
-                                       expected: set[tuple[int, int]]) -> None:
+def _assert_faults_stay_in_their_round(
+    runs: list[Path], kind: str, faults: FaultInjector, expected: set[tuple[int, int]]
+) -> None:
     """The failed client-rounds are exactly the drawn ones; the other clients all train; both
     runs record the same rows (wall time aside)."""
     rows = _outcomes(runs[0])
-    drawn = {(r["round"], r["partition_id"]) for r in rows
-             if getattr(faults.draw(0, r["round"], r["partition_id"]), kind)}
+    drawn = {
+        (r["round"], r["partition_id"])
+        for r in rows
+        if getattr(faults.draw(0, r["round"], r["partition_id"]), kind)
+    }
     failed = {(r["round"], r["partition_id"]) for r in rows if r["outcome"] == "failed"}
     assert failed == drawn == expected
     assert all(r["outcome"] == "ok" for r in rows if (r["round"], r["partition_id"]) not in drawn)
     metrics = read_metrics(runs[0])
     assert [(m["num_clients"], m["num_failed"]) for m in metrics] == [(3, 1)] + [(4, 0)] * (
-        len(metrics) - 1)  # round 1 loses the drawn client only; later rounds train all 4
+        len(metrics) - 1
+    )  # round 1 loses the drawn client only; later rounds train all 4
     assert strip_wall_time(metrics) == strip_wall_time(read_metrics(runs[1]))
     assert rows == _outcomes(runs[1])
 
@@ -268,8 +293,10 @@ def test_hang_past_the_timeout_fails_only_the_hung_client_in_its_round(tmp_path:
     # (u = 0.0085; the smallest of rounds 2-3 is 0.118); round 1 samples 0, 2, 3, 5. Today its
     # lane's other client failed with it and the worker, asleep for 5 s, failed round 2's lanes.
     faults = FaultInjector(hang_prob=0.1, hang_s=5.0)
-    runs = _run_twice(tmp_path, ["num_rounds=3", "faults.hang_prob=0.1", "faults.hang_s=5",
-                                 "runtime.round_timeout_s=2"])
+    runs = _run_twice(
+        tmp_path,
+        ["num_rounds=3", "faults.hang_prob=0.1", "faults.hang_s=5", "runtime.round_timeout_s=2"],
+    )
     _assert_faults_stay_in_their_round(runs, "hang", faults, {(1, 3)})
     error = next(r["error"] for r in _outcomes(runs[0]) if r["outcome"] == "failed")
     assert error.endswith("injected hang of 5 s, past the lane timeout of 2 s (round 1, client 3)")
@@ -288,20 +315,32 @@ def test_killed_worker_fails_only_its_killer_and_later_rounds_train(tmp_path: Pa
 @pytest.mark.slow
 def test_round_where_no_device_can_train_leaves_the_model_unchanged(tmp_path: Path) -> None:
     # 1e-6 GB = 1 kB of memory: no device can hold the CNN's training job, in any round
-    summary = simulate(compose_config([*TINY, "num_rounds=2", "eval.num_clients_final=0",
-                                       "devices.profiles.0.memory_gb=0.000001"]), tmp_path)
+    summary = simulate(
+        compose_config(
+            [
+                *TINY,
+                "num_rounds=2",
+                "eval.num_clients_final=0",
+                "devices.profiles.0.memory_gb=0.000001",
+            ]
+        ),
+        tmp_path,
+    )
     assert summary["status"] == "completed"
     metrics = read_metrics(tmp_path)
     assert [(m["num_sampled"], m["num_infeasible"], m["num_clients"]) for m in metrics] == [
-        (4, 4, 0), (4, 4, 0)]
+        (4, 4, 0),
+        (4, 4, 0),
+    ]
     assert metrics[0]["accuracy"] == metrics[1]["accuracy"]  # nothing trained: the same model
     assert {r["outcome"] for r in _outcomes(tmp_path)} == {"infeasible"}
 
 
 @pytest.mark.slow
 def test_a_run_whose_every_client_keeps_failing_stops_as_failed(tmp_path: Path) -> None:
-    cfg = compose_config([*TINY, "num_rounds=10", "faults.exception_prob=1.0",
-                          "runtime.max_failed_rounds=3"])
+    cfg = compose_config(
+        [*TINY, "num_rounds=10", "faults.exception_prob=1.0", "runtime.max_failed_rounds=3"]
+    )
     summary = simulate(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     assert summary["status"] == "failed"

@@ -28,21 +28,40 @@ WORK = ["num_clients=6", "strategy.fraction_train=1.0", "num_rounds=2", "seed=3"
 def test_fedsim_fedavg_gives_flowers_global_model(tmp_path: Path) -> None:
     flower_out = tmp_path / "flower.safetensors"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.scripts.flower_baseline", "--out", str(flower_out),
-         "--json", str(tmp_path / "flower.json"), *WORK],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fedsim.scripts.flower_baseline",
+            "--out",
+            str(flower_out),
+            "--json",
+            str(tmp_path / "flower.json"),
+            *WORK,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run_dir = tmp_path / "fedsim"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim", *WORK, f"hydra.run.dir={run_dir}",
-         "runtime.progress=false"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fedsim",
+            *WORK,
+            f"hydra.run.dir={run_dir}",
+            "runtime.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta, tensors = read_checkpoint(run_dir)
-    ours = {n: torch.from_numpy(tensors[f"global/{i}"])
-            for i, n in enumerate(meta["arrays"]["keys"])}
+    ours = {
+        n: torch.from_numpy(tensors[f"global/{i}"]) for i, n in enumerate(meta["arrays"]["keys"])
+    }
     flowers = load_file(str(flower_out))
     assert set(ours) == set(flowers) and len(ours) == 8  # the CNN's 4 weights + 4 biases
     for name, value in flowers.items():

@@ -28,9 +28,15 @@ def test_concurrent_flwr_runs_neither_share_nor_stop_each_others_superlink(tmp_p
     for num_rounds, results in runs.items():
         overrides = f"num_clients=6 num_rounds={num_rounds} runtime.progress=false"
         log = open(tmp_path / f"{num_rounds}.log", "w")  # noqa: SIM115 - closed with the process
-        procs[num_rounds] = (subprocess.Popen(
-            ["make", "-s", "flwr-run", f"OVERRIDES={overrides}", f"RESULTS_DIR={results}"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log)
+        procs[num_rounds] = (
+            subprocess.Popen(
+                ["make", "-s", "flwr-run", f"OVERRIDES={overrides}", f"RESULTS_DIR={results}"],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ),
+            log,
+        )
     ports = set()
     try:
         for proc, log in procs.values():

@@ -35,8 +35,12 @@ REFUSAL_DEADLINE_S = 30.0  # Ray's start and checks, beyond what any refused run
 def _start(args: list[str], run_dir: Path, log: Path) -> subprocess.Popen:
     """``fedsim ARGS`` in a session of its own: it and its Ray can be found and signalled."""
     with open(log, "w") as out:
-        return subprocess.Popen([*FEDSIM, *args, f"hydra.run.dir={run_dir}"], stdout=out,
-                                stderr=out, start_new_session=True)
+        return subprocess.Popen(
+            [*FEDSIM, *args, f"hydra.run.dir={run_dir}"],
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout_s: float = 600) -> None:
@@ -78,14 +82,18 @@ def _end(proc: subprocess.Popen, sent_at: float) -> float:
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run of ARGS."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    proc = subprocess.run([*FEDSIM, *ARGS, f"hydra.run.dir={run_dir}"], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [*FEDSIM, *ARGS, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
 
-@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["sigint-ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["sigint-ctrl-c", "sigterm"],
+)
 def test_signal_ends_run_on_last_round_and_resume_finishes_it(
     signum: int, to_group: bool, reference: Path, tmp_path: Path
 ) -> None:
@@ -109,13 +117,15 @@ def test_signal_ends_run_on_last_round_and_resume_finishes_it(
     assert 2 <= len(rows) == summary["num_rounds"] < 8  # every complete round, nothing more
     assert read_checkpoint(run_dir)[0]["server_round"] == len(rows)  # ...and checkpointed
 
-    resumed = subprocess.run([*FEDSIM, f"resume={run_dir}"], capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        [*FEDSIM, f"resume={run_dir}"], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     for name in ("metrics.jsonl", "clients.jsonl", "client_eval.jsonl"):
         assert strip_wall_time(read_metrics(run_dir, name)) == strip_wall_time(
-            read_metrics(reference, name)), name
+            read_metrics(reference, name)
+        ), name
 
 
 def test_second_signal_ends_the_run_at_once(tmp_path: Path) -> None:
@@ -134,7 +144,8 @@ def test_second_signal_ends_the_run_at_once(tmp_path: Path) -> None:
     stderr = log.read_text()
     assert "Traceback" not in stderr, stderr[-3000:]
     assert [line for line in stderr.splitlines() if line.startswith("fedsim: ")] == [
-        line for line in stderr.splitlines() if line.startswith("fedsim: interrupted by SIGINT")]
+        line for line in stderr.splitlines() if line.startswith("fedsim: interrupted by SIGINT")
+    ]
     if (run_dir / "summary.json").exists():
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 
@@ -144,8 +155,13 @@ def _refused(args: list[str], tmp_path: Path, env: dict | None = None) -> tuple[
     """Run ``fedsim ARGS``; assert it is refused in one line with no folder; return line, s."""
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    proc = subprocess.run([*FEDSIM, *args, "runtime.progress=false", f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [*FEDSIM, *args, "runtime.progress=false", f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     took_s = time.monotonic() - started
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -192,7 +208,11 @@ def test_local_run_ignores_a_stale_ray_current_cluster(tmp_path: Path) -> None:
         run_dir = tmp_path / "run"
         proc = subprocess.run(
             [*FEDSIM, "num_rounds=2", "runtime.progress=false", f"hydra.run.dir={run_dir}"],
-            capture_output=True, text=True, timeout=300, env=env)
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert len(read_metrics(run_dir)) == 2
     finally:

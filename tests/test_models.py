@@ -289,7 +289,10 @@ def test_text_classifier_rejects_bad_config(kwargs: dict[str, object], key: str)
 
 # --- a text model from scratch: init: random (issue 14 item 7) ------------------------------
 SMALL = {
-    "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
 }
 
 

@@ -77,8 +77,14 @@ def test_flowers_fedadam_keeps_the_model_float32_on_the_wire(tmp_path) -> None:
     from fedsim.engine.simulation import simulate
     from fedsim.records.results import read_metrics
 
-    args = ["strategy=fedadam", "num_clients=6", "num_rounds=2", "strategy.fraction_train=0.5",
-            "runtime.progress=false", "eval.num_clients_final=0"]
+    args = [
+        "strategy=fedadam",
+        "num_clients=6",
+        "num_rounds=2",
+        "strategy.fraction_train=0.5",
+        "runtime.progress=false",
+        "eval.num_clients_final=0",
+    ]
     simulate(compose_config(args), tmp_path)
     first, second = read_metrics(tmp_path)
     assert second["bytes_down"] == first["bytes_down"]

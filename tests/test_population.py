@@ -173,13 +173,22 @@ WORKER_BOUND_BYTES = 0.85e9
 @pytest.mark.slow
 def test_a_million_clients_run_in_bounded_memory(tmp_path: Path) -> None:
     run_dir = tmp_path / "million"
-    cmd = [sys.executable, "-m", "fedsim", "partition=sampled", "num_clients=1000000",
-           "strategy.fraction_train=0.0001", "num_rounds=2", "runtime.progress=false",
-           f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedsim",
+        "partition=sampled",
+        "num_clients=1000000",
+        "strategy.fraction_train=0.0001",
+        "num_rounds=2",
+        "runtime.progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     stop, seen = threading.Event(), {"tree": 0, "process": {}, "workers": set()}
     with open(tmp_path / "run.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"}
+        )
         watcher = threading.Thread(target=_watch_tree, args=(proc, stop, seen), daemon=True)
         watcher.start()
         try:
@@ -211,9 +220,19 @@ def test_a_population_flower_cannot_list_is_refused_in_one_line(tmp_path: Path) 
     run_dir = tmp_path / "trillion"
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "fedsim", "partition=sampled", "num_clients=1000000000000",
-         "strategy.fraction_train=0.0000000001", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "fedsim",
+            "partition=sampled",
+            "num_clients=1000000000000",
+            "strategy.fraction_train=0.0000000001",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
     )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]

@@ -35,8 +35,9 @@ SMALL = ["num_clients=6", "num_rounds=3", "runtime.progress=false"]
 
 
 def _fedsim(*args: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*FEDSIM, *args], capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
+    return subprocess.run(
+        [*FEDSIM, *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -51,9 +52,12 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file's SHA-256 and mtime (ns): what must not change."""
     return {
-        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                     p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        str(p.relative_to(folder)): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_mtime_ns,
+        )
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -88,12 +92,17 @@ def test_shipped_targets_are_fedsims_and_flowers_classes() -> None:
     assert all(t.split(".")[0] in ("fedsim", "flwr", "flwr_datasets") for t in targets)
 
 
-def test_resume_never_calls_a_callable_named_in_the_folder(killed_run: Path,
-                                                          tmp_path: Path) -> None:
+def test_resume_never_calls_a_callable_named_in_the_folder(
+    killed_run: Path, tmp_path: Path
+) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
-    _edit_config(killed_run, lambda t: t.__setitem__(
-        "faults", {"_target_": "builtins.open", "_args_": [str(victim), "w"]}))
+    _edit_config(
+        killed_run,
+        lambda t: t.__setitem__(
+            "faults", {"_target_": "builtins.open", "_args_": [str(victim), "w"]}
+        ),
+    )
     before = _snapshot(killed_run)
     line = _one_line_error(_fedsim(f"resume={killed_run}"), "faults._target_=builtins.open")
     assert "not a class fedsim's config tree names" in line
@@ -109,8 +118,17 @@ def test_resume_never_unpickles_a_file_in_the_folder(killed_run: Path, tmp_path:
             return (open, (str(marker), "w"))
 
     (killed_run / "payload.pkl").write_bytes(pickle.dumps(Payload()))
-    _edit_config(killed_run, lambda t: t.__setitem__("faults", {
-        "_target_": "numpy.load", "file": str(killed_run / "payload.pkl"), "allow_pickle": True}))
+    _edit_config(
+        killed_run,
+        lambda t: t.__setitem__(
+            "faults",
+            {
+                "_target_": "numpy.load",
+                "file": str(killed_run / "payload.pkl"),
+                "allow_pickle": True,
+            },
+        ),
+    )
     _one_line_error(_fedsim(f"resume={killed_run}"), "faults._target_=numpy.load")
     assert not marker.exists()
 
@@ -121,13 +139,16 @@ def test_resume_never_unpickles_a_file_in_the_folder(killed_run: Path, tmp_path:
         (lambda t: t["faults"].__setitem__("_args_", [0.5]), "faults._args_"),
         (lambda t: t["strategy"].__setitem__("_partial_", True), "strategy._partial_"),
         (lambda t: t.__setitem__("seed", "${oc.env:HOME}"), "a saved config holds no interp"),
-        (lambda t: t["model"].__setitem__("_target_", "fedsim.records.results.atomic_write_text"),
-         "model._target_=fedsim.records.results.atomic_write_text"),
+        (
+            lambda t: t["model"].__setitem__(
+                "_target_", "fedsim.records.results.atomic_write_text"
+            ),
+            "model._target_=fedsim.records.results.atomic_write_text",
+        ),
     ],
     ids=["args", "partial", "interpolation", "fedsim-function"],
 )
-def test_check_saved_config_refuses_what_fedsim_does_not_write(finished_run, edit,
-                                                               needle) -> None:
+def test_check_saved_config_refuses_what_fedsim_does_not_write(finished_run, edit, needle) -> None:
     tree = yaml.safe_load((finished_run / "config.yaml").read_text())
     check_saved_config(tree)  # the config fedsim wrote passes
     edit(tree)
@@ -168,8 +189,11 @@ def test_a_flipped_bit_in_the_checkpoint_is_refused(killed_run: Path) -> None:
     [
         (lambda m: m.pop("config_hash"), None, "lacks a valid 'config_hash'"),
         (lambda m: m["arrays"].__setitem__("kind", "weird"), None, "cannot be decoded"),
-        (None, lambda t: t.__setitem__("global/0", np.zeros((3, 3), np.float32)),
-         "checkpoint tensor"),
+        (
+            None,
+            lambda t: t.__setitem__("global/0", np.zeros((3, 3), np.float32)),
+            "checkpoint tensor",
+        ),
     ],
     ids=["no-config-hash", "unknown-kind", "wrong-shape"],
 )
@@ -222,13 +246,18 @@ def test_a_folder_has_one_writer(tmp_path: Path) -> None:
 
 def test_resuming_a_running_run_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = subprocess.Popen([*FEDSIM, "num_rounds=500", "runtime.progress=false",
-                             f"hydra.run.dir={run}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*FEDSIM, "num_rounds=500", "runtime.progress=false", f"hydra.run.dir={run}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
-        while not ((run / METRICS_FILE).exists()
-                   and len((run / METRICS_FILE).read_text().splitlines()) >= 2):
+        while not (
+            (run / METRICS_FILE).exists()
+            and len((run / METRICS_FILE).read_text().splitlines()) >= 2
+        ):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         _one_line_error(_fedsim(f"resume={run}"), "being written by another fedsim process")
@@ -260,12 +289,15 @@ def test_reopen_removes_nothing_until_new_rows_come(finished_run: Path, tmp_path
 # --- bad places and modes ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("where", "needle"),
-    [("file", "must be a folder, not a file"),
-     ("/sys/fs/fedsim-run", "must be inside a folder you can write to"),
-     ("/proc/fedsim-run/x", "must be inside a folder you can write to")],
+    [
+        ("file", "must be a folder, not a file"),
+        ("/sys/fs/fedsim-run", "must be inside a folder you can write to"),
+        ("/proc/fedsim-run/x", "must be inside a folder you can write to"),
+    ],
 )
-def test_a_run_folder_fedsim_cannot_use_is_one_line(tmp_path: Path, where: str,
-                                                     needle: str) -> None:
+def test_a_run_folder_fedsim_cannot_use_is_one_line(
+    tmp_path: Path, where: str, needle: str
+) -> None:
     if where == "file":
         where = str(tmp_path / "a_file")
         Path(where).write_text("not a folder\n")

@@ -14,11 +14,25 @@ from fedsim.learning.params import content_nbytes
 
 MB = 1_000_000  # bytes
 NPY_HEADER = 128  # bytes Flower's Array adds per tensor (numpy .npy format header)
-STILL = {"compute_sigma": 0.0, "bandwidth_sigma": 0.0, "p_good_to_bad": 0.0,
-         "p_bad_to_good": 1.0, "bad_bandwidth_factor": 1.0}
-PHONE = {"name": "fast", "tier": "high", "train_gflops": 10.0, "memory_gb": 1.0,
-         "uplink_mbps": 4.0, "downlink_mbps": 8.0, "availability": 1.0,
-         "compute_power_w": 2.0, "radio_tx_power_w": 3.0, "radio_rx_power_w": 1.0}
+STILL = {
+    "compute_sigma": 0.0,
+    "bandwidth_sigma": 0.0,
+    "p_good_to_bad": 0.0,
+    "p_bad_to_good": 1.0,
+    "bad_bandwidth_factor": 1.0,
+}
+PHONE = {
+    "name": "fast",
+    "tier": "high",
+    "train_gflops": 10.0,
+    "memory_gb": 1.0,
+    "uplink_mbps": 4.0,
+    "downlink_mbps": 8.0,
+    "availability": 1.0,
+    "compute_power_w": 2.0,
+    "radio_tx_power_w": 3.0,
+    "radio_rx_power_w": 1.0,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +77,11 @@ def test_latency_is_download_compute_upload_server() -> None:
     # compute 10 GFLOP / 10 GFLOPS = 1 s; upload (1 MB + 128 B tensors + 1 MB - 128 B extra)
     # = 2 MB at 4 Mbps = 16e6 / 4e6 = 4 s; server 50 GFLOP / 100 GFLOPS = 0.5 s
     assert (row["download_s"], row["compute_s"], row["upload_s"], row["server_s"]) == (
-        pytest.approx(1.000128), pytest.approx(1.0), pytest.approx(4.0), pytest.approx(0.5))
+        pytest.approx(1.000128),
+        pytest.approx(1.0),
+        pytest.approx(4.0),
+        pytest.approx(0.5),
+    )
     assert row["latency_s"] == pytest.approx(6.500128) and row["bytes_up"] == 2 * MB
     # energy: 2 W x 1 s compute + 1 W x 1.000128 s receive + 3 W x 4 s transmit = 15.000128 J
     assert row["energy_j"] == pytest.approx(15.000128)
@@ -114,8 +132,10 @@ def test_offline_infeasible_and_failed_clients_are_set_aside() -> None:
     assert settled.counts == {"ok": 1, "straggler": 0, "offline": 0, "infeasible": 0, "failed": 1}
 
 
-@pytest.mark.parametrize(("kwargs", "key"), [({"deadline_s": 0}, "clock.deadline_s"),
-                                             ({"over_selection": 0.5}, "clock.over_selection")])
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"deadline_s": 0}, "clock.deadline_s"), ({"over_selection": 0.5}, "clock.over_selection")],
+)
 def test_bad_clock_settings_are_refused(kwargs, key) -> None:
     with pytest.raises(ConfigError, match=key):
         RoundScheduler(_fleet(), seed=0, num_clients=1, **kwargs)

@@ -319,7 +319,12 @@ def test_bits32_server_step_equals_colocated_training(
     [(True, "none", True), (False, "none", True), (True, "zero_shot", True), (True, "none", False)],
 )
 def test_delta_ce_gradient_equals_central_ce(
-    cache_dir, minilm, texts, num_classes, cache_features: bool, base_head: str,
+    cache_dir,
+    minilm,
+    texts,
+    num_classes,
+    cache_features: bool,
+    base_head: str,
     per_device_keys: bool,
 ) -> None:
     # methods.md 9, PAE check (4): the server never sees y, yet its gradient is CE's on the
@@ -603,11 +608,25 @@ def test_link_memo_does_not_apply_to_batch_dependent_payloads(
 
 
 # --- traffic as MobiLLM places it (issue 14 item 4) ---------------------------------------------
-PHONE = {"name": "phone", "tier": "mid", "train_gflops": 10.0, "memory_gb": 4.0,
-         "uplink_mbps": 4.0, "downlink_mbps": 8.0, "availability": 1.0,
-         "compute_power_w": 2.0, "radio_tx_power_w": 3.0, "radio_rx_power_w": 1.0}
-STILL = {"compute_sigma": 0.0, "bandwidth_sigma": 0.0, "p_good_to_bad": 0.0,
-         "p_bad_to_good": 1.0, "bad_bandwidth_factor": 1.0}
+PHONE = {
+    "name": "phone",
+    "tier": "mid",
+    "train_gflops": 10.0,
+    "memory_gb": 4.0,
+    "uplink_mbps": 4.0,
+    "downlink_mbps": 8.0,
+    "availability": 1.0,
+    "compute_power_w": 2.0,
+    "radio_tx_power_w": 3.0,
+    "radio_rx_power_w": 1.0,
+}
+STILL = {
+    "compute_sigma": 0.0,
+    "bandwidth_sigma": 0.0,
+    "p_good_to_bad": 0.0,
+    "p_bad_to_good": 1.0,
+    "bad_bandwidth_factor": 1.0,
+}
 # The side network on the wire: per tapped layer (K = 6) down (r=48 x d=384 + 48) and up
 # (384 x 48 + 384) = 37,296 floats; 6 x 37,296 + 5 gates + head (21 x 384 + 21) = 231,866
 # float32 = 927,464 B, + Flower's 128 B .npy header x 27 tensors = 930,920 B (0.89 MiB).
@@ -629,11 +648,16 @@ def test_device_link_carries_the_activation_payload_only(
     fleet = Fleet(profiles=[PHONE], shares=[1.0], dynamics=STILL, server_gflops=100.0)
     scheduler = RoundScheduler(fleet, seed=0, num_clients=1)
     # the worker that trains the side network plays the server: it gets and returns the side net
-    sent = Message(RecordDict({keys.ARRAYS: to_arrays(model)}), dst_node_id=node_id_of(0),
-                   message_type="train")
+    sent = Message(
+        RecordDict({keys.ARRAYS: to_arrays(model)}), dst_node_id=node_id_of(0), message_type="train"
+    )
     plan = scheduler.plan(1, [sent], {0: cost})
-    reply = RecordDict({keys.ARRAYS: to_arrays(model), keys.METRICS: MetricRecord(
-        {keys.EXTRA_UPLOAD_BYTES: outcome.extra_upload_bytes})})
+    reply = RecordDict(
+        {
+            keys.ARRAYS: to_arrays(model),
+            keys.METRICS: MetricRecord({keys.EXTRA_UPLOAD_BYTES: outcome.extra_upload_bytes}),
+        }
+    )
     (row,) = scheduler.settle(plan, [Message(reply, reply_to=plan.to_send[0])], {0: cost}).records
     assert row["bytes_down"] == 0 and row["download_s"] == 0.0  # a frozen backbone: nothing
     assert row["bytes_up"] == 185_680
@@ -650,15 +674,23 @@ def test_charge_final_download_is_one_side_network(cache_dir, minilm, texts, num
 
 @pytest.mark.slow
 def test_showcase_learns_as_before_with_the_papers_traffic(tmp_path: Path) -> None:
-    cfg = compose_config(["experiment=mobile_side_tuning", "num_rounds=3", "seed=0",
-                          "runtime.progress=false", "client.charge_final_download=true"])
+    cfg = compose_config(
+        [
+            "experiment=mobile_side_tuning",
+            "num_rounds=3",
+            "seed=0",
+            "runtime.progress=false",
+            "client.charge_final_download=true",
+        ]
+    )
     summary = simulate(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     # Golden curve of this run before the side network stayed on the server (issue 14 item 4,
     # max_grad_norm 10 already in place): what is learned did not change, only the bytes.
     assert [r["accuracy"] for r in rows] == [0.456, 0.648, 0.5973333333333334]
     assert [r["loss"] for r in rows] == pytest.approx(
-        [1.9776817626953125, 1.4743011271158855, 1.3295468444824219], rel=1e-6)
+        [1.9776817626953125, 1.4743011271158855, 1.3295468444824219], rel=1e-6
+    )
     clients = read_metrics(tmp_path / "run", "clients.jsonl")
     trained = [c for c in clients if "bytes_up" in c]
     assert trained and all(c["bytes_down"] == 0 for c in clients)
@@ -701,8 +733,15 @@ def test_device_keys_differ_between_devices_and_stay_across_rounds(
 def payloads_of_one_round(overrides: list[str]) -> dict[str, np.ndarray]:
     """Every payload of one real client-round of each of the showcase's 20 phones, as seen by the
     server: sender, true label (for scoring only), delta and the received last-layer embedding."""
-    cfg = compose_config(["experiment=mobile_side_tuning", "client=pae_side_tuning", "seed=0",
-                          "client.local_epochs=1", *overrides])
+    cfg = compose_config(
+        [
+            "experiment=mobile_side_tuning",
+            "client=pae_side_tuning",
+            "seed=0",
+            "client.local_epochs=1",
+            *overrides,
+        ]
+    )
     workload = get_workload(cfg)
     client = instantiate(cfg.client)
     model = workload.build_model()

@@ -27,7 +27,9 @@ def test_cli_run_writes_a_complete_run_folder(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [*FEDSIM, *TINY, "runtime.progress=true", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[fedsim] round 2/2" in proc.stderr  # the progress display
@@ -75,8 +77,9 @@ def test_same_seed_same_metrics_and_other_seed_differs(tmp_path: Path) -> None:
 
 
 def test_learning_happens_on_digits(tmp_path: Path) -> None:
-    cfg = compose_config(["num_clients=10", "num_rounds=10", "strategy.fraction_train=0.5",
-                          "runtime.progress=false"])
+    cfg = compose_config(
+        ["num_clients=10", "num_rounds=10", "strategy.fraction_train=0.5", "runtime.progress=false"]
+    )
     summary = simulate(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     # 10 digit classes: chance is 0.1; ten FedAvg rounds of a small CNN must do far better
@@ -87,10 +90,20 @@ def test_learning_happens_on_digits(tmp_path: Path) -> None:
 def test_multirun_sweep_then_plot(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [*FEDSIM, "--multirun", "strategy=fedavg,fedprox", "seed=0,1", "num_clients=6",
-         "num_rounds=2", "strategy.fraction_train=0.5", "runtime.progress=false",
-         f"hydra.sweep.dir={sweep}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            *FEDSIM,
+            "--multirun",
+            "strategy=fedavg,fedprox",
+            "seed=0,1",
+            "num_clients=6",
+            "num_rounds=2",
+            "strategy.fraction_train=0.5",
+            "runtime.progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.rglob("metrics.jsonl"))
@@ -100,7 +113,10 @@ def test_multirun_sweep_then_plot(tmp_path: Path) -> None:
     table = pd.read_parquet(sweep / "runs.parquet")
     assert len(table) == 4 * 2 and set(table.run) == {"0", "1", "2", "3"}
     assert table.groupby(["strategy", "seed"]).size().to_dict() == {
-        ("fedavg", 0): 2, ("fedavg", 1): 2, ("fedprox", 0): 2, ("fedprox", 1): 2
+        ("fedavg", 0): 2,
+        ("fedavg", 1): 2,
+        ("fedprox", 0): 2,
+        ("fedprox", 1): 2,
     }
     assert set(table.status) == {"completed"} and set(table.client) == {"local_sgd"}
     finals = table[table["round"] == 2].set_index("run").accuracy
@@ -110,7 +126,9 @@ def test_multirun_sweep_then_plot(tmp_path: Path) -> None:
     out = tmp_path / "plots" / "curves.png"
     plot = subprocess.run(
         [sys.executable, "-m", "fedsim.scripts.plot", str(sweep), "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert plot.returncode == 0, plot.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,7 +142,10 @@ def test_flwr_run_gives_the_same_metrics_as_the_fedsim_engine(tmp_path: Path) ->
     overrides = "num_clients=6 num_rounds=2 runtime.progress=false"
     proc = subprocess.run(
         ["make", "-s", "flwr-run", f"OVERRIDES={overrides}", f"RESULTS_DIR={tmp_path / 'flwr'}"],
-        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (flwr_run,) = [p.parent for p in (tmp_path / "flwr").rglob("metrics.jsonl")]

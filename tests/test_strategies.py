@@ -261,8 +261,6 @@ def test_unknown_client_term_is_refused() -> None:
         build_terms(ConfigRecord({keys.CLIENT_TERMS: ["nope"]}))
 
 
-
-
 def _train_cnn(model, data, config, state=None, received=None):
     ctx = TrainContext(
         3,

@@ -24,9 +24,7 @@ TINY = ["num_clients=4", "num_rounds=2", "strategy.fraction_train=1.0", "runtime
 def test_import_fedsim_stays_light() -> None:
     code = "import sys, fedsim; print(fedsim.__version__, *(m in sys.modules for m in HEAVY))"
     code = f"HEAVY = ('ray', 'torch'); {code}"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [fedsim.__version__, "False", "False"]
 
 
@@ -83,10 +81,23 @@ def test_runs_written_before_choices_yaml_have_empty_choice_columns(tmp_path: Pa
     (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "accuracy": 0.5}) + "\n{trunc")
     table = fedsim.load_runs(tmp_path)
     assert table.to_dict("records") == [
-        {"run": "old", "seed": 7, "status": None, "data": None, "partition": None, "model": None,
-         "strategy": None, "client": None, "devices": None, "warm_start": None,
-         "distillation": None, "experiment": None, "overrides": None, "round": 1,
-         "accuracy": 0.5}
+        {
+            "run": "old",
+            "seed": 7,
+            "status": None,
+            "data": None,
+            "partition": None,
+            "model": None,
+            "strategy": None,
+            "client": None,
+            "devices": None,
+            "warm_start": None,
+            "distillation": None,
+            "experiment": None,
+            "overrides": None,
+            "round": 1,
+            "accuracy": 0.5,
+        }
     ]  # fmt: skip  (a killed run's truncated last line is dropped)
 
 

@@ -107,9 +107,18 @@ def test_bad_paper_knobs_raise_config_error(kwargs, key) -> None:
 
 # --- the observation log ----------------------------------------------------------------------
 def _row(rnd, pid, outcome="ok", compute=10.0, up=4.0, extra=0, flops=100):
-    return {keys.ROUND: rnd, "partition_id": pid, "outcome": outcome, "compute_gflops": compute,
-            "uplink_mbps": up, "downlink_mbps": 2 * up, "channel_good": True, "latency_s": 1.0,
-            "extra_upload_bytes": extra, "train_flops": flops}
+    return {
+        keys.ROUND: rnd,
+        "partition_id": pid,
+        "outcome": outcome,
+        "compute_gflops": compute,
+        "uplink_mbps": up,
+        "downlink_mbps": 2 * up,
+        "channel_good": True,
+        "latency_s": 1.0,
+        "extra_upload_bytes": extra,
+        "train_flops": flops,
+    }
 
 
 def test_observation_log_answers_from_earlier_rounds_only() -> None:
@@ -189,11 +198,15 @@ def _play(strategy, model, scheduler, cost_fn, server_round):
     """One round as server.train_round plays it; every client adds 1 and reports a loss."""
     grid = VirtualGrid(None, num_clients=NUM_CLIENTS, job=ConfigRecord())  # type: ignore[arg-type]
     with python_random_seeded(server_round):
-        messages = list(strategy.configure_train(server_round, to_arrays(model), ConfigRecord(),
-                                                 grid))
-    costs = {partition_id_of(m.metadata.dst_node_id): cost_fn(
-        partition_id_of(m.metadata.dst_node_id), m.content[keys.CONFIG][keys.WIDTH])
-        for m in messages}
+        messages = list(
+            strategy.configure_train(server_round, to_arrays(model), ConfigRecord(), grid)
+        )
+    costs = {
+        partition_id_of(m.metadata.dst_node_id): cost_fn(
+            partition_id_of(m.metadata.dst_node_id), m.content[keys.CONFIG][keys.WIDTH]
+        )
+        for m in messages
+    }
     plan = scheduler.plan(server_round, messages, costs)
     replies = []
     for m in plan.to_send:
@@ -201,19 +214,27 @@ def _play(strategy, model, scheduler, cost_fn, server_round):
         sub = {k: v + 1.0 for k, v in to_numpy(m.content[keys.ARRAYS]).items()}
         loss = 2.3 / server_round + 0.05 * pid
         metrics = MetricRecord({keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: loss})
-        replies.append(Message(RecordDict({keys.ARRAYS: to_record(sub), keys.METRICS: metrics}),
-                               reply_to=m))
+        replies.append(
+            Message(RecordDict({keys.ARRAYS: to_record(sub), keys.METRICS: metrics}), reply_to=m)
+        )
     settled = scheduler.settle(plan, replies, costs)
     strategy.aggregate_train(server_round, settled.kept)
-    return {partition_id_of(m.metadata.dst_node_id): dict(m.content[keys.CONFIG])
-            for m in messages}, settled
+    return {
+        partition_id_of(m.metadata.dst_node_id): dict(m.content[keys.CONFIG]) for m in messages
+    }, settled
 
 
 def _answers(view, server_round):
     """Every answer the view gives about ``server_round``, for every client."""
-    return [(view.online(pid, server_round), view.observed(pid, server_round),
-             view.extra_upload_bytes_per_flop(server_round), view.profiles[pid])
-            for pid in range(NUM_CLIENTS)]
+    return [
+        (
+            view.online(pid, server_round),
+            view.observed(pid, server_round),
+            view.extra_upload_bytes_per_flop(server_round),
+            view.profiles[pid],
+        )
+        for pid in range(NUM_CLIENTS)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -302,8 +323,12 @@ RUN = ["num_clients=6", "num_rounds=3", "strategy.fraction_train=0.5", "runtime.
         ["strategy=whale_fl", "devices=phones_mixed"],
         ["strategy=whale_fl", "devices=uniform"],
         ["strategy=whale_fl", "devices=phones_mixed", "strategy.time_unit_s=1e-5"],
-        ["strategy=heterofl", "devices=phones_mixed", "strategy.latency_budget_s=0.12",
-         "clock.deadline_s=0.12"],
+        [
+            "strategy=heterofl",
+            "devices=phones_mixed",
+            "strategy.latency_budget_s=0.12",
+            "clock.deadline_s=0.12",
+        ],
     ],
     ids=lambda o: " ".join(o),
 )
@@ -320,11 +345,19 @@ def test_short_run_completes(overrides, tmp_path: Path) -> None:
 def test_killed_whale_fl_run_resumes_bit_for_bit(tmp_path: Path, kill_and_resume) -> None:
     # time_unit_s = 1e-5: every width depends on what the server measured and the losses it was
     # told, so a resume that forgot them (the view's log, the strategy's losses) would differ
-    args = ["num_clients=8", "num_rounds=6", "strategy=whale_fl", "strategy.time_unit_s=1e-5",
-            "strategy.fraction_train=0.5", "devices=phones_mixed", "runtime.progress=false"]
+    args = [
+        "num_clients=8",
+        "num_rounds=6",
+        "strategy=whale_fl",
+        "strategy.time_unit_s=1e-5",
+        "strategy.fraction_train=0.5",
+        "devices=phones_mixed",
+        "runtime.progress=false",
+    ]
     simulate(compose_config(args), tmp_path / "reference")
     run, killed_at = kill_and_resume(args, rows=3)
     assert 3 <= killed_at < 6
     for name in ("metrics.jsonl", CLIENTS_FILE):
         assert strip_wall_time(read_metrics(run, name)) == strip_wall_time(
-            read_metrics(tmp_path / "reference", name))
+            read_metrics(tmp_path / "reference", name)
+        )

@@ -112,8 +112,15 @@ class DeviceState:
     channel_good: bool
 
 
-def _number(key: str, value: Any, *, low: float, low_inclusive: bool, high: float | None = None,
-            high_inclusive: bool = True) -> float:
+def _number(
+    key: str,
+    value: Any,
+    *,
+    low: float,
+    low_inclusive: bool,
+    high: float | None = None,
+    high_inclusive: bool = True,
+) -> float:
     """Return ``value`` as a float, or raise a one-line ConfigError naming ``key``."""
     lo = ">=" if low_inclusive else ">"
     accepted = f"must be a number {lo} {low:g}"
@@ -145,8 +152,9 @@ def _profile_from_dict(index: int, raw: Any) -> DeviceProfile:
         values[name] = _number(f"{key}.{name}", raw[name], low=0.0, low_inclusive=False)
     for name in power:
         values[name] = _number(f"{key}.{name}", raw[name], low=0.0, low_inclusive=True)
-    values["availability"] = _number(f"{key}.availability", raw["availability"], low=0.0,
-                                     low_inclusive=False, high=1.0)
+    values["availability"] = _number(
+        f"{key}.availability", raw["availability"], low=0.0, low_inclusive=False, high=1.0
+    )
     return DeviceProfile(**values)
 
 
@@ -157,16 +165,25 @@ def _dynamics_from_dict(raw: Any) -> Dynamics:
         raise ConfigError("devices.dynamics", got, f"must be a mapping with exactly {names}")
     key = "devices.dynamics."
     return Dynamics(
-        compute_sigma=_number(key + "compute_sigma", raw["compute_sigma"], low=0.0,
-                              low_inclusive=True),
-        bandwidth_sigma=_number(key + "bandwidth_sigma", raw["bandwidth_sigma"], low=0.0,
-                                low_inclusive=True),
-        p_good_to_bad=_number(key + "p_good_to_bad", raw["p_good_to_bad"], low=0.0,
-                              low_inclusive=True, high=1.0),
-        p_bad_to_good=_number(key + "p_bad_to_good", raw["p_bad_to_good"], low=0.0,
-                              low_inclusive=True, high=1.0),
-        bad_bandwidth_factor=_number(key + "bad_bandwidth_factor", raw["bad_bandwidth_factor"],
-                                     low=0.0, low_inclusive=False, high=1.0),
+        compute_sigma=_number(
+            key + "compute_sigma", raw["compute_sigma"], low=0.0, low_inclusive=True
+        ),
+        bandwidth_sigma=_number(
+            key + "bandwidth_sigma", raw["bandwidth_sigma"], low=0.0, low_inclusive=True
+        ),
+        p_good_to_bad=_number(
+            key + "p_good_to_bad", raw["p_good_to_bad"], low=0.0, low_inclusive=True, high=1.0
+        ),
+        p_bad_to_good=_number(
+            key + "p_bad_to_good", raw["p_bad_to_good"], low=0.0, low_inclusive=True, high=1.0
+        ),
+        bad_bandwidth_factor=_number(
+            key + "bad_bandwidth_factor",
+            raw["bad_bandwidth_factor"],
+            low=0.0,
+            low_inclusive=False,
+            high=1.0,
+        ),
     )
 
 
@@ -194,22 +211,37 @@ class Fleet:
 
     """
 
-    def __init__(self, *, profiles: Sequence[Mapping[str, Any]], shares: Sequence[float],
-                 dynamics: Mapping[str, float], server_gflops: float) -> None:
+    def __init__(
+        self,
+        *,
+        profiles: Sequence[Mapping[str, Any]],
+        shares: Sequence[float],
+        dynamics: Mapping[str, float],
+        server_gflops: float,
+    ) -> None:
         if isinstance(profiles, str | bytes) or not isinstance(profiles, Sequence) or not profiles:
             raise ConfigError("devices.profiles", profiles, "must be a non-empty list of mappings")
         self.profiles = tuple(_profile_from_dict(i, p) for i, p in enumerate(profiles))
-        if (isinstance(shares, str | bytes) or not isinstance(shares, Sequence)
-                or len(shares) != len(self.profiles)):
-            raise ConfigError("devices.shares", shares,
-                              f"must be a list of {len(self.profiles)} numbers, one per profile")
-        self.shares = tuple(_number(f"devices.shares[{i}]", s, low=0.0, low_inclusive=True)
-                            for i, s in enumerate(shares))
+        if (
+            isinstance(shares, str | bytes)
+            or not isinstance(shares, Sequence)
+            or len(shares) != len(self.profiles)
+        ):
+            raise ConfigError(
+                "devices.shares",
+                shares,
+                f"must be a list of {len(self.profiles)} numbers, one per profile",
+            )
+        self.shares = tuple(
+            _number(f"devices.shares[{i}]", s, low=0.0, low_inclusive=True)
+            for i, s in enumerate(shares)
+        )
         if abs(sum(self.shares) - 1.0) > _SHARE_SUM_TOLERANCE:
             raise ConfigError("devices.shares", list(shares), "must sum to 1")
         self.dynamics = _dynamics_from_dict(dynamics)
-        self.server_gflops = _number("devices.server_gflops", server_gflops, low=0.0,
-                                     low_inclusive=False)
+        self.server_gflops = _number(
+            "devices.server_gflops", server_gflops, low=0.0, low_inclusive=False
+        )
         cumulative = np.cumsum(self.shares)
         cumulative[-1] = 1.0  # the last bin catches u in [sum - eps, 1)
         self._cumulative_shares = cumulative
@@ -233,8 +265,9 @@ class Fleet:
         return DeviceAssignment(self, num_clients, seed)
 
     # -- per-round conditions ------------------------------------------------------------------
-    def conditions(self, profile: DeviceProfile, seed: int, partition_id: int,
-                   server_round: int) -> DeviceState:
+    def conditions(
+        self, profile: DeviceProfile, seed: int, partition_id: int, server_round: int
+    ) -> DeviceState:
         """Online flag, compute and bandwidth of one client in one round (rounds start at 1).
 
         Draws come from the stream named ``(seed, "conditions", partition_id, server_round)`` in
@@ -352,8 +385,9 @@ def _buffers_restored(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def _training_loss(model: nn.Module, inputs: Mapping[str, torch.Tensor],
-                   labels: torch.Tensor) -> torch.Tensor:
+def _training_loss(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
     """Mean cross-entropy of one batch; (N, C) or (N, T, C) logits, ignore_index = -100."""
     logits = _logits(model(**inputs))
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -363,8 +397,9 @@ _FLOPS_MEMO: dict[tuple, int] = {}
 _PLAIN = (bool, int, float, str, type(None))
 
 
-def _shape_key(model: nn.Module, inputs: Mapping[str, torch.Tensor],
-               labels: torch.Tensor | None) -> tuple:
+def _shape_key(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor | None
+) -> tuple:
     """What a FLOP count depends on: the module tree, its settings, and the tensor shapes.
 
     ``repr`` gives the tree and each layer's hyper-parameters; plain attributes (flags such as
@@ -372,20 +407,35 @@ def _shape_key(model: nn.Module, inputs: Mapping[str, torch.Tensor],
     are added because ``repr`` need not show them.
     """
     settings = tuple(
-        (name, type(module).__qualname__,
-         tuple(sorted((k, v) for k, v in vars(module).items()
-                      if isinstance(v, _PLAIN) and not k.startswith("_"))))
+        (
+            name,
+            type(module).__qualname__,
+            tuple(
+                sorted(
+                    (k, v)
+                    for k, v in vars(module).items()
+                    if isinstance(v, _PLAIN) and not k.startswith("_")
+                )
+            ),
+        )
         for name, module in model.named_modules()
     )
-    params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad)
-                   for n, p in model.named_parameters())
+    params = tuple(
+        (n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()
+    )
     tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
-    return (repr(model), settings, params, tensors,
-            None if labels is None else (tuple(labels.shape), labels.dtype))
+    return (
+        repr(model),
+        settings,
+        params,
+        tensors,
+        None if labels is None else (tuple(labels.shape), labels.dtype),
+    )
 
 
-def count_train_flops(model: nn.Module, inputs: Mapping[str, torch.Tensor],
-                      labels: torch.Tensor) -> int:
+def count_train_flops(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
+) -> int:
     """FLOPs of one training step (forward + backward of cross-entropy) on this batch.
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode``: matmul/conv/attention ops at
@@ -435,9 +485,13 @@ class MemoryEstimate:
     total: int
 
 
-def estimate_train_memory_bytes(model: nn.Module, inputs: Mapping[str, torch.Tensor],
-                                labels: torch.Tensor, optimizer: str = "sgd",
-                                momentum: bool = False) -> MemoryEstimate:
+def estimate_train_memory_bytes(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    optimizer: str = "sgd",
+    momentum: bool = False,
+) -> MemoryEstimate:
     """Training memory of ``model`` on this batch, activations measured, not guessed.
 
     Activations are the tensors autograd saves for backward during one forward + loss, seen by
@@ -483,9 +537,13 @@ def estimate_train_memory_bytes(model: nn.Module, inputs: Mapping[str, torch.Ten
         _training_loss(model, inputs, labels)  # the graph is dropped on return
     activations = sum(storage.nbytes() for storage in saved.values())
     optimizer_bytes = states * trainable_bytes
-    return MemoryEstimate(params=params_bytes, grads=trainable_bytes,
-                          optimizer_state=optimizer_bytes, activations=activations,
-                          total=params_bytes + trainable_bytes + optimizer_bytes + activations)
+    return MemoryEstimate(
+        params=params_bytes,
+        grads=trainable_bytes,
+        optimizer_state=optimizer_bytes,
+        activations=activations,
+        total=params_bytes + trainable_bytes + optimizer_bytes + activations,
+    )
 
 
 @dataclass(frozen=True)
@@ -519,8 +577,13 @@ def client_latency(state: DeviceState, work: ClientWork, server_gflops: float) -
     compute_s = work.train_flops / (state.compute_gflops * _GIGA)
     upload_s = work.bytes_up * _BITS_PER_BYTE / (state.uplink_mbps * _MEGA)
     server_s = work.server_flops / (server_gflops * _GIGA)
-    return Latency(download_s=download_s, compute_s=compute_s, upload_s=upload_s,
-                   server_s=server_s, total_s=download_s + compute_s + upload_s + server_s)
+    return Latency(
+        download_s=download_s,
+        compute_s=compute_s,
+        upload_s=upload_s,
+        server_s=server_s,
+        total_s=download_s + compute_s + upload_s + server_s,
+    )
 
 
 def client_energy_j(profile: DeviceProfile, latency: Latency) -> float:
@@ -529,9 +592,11 @@ def client_energy_j(profile: DeviceProfile, latency: Latency) -> float:
     Server time costs the device nothing (we assume it idles, e.g. waiting with the radio in a
     low-power state; idle and LTE tail energy are not modelled).
     """
-    return (profile.compute_power_w * latency.compute_s
-            + profile.radio_rx_power_w * latency.download_s
-            + profile.radio_tx_power_w * latency.upload_s)
+    return (
+        profile.compute_power_w * latency.compute_s
+        + profile.radio_rx_power_w * latency.download_s
+        + profile.radio_tx_power_w * latency.upload_s
+    )
 
 
 def fits_in_memory(profile: DeviceProfile, work: ClientWork) -> bool:
@@ -549,8 +614,13 @@ class RoundTiming:
     stragglers: tuple[int, ...]  # partition ids whose update is dropped, ascending
 
 
-def synchronous_round(latencies: Mapping[int, float], *, deadline_s: float | None = None,
-                      target_count: int | None = None, server_time_s: float = 0.0) -> RoundTiming:
+def synchronous_round(
+    latencies: Mapping[int, float],
+    *,
+    deadline_s: float | None = None,
+    target_count: int | None = None,
+    server_time_s: float = 0.0,
+) -> RoundTiming:
     """Who makes it into a synchronous round, and how long the round lasts.
 
     - Neither ``deadline_s`` nor ``target_count``: wait for all; time = max latency.
@@ -579,8 +649,11 @@ def synchronous_round(latencies: Mapping[int, float], *, deadline_s: float | Non
         kept = on_time
         wait_s = min(limit, max(latencies.values(), default=0.0))
     kept_set = set(kept)
-    return RoundTiming(round_time_s=wait_s + server_time_s, kept=tuple(sorted(kept_set)),
-                       stragglers=tuple(sorted(pid for pid in latencies if pid not in kept_set)))
+    return RoundTiming(
+        round_time_s=wait_s + server_time_s,
+        kept=tuple(sorted(kept_set)),
+        stragglers=tuple(sorted(pid for pid in latencies if pid not in kept_set)),
+    )
 
 
 @dataclass

@@ -252,11 +252,13 @@ def _check_fits(cfg: DictConfig) -> None:
     release_engine()
     if gpus > most_gpus:
         raise ConfigError(
-            "runtime.client_num_gpus", cfg.runtime.client_num_gpus,
+            "runtime.client_num_gpus",
+            cfg.runtime.client_num_gpus,
             f"must be at most the GPUs of one Ray node ({most_gpus:g} here)",
         )
     raise ConfigError(
-        "runtime.client_num_cpus", cfg.runtime.client_num_cpus,
+        "runtime.client_num_cpus",
+        cfg.runtime.client_num_cpus,
         f"must be at most the CPUs of one Ray node ({most_cpus:g} here)",
     )
 
@@ -367,5 +369,9 @@ def _check_sampling(cfg: DictConfig, strategy: object) -> None:
         raise ConfigError("strategy.fraction_train", fraction, "must be in (0, 1]")
     limit = listed_population_limit(psutil.virtual_memory().available, n)  # Flower lists all ids
     if n > limit:
-        raise ConfigError("num_clients", n, f"must be <= {limit} (Flower lists every client's node"
-                          " id each round; that list must fit in the memory available now)")
+        raise ConfigError(
+            "num_clients",
+            n,
+            f"must be <= {limit} (Flower lists every client's node"
+            " id each round; that list must fit in the memory available now)",
+        )

@@ -47,8 +47,16 @@ __all__ = [
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedsim-checkpoint/1"
 #: Header fields a checkpoint must have, with their JSON types.
-_REQUIRED = {"format": str, "config_hash": str, "server_round": int, "sim_time_s": (int, float),
-             "totals": dict, "arrays": dict, "strategy": dict, "clients": dict}
+_REQUIRED = {
+    "format": str,
+    "config_hash": str,
+    "server_round": int,
+    "sim_time_s": (int, float),
+    "totals": dict,
+    "arrays": dict,
+    "strategy": dict,
+    "clients": dict,
+}
 _SCALARS = (bool, int, float, str)
 
 
@@ -127,9 +135,7 @@ def _decode(desc: dict[str, Any], prefix: str, tensors: dict[str, np.ndarray]) -
     if kind == "ndarray":
         return tensors[prefix]
     if kind == "arrayrecord":
-        return ArrayRecord(
-            {k: Array(tensors[f"{prefix}/{i}"]) for i, k in enumerate(desc["keys"])}
-        )
+        return ArrayRecord({k: Array(tensors[f"{prefix}/{i}"]) for i, k in enumerate(desc["keys"])})
     if kind == "ndarray_dict":
         return {k: tensors[f"{prefix}/{i}"] for i, k in enumerate(desc["keys"])}
     if kind == "ndarray_list":
@@ -339,7 +345,8 @@ def _check_like(arrays: ArrayRecord, like: ArrayRecord, path: Path) -> None:
         got, want = arrays[name], like[name]
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
             raise ConfigError(
-                "resume", path,
+                "resume",
+                path,
                 f"checkpoint tensor {name} is {got.dtype}{list(got.shape)}, the model's "
                 f"{want.dtype}{list(want.shape)}",
             )

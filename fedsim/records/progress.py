@@ -154,9 +154,7 @@ def format_sim_time(seconds: float) -> str:
 class RoundProgress:
     """Prints a progress line per round; the ETA assumes the remaining rounds cost the mean."""
 
-    def __init__(
-        self, num_rounds: int, enabled: bool = True, stream: TextIO | None = None
-    ) -> None:
+    def __init__(self, num_rounds: int, enabled: bool = True, stream: TextIO | None = None) -> None:
         self.num_rounds = num_rounds
         self.enabled = enabled
         self.stream = stream or sys.stderr

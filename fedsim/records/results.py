@@ -117,7 +117,8 @@ class RunWriter:
         except BlockingIOError:
             os.close(fd)
             raise ConfigError(
-                "hydra.run.dir", self.run_dir,
+                "hydra.run.dir",
+                self.run_dir,
                 "is being written by another fedsim process; wait for it to end",
             ) from None
         if not os.access(self.run_dir, os.W_OK):

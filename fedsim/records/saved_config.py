@@ -54,9 +54,7 @@ def shipped_targets(conf_dir: Path = CONF_DIR) -> frozenset[str]:
     for path in conf_dir.rglob("*.yaml"):
         tree = yaml.safe_load(path.read_text())
         if isinstance(tree, dict | list):
-            targets.update(
-                str(item) for _, key, item in _nodes(tree) if key == "_target_"
-            )
+            targets.update(str(item) for _, key, item in _nodes(tree) if key == "_target_")
     return frozenset(targets)
 
 
@@ -83,7 +81,8 @@ def check_saved_config(tree: Any, source: Path | str = "config.yaml") -> None:
     for path, key, value in nodes:  # what would be called comes first in the message
         if key == "_target_" and str(value) not in allowed:
             raise ConfigError(
-                path, value,
+                path,
+                value,
                 f"in {source} is not a class fedsim's config tree names; resuming builds only "
                 "those (add a YAML option under conf/ for a class of your own)",
             )

@@ -152,4 +152,3 @@ class RunsTableCallback(Callback):
             print(f"[fedsim] no {RUNS_TABLE_FILE} for {sweep_dir}: {error}", file=sys.stderr)
             return
         print(f"[fedsim] sweep table: {out}", file=sys.stderr)
-

@@ -115,6 +115,9 @@ class HeteroFL(FedAvg):
 
     """
 
+    #: What ``bind(view)`` sets, built again on resume (the checkpoint keeps the rest).
+    REBUILT_ON_RESUME = ("view", "layout")
+
     def __init__(
         self,
         *,

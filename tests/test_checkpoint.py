@@ -72,3 +72,29 @@ def test_checkpoint_of_another_config_is_refused(tmp_path) -> None:
     save_checkpoint(tmp_path, _state(), FedAdam(), "config-a")
     with pytest.raises(ConfigError, match="another config"):
         load_checkpoint(tmp_path, FedAdam(), "config-b")
+
+
+class _Keeps(FedAvgM):
+    REBUILT_ON_RESUME = ("helper",)
+
+
+def test_state_the_checkpoint_cannot_keep_is_refused_not_dropped(tmp_path) -> None:
+    import random
+
+    from fedsim.records.checkpoint import UnsavableState
+
+    strategy = _Keeps(server_momentum=0.9)
+    strategy.helper = object()  # named as rebuilt on resume: left out
+    strategy.rng = random.Random(0)  # state: a resumed run would draw other numbers
+    with pytest.raises(UnsavableState, match=r"_Keeps\.rng is a Random.*REBUILT_ON_RESUME"):
+        save_checkpoint(tmp_path, _state(), strategy, "h")
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+    del strategy.rng
+    save_checkpoint(tmp_path, _state(), strategy, "h")  # callables and rebuilt ones: left out
+    fresh = _Keeps(server_momentum=0.9)
+    load_checkpoint(tmp_path, fresh, "h")
+    assert not hasattr(fresh, "helper") and callable(fresh.train_metrics_aggr_fn)
+    state = _state()
+    state.extra = {"queue": [object()]}  # an asynchronous loop's extra: the same rule
+    with pytest.raises(UnsavableState, match="extra holds state"):
+        save_checkpoint(tmp_path, state, strategy, "h")

@@ -42,6 +42,8 @@ __all__ = [
     "tensors_digest",
     "CHECKPOINT_FILE",
     "FORMAT",
+    "REBUILT",
+    "UnsavableState",
 ]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -175,13 +177,43 @@ def _unplain(value: Any) -> Any:
     return value
 
 
+class UnsavableState(TypeError):
+    """State the checkpoint cannot keep: refused, where dropping it would break resume."""
+
+
+#: The class attribute where a strategy names the attributes it builds again on resume (what
+#: ``bind(view)`` sets), which the checkpoint leaves out.
+REBUILT = "REBUILT_ON_RESUME"
+
+
+def _encode_state(value: Any, prefix: str, tensors: dict[str, np.ndarray]) -> Any:
+    """``_encode``, refusing what it cannot keep (an asynchronous loop's ``extra``)."""
+    desc = _encode(value, prefix, tensors)
+    if desc is None:
+        raise UnsavableState(f"{prefix} holds state a checkpoint cannot keep: {value!r:.200}")
+    return desc
+
+
 def capture_object_state(obj: object, prefix: str, tensors: dict[str, np.ndarray]) -> dict:
-    """The state-like attributes of ``obj`` (a strategy), arrays into ``tensors``."""
+    """The state of ``obj`` (a strategy): every attribute, arrays into ``tensors``.
+
+    Callables (Flower's metric aggregators) and the attributes ``obj`` names in
+    ``REBUILT_ON_RESUME`` are built again from the config; any other attribute the checkpoint
+    cannot encode raises :class:`UnsavableState` (a resumed run would silently differ).
+    """
+    rebuilt = frozenset(getattr(type(obj), REBUILT, ()))
     described = {}
     for name, value in vars(obj).items():
         desc = _encode(value, f"{prefix}/{name}", tensors)
         if desc is not None:
             described[name] = desc
+        elif not (callable(value) or name in rebuilt):
+            raise UnsavableState(
+                f"{type(obj).__name__}.{name} is a {type(value).__name__}, which a checkpoint "
+                "cannot keep: hold state as arrays, scalars, records or plain containers of "
+                f"them, or name the attribute in {type(obj).__name__}.{REBUILT} if the "
+                "strategy builds it again on resume"
+            )
     return described
 
 
@@ -207,7 +239,7 @@ def save_checkpoint(
         "totals": state.totals,
         "arrays": _encode(state.arrays, "global", tensors),
         "strategy": capture_object_state(strategy, "strategy", tensors),
-        "extra": _encode(state.extra, "extra", tensors),
+        "extra": _encode_state(state.extra, "extra", tensors),
         "clients": {
             str(pid): {
                 name: _encode(record, f"client/{pid}/{name}", tensors)

@@ -75,7 +75,14 @@ from fedsim.clock.devices import count_forward_flops
 from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
 from fedsim.learning.models import ModelFactory
-from fedsim.training.contract import NoDistillation, TrainContext, TrainOutcome, distillation_of
+from fedsim.learning.params import array_record
+from fedsim.training.contract import (
+    ClientBehaviour,
+    NoDistillation,
+    TrainContext,
+    TrainOutcome,
+    distillation_of,
+)
 from fedsim.training.loop import Batch, ClientTerm, LocalRun, TermOutput, register_term
 
 __all__ = [
@@ -178,7 +185,11 @@ def average_class_targets(
 # --- the client term -----------------------------------------------------------------------------
 def _generations(state: RecordDict) -> int:
     meta = state.get(keys.DFL_GENERATIONS)
-    return int(meta["count"]) if isinstance(meta, ConfigRecord) else 0
+    if not isinstance(meta, ConfigRecord):
+        return 0
+    count = meta["count"]
+    assert isinstance(count, int)  # Distilled.train writes an int
+    return int(count)
 
 
 @register_term(NAME)
@@ -187,10 +198,10 @@ class DFLTerm(ClientTerm):
 
     def __init__(self, config: ConfigRecord) -> None:
         super().__init__(config)
-        self.temperature = float(config[keys.DFL_TEMPERATURE])
-        self.beta0 = float(config[keys.DFL_BETA0])
+        self.temperature = float(keys.number(config, keys.DFL_TEMPERATURE))
+        self.beta0 = float(keys.number(config, keys.DFL_BETA0))
         self.schedule = str(config[keys.DFL_SCHEDULE])
-        self.ramp_rounds = int(config[keys.DFL_RAMP_ROUNDS])
+        self.ramp_rounds = int(keys.number(config, keys.DFL_RAMP_ROUNDS))
         self.teacher = str(config[keys.DFL_TEACHER])
         self.t_squared = bool(config[keys.DFL_T_SQUARED])
 
@@ -201,9 +212,9 @@ class DFLTerm(ClientTerm):
         source = {"stale_local": ctx.state, "global": ctx.received}.get(self.teacher)
         name = keys.DFL_SOFT_TARGETS if self.teacher == "stale_local" else keys.DFL_GLOBAL_TARGETS
         if source is not None and name in source:
-            self.targets = torch.from_numpy(source[name]["soft"].numpy()).float()
+            self.targets = torch.from_numpy(array_record(source, name)["soft"].numpy()).float()
         elif self.teacher == "class_global" and keys.DFL_CLASS_TARGETS in ctx.received:
-            record = ctx.received[keys.DFL_CLASS_TARGETS]
+            record = array_record(ctx.received, keys.DFL_CLASS_TARGETS)
             self.targets = torch.from_numpy(record["q"].numpy()).float()
             self.known = torch.from_numpy(record["count"].numpy()) > 0
         # linear_up's ramp: 1 the first round this client trains with a teacher. The client's
@@ -276,7 +287,7 @@ def predict_logits(
 class Distilled:
     """A client behaviour with DFL's term and teacher added (module docstring)."""
 
-    def __init__(self, inner: Any, dfl: DFL) -> None:
+    def __init__(self, inner: ClientBehaviour, dfl: DFL) -> None:
         self.inner, self.dfl = inner, dfl
         self.batch_size = inner.batch_size
         self._forward: dict[tuple, int] = {}  # (batch size, shapes) -> forward FLOPs per batch
@@ -317,7 +328,9 @@ class Distilled:
         self, model: torch.nn.Module, data: dict[str, torch.Tensor], ctx: TrainContext
     ) -> TrainOutcome:
         """The inner round with the ``dfl`` term first, the teacher's prediction pass around it."""
-        terms = [NAME, *(str(t) for t in ctx.config.get(keys.CLIENT_TERMS, []) if t != NAME)]
+        asked = ctx.config.get(keys.CLIENT_TERMS, [])
+        assert isinstance(asked, list)  # of term names
+        terms = [NAME, *(str(t) for t in asked if t != NAME)]
         ctx.config = ConfigRecord(
             {**ctx.config, **self.dfl.train_config(), keys.CLIENT_TERMS: terms}
         )
@@ -422,7 +435,7 @@ class DFL:
             keys.DFL_T_SQUARED: self.t_squared,
         }
 
-    def wrap(self, behaviour: Any) -> Distilled:
+    def wrap(self, behaviour: ClientBehaviour) -> Distilled:
         """``behaviour`` with DFL added.
 
         A behaviour whose devices each train in a label space of their own (PAE side-tuning

@@ -172,8 +172,8 @@ class PeftTuning:
         if memo not in self._per_batch:
             inputs = {k: v for k, v in batch.items() if k != "label"}
             flops = count_train_flops(model, inputs, batch["label"])
-            memory = estimate_train_memory_bytes(model, inputs, batch["label"], optimizer="adam")
-            self._per_batch[memo] = (flops, memory.total)
+            estimate = estimate_train_memory_bytes(model, inputs, batch["label"], optimizer="adam")
+            self._per_batch[memo] = (flops, estimate.total)
         flops, memory = self._per_batch[memo]
         examples = self.local_epochs * num_examples
         if self.max_steps is not None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from hydra.conf import HydraConf
 
 from fedsim.config import CONF_DIR
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
@@ -30,9 +34,9 @@ def _run(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    made_by = provenance(
-        OmegaConf.to_container(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task)
-    )
+    choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
+    assert isinstance(choices, dict)  # a DictConfig's container is a dict
+    made_by = provenance(choices, list(hydra_cfg.overrides.task))
     try:
         again = _sweep_job_again(cfg, run_dir) if _in_multirun(hydra_cfg) else None
         if again == "finished":
@@ -54,7 +58,7 @@ def _run(cfg: DictConfig) -> float:
     return math.nan if final is None else float(final)  # nan: no round finished
 
 
-def _in_multirun(hydra_cfg: DictConfig) -> bool:
+def _in_multirun(hydra_cfg: HydraConf) -> bool:
     from hydra.types import RunMode
 
     return hydra_cfg.mode == RunMode.MULTIRUN

@@ -243,7 +243,7 @@ def _compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigError:
     return ConfigError("override", " ".join(overrides), text)
 
 
-def provenance(choices: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def provenance(choices: Mapping[Any, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """What made a run: each config group's chosen option and the command-line overrides.
 
     ``choices`` is Hydra's ``hydra.runtime.choices`` (Hydra's own ``hydra/*`` groups left out);
@@ -259,9 +259,9 @@ def compose_with_provenance(overrides: Sequence[str] = ()) -> tuple[DictConfig, 
 
     def composed() -> tuple[DictConfig, dict[str, Any]]:
         cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-        made = provenance(
-            OmegaConf.to_container(cfg.hydra.runtime.choices), list(cfg.hydra.overrides.task)
-        )
+        choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+        assert isinstance(choices, dict)  # a DictConfig's container is a dict
+        made = provenance(choices, list(cfg.hydra.overrides.task))
         with open_dict(cfg):
             del cfg["hydra"]
         return cfg, made
@@ -381,6 +381,7 @@ def _unknown_argument(node: DictConfig, group: str, exc: Exception) -> ConfigErr
     accepted = [p for p in params if p not in ("self", "args", "kwargs")]
     for key in node:
         if key != "_target_" and key not in params and "kwargs" not in params:
-            return ConfigError(f"{group}.{key}", node[key], f"not accepted; accepted: {accepted}")
+            # !s prints a YAML key (str, int, float, bool) as {} does; mypy: a key may be bytes
+            return ConfigError(f"{group}.{key!s}", node[key], f"not accepted; accepted: {accepted}")
     message = " ".join(str(exc.__cause__ or exc).split())
     return ConfigError(group, target.rsplit(".", 1)[-1], f"could not be built: {message}")

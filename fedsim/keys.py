@@ -1,5 +1,8 @@
 """Every string key fedsim puts in messages, records and metrics, defined once."""
 
+from collections.abc import Mapping
+from typing import Any
+
 # --- records inside a Flower Message ------------------------------------------------------------
 ARRAYS = "arrays"  # Flower strategies' default ArrayRecord key (FedAvg.arrayrecord_key)
 CONFIG = "config"  # Flower strategies' default ConfigRecord key (FedAvg.configrecord_key)
@@ -87,6 +90,23 @@ STALENESS_MEAN = "staleness_mean"  # asynchronous rows: global updates between d
 STALENESS_MAX = "staleness_max"
 CYCLE = "cycle"  # warm-start rows (phase "warm_start", round 0): which cycle of the stage
 WARM_START_CYCLES = "warm_start_cycles"  # totals: warm-start cycles done (a resumed run skips them)
+
+
+# --- reading numbers back ------------------------------------------------------------------
+_ABSENT = object()
+
+
+def number(record: Mapping[str, Any], key: str, default: Any = _ABSENT) -> int | float:
+    """The number ``record`` (a Config- or MetricRecord) holds under ``key``, as it was written.
+
+    Flower's records type a value as any record value (a str, bytes, a list); a key fedsim or a
+    strategy writes as a number that holds something else is a bug: a TypeError naming the key.
+    ``default`` is returned when the key is absent (absent and no default: KeyError).
+    """
+    value = record[key] if default is _ABSENT else record.get(key, default)
+    if not isinstance(value, int | float):
+        raise TypeError(f"record key {key!r} holds {value!r}, not a number")
+    return value
 
 
 # --- node ids: Flower addresses virtual clients by node id, fedsim by partition id ---------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sized
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim import keys
@@ -29,6 +29,16 @@ def to_numpy(arrays: ArrayRecord) -> Tensors:
     return {name: np.array(array.numpy()) for name, array in arrays.items()}
 
 
+def _array_record(content: RecordDict, name: str) -> ArrayRecord:
+    """``content[name]``, a reply's tensors (as ``fedsim.learning.params.array_record``).
+
+    Not imported from there: that module loads torch, which this one does not need.
+    """
+    record = content[name]
+    assert isinstance(record, ArrayRecord)  # (a RecordDict's item may be any kind of record)
+    return record
+
+
 def zeros_like(arrays: ArrayRecord) -> Tensors:
     """Zeros shaped like every tensor of ``arrays``: a server state's initial value."""
     return {k: np.zeros_like(v) for k, v in to_numpy(arrays).items()}
@@ -46,7 +56,7 @@ def count_nodes(grid: Grid) -> int:
 
 def client_models(replies: Iterable[Message]) -> list[Tensors]:
     """The trained models of the replies that carry one (failed clients' replies do not)."""
-    return [to_numpy(r.content[keys.ARRAYS]) for r in replies if not r.has_error()]
+    return [to_numpy(_array_record(r.content, keys.ARRAYS)) for r in replies if not r.has_error()]
 
 
 def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -67,7 +77,7 @@ def take_records(replies: Iterable[Message], name: str) -> list[Tensors]:
             continue
         if name not in reply.content:
             raise KeyError(f"a reply lacks the record {name!r}: did its client add the term?")
-        taken.append(to_numpy(reply.content[name]))
+        taken.append(to_numpy(_array_record(reply.content, name)))
         del reply.content[name]
     return taken
 

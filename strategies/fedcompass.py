@@ -219,6 +219,7 @@ class FedCompass(AsyncStrategy):
 
     def _assign(self, loop: AsyncLoop, pid: int) -> None:
         """Give ``pid`` a group and its steps (join the best group, else open one); send it."""
+        assert self.q_min is not None and self.q_max is not None  # set by begin()
         speed, now = self.speed[pid], loop.now
         best_gid, best_q = -1, -1
         for gid, group in self.groups.items():
@@ -269,6 +270,7 @@ class FedCompass(AsyncStrategy):
 
     def _retry(self, loop: AsyncLoop) -> None:
         waiting, self.waiting = self.waiting, []
+        assert self.q_max is not None  # set by begin()
         busy = loop.busy()
         for pid in waiting:
             if pid in busy:

@@ -87,7 +87,7 @@ class FedDynTerm(ClientTerm):
 
     def __init__(self, config: ConfigRecord) -> None:
         super().__init__(config)
-        self.alpha = float(config[keys.FEDDYN_ALPHA])
+        self.alpha = float(keys.number(config, keys.FEDDYN_ALPHA))
 
     def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
         """Keep theta^{t-1}; read g_i from the client's state (zero at first)."""

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
+from fedsim.learning.params import array_record
 from fedsim.strategies.common import Tensors, check_number, to_numpy, to_record
 from fedsim.training.contract import TrainContext
 from fedsim.training.loop import ClientTerm, LocalRun, TermOutput, register_term
@@ -110,13 +111,10 @@ class FedNova(FedAvg):
             if reply.has_error():
                 continue
             client_metrics = reply.content[keys.METRICS]
-            updates.append(
-                (
-                    to_numpy(reply.content[keys.ARRAYS]),
-                    float(client_metrics[self.weighted_by_key]),
-                    float(client_metrics[keys.FEDNOVA_NORM]),
-                )
-            )
+            weights = to_numpy(array_record(reply.content, keys.ARRAYS))
+            num_examples = keys.number(client_metrics, self.weighted_by_key)
+            norm = keys.number(client_metrics, keys.FEDNOVA_NORM)
+            updates.append((weights, float(num_examples), float(norm)))
         return to_record(fednova_aggregate(to_numpy(self.current_arrays), updates, self.eta_g)), (
             metrics
         )

@@ -95,8 +95,8 @@ class FedSpeedTerm(ClientTerm):
 
     def __init__(self, config: ConfigRecord) -> None:
         super().__init__(config)
-        self.rho = float(config[keys.FEDSPEED_RHO])
-        self.lamb = float(config[keys.FEDSPEED_LAMBDA])
+        self.rho = float(keys.number(config, keys.FEDSPEED_RHO))
+        self.lamb = float(keys.number(config, keys.FEDSPEED_LAMBDA))
 
     def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
         """Keep w_t; read h_i (zero at first); precompute lambda * (h_i - w_t)."""
@@ -109,7 +109,8 @@ class FedSpeedTerm(ClientTerm):
         params = trainable(model)
         if self.rho > 0:
             with_grad = {k: p for k, p in params.items() if p.grad is not None}
-            steps = sam_perturbation([p.grad for p in with_grad.values()], self.rho)
+            grads = [p.grad for p in with_grad.values() if p.grad is not None]  # all: with_grad's
+            steps = sam_perturbation(grads, self.rho)
             with torch.no_grad():
                 for p, e in zip(with_grad.values(), steps, strict=True):
                     p.add_(e)
@@ -126,6 +127,7 @@ class FedSpeedTerm(ClientTerm):
         """After the shared clip: ``+ lambda * w``, the code's extra SGD weight decay (no clip)."""
         with torch.no_grad():
             for p in trainable(model).values():
+                assert p.grad is not None  # after_backward gave every one a .grad
                 p.grad.add_(p, alpha=self.lamb)
 
     def after_train(self, model: torch.nn.Module, ctx: TrainContext, run: LocalRun) -> TermOutput:

@@ -38,6 +38,7 @@ from fedsim.clock.devices import ClientWork, DeviceState, client_latency, fits_i
 from fedsim.clock.server_view import FederationView, slim_layout_of
 from fedsim.errors import ConfigError
 from fedsim.keys import partition_id_of
+from fedsim.learning.params import array_record
 from fedsim.learning.slicing import (
     Indices,
     SlimLayout,
@@ -198,7 +199,9 @@ class HeteroFL(FedAvg):
             indices, record = sliced[width]
             self.assigned[pid] = indices
             shared = message.content
-            own = ConfigRecord(dict(shared[self.configrecord_key]))
+            shared_config = shared[self.configrecord_key]
+            assert isinstance(shared_config, ConfigRecord)  # FedAvg's train config
+            own = ConfigRecord(dict(shared_config))
             own[keys.WIDTH] = width
             for name, value in fields.items():
                 own[f"{keys.LOG_PREFIX}{name}"] = float(value)
@@ -219,8 +222,10 @@ class HeteroFL(FedAvg):
         updates = []
         for reply in valid:
             pid = partition_id_of(reply.metadata.src_node_id)
-            num_examples = float(reply.content[keys.METRICS][self.weighted_by_key])
-            sub = to_numpy(reply.content[self.arrayrecord_key])
+            metrics = reply.content[keys.METRICS]
+            assert isinstance(metrics, MetricRecord)  # the reply's metrics
+            num_examples = float(keys.number(metrics, self.weighted_by_key))
+            sub = to_numpy(array_record(reply.content, self.arrayrecord_key))
             updates.append((sub, self.assigned[pid], num_examples))
         self.on_aggregate(updates)
         merged = aggregate_sliced(self.current, updates, self._layout())

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
 from fedsim.learning.models import forward_with_features
+from fedsim.learning.params import array_record
 from fedsim.strategies.common import check_number
 from fedsim.training.contract import TrainContext
 from fedsim.training.loop import Batch, ClientTerm, LocalRun, TermOutput, register_term, snapshot
@@ -58,8 +59,8 @@ class MoonTerm(ClientTerm):
 
     def __init__(self, config: ConfigRecord) -> None:
         super().__init__(config)
-        self.mu = float(config[keys.MOON_MU])
-        self.temperature = float(config[keys.MOON_TEMPERATURE])
+        self.mu = float(keys.number(config, keys.MOON_MU))
+        self.temperature = float(keys.number(config, keys.MOON_TEMPERATURE))
 
     def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
         """Keep the global weights; read the previous local model's (global ones at first)."""
@@ -75,7 +76,8 @@ class MoonTerm(ClientTerm):
         ]
         self.w_global = snapshot(model)
         if keys.MOON_PREVIOUS in ctx.state:
-            self.w_previous = dict(ctx.state[keys.MOON_PREVIOUS].to_torch_state_dict())
+            previous = array_record(ctx.state, keys.MOON_PREVIOUS)
+            self.w_previous = dict(previous.to_torch_state_dict())
         else:
             self.w_previous = {k: self.w_global[k] for k in self.representation}
 

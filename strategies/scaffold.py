@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
+from fedsim.learning.params import array_record
 from fedsim.strategies.common import (
     Tensors,
     check_number,
@@ -93,7 +94,7 @@ class ScaffoldTerm(ClientTerm):
     def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
         """Read c (message) and c_i (state, zero at first); keep w_t."""
         self.w_global = snapshot(model)
-        self.c = dict(ctx.received[keys.SCAFFOLD_CONTROL].to_torch_state_dict())
+        self.c = dict(array_record(ctx.received, keys.SCAFFOLD_CONTROL).to_torch_state_dict())
         self.c_i = state_tensors(ctx.state, keys.SCAFFOLD_CLIENT_CONTROL, self.w_global)
         self.correction = {k: self.c[k] - self.c_i[k] for k in self.w_global}
 

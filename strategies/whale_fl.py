@@ -169,7 +169,7 @@ def choose_width(
     return best if best is not None else int(np.argmin(widths))
 
 
-def training_status(history: Sequence[float], window: int, initial: float) -> float:
+def training_status(history: Sequence[float] | np.ndarray, window: int, initial: float) -> float:
     """``phi``: the windowed mean of the last ``window`` values over the largest such mean."""
     if len(history) == 0:
         return initial
@@ -420,6 +420,7 @@ class WhaleFL(HeteroFL):
             if reply.has_error():
                 continue
             loss = reply.content[keys.METRICS].get(keys.TRAIN_LOSS)
+            assert loss is None or isinstance(loss, int | float)  # the worker's mean loss
             if loss is not None and math.isfinite(float(loss)):
                 pid = partition_id_of(reply.metadata.src_node_id)
                 prev = self.losses.get(pid, [self.initial_loss] * 2)

@@ -161,6 +161,15 @@ def test_resume_of_broken_yaml_is_one_line(killed_run: Path) -> None:
     _one_line_error(_fedsim(f"resume={killed_run}"), "is not valid YAML")
 
 
+def test_a_saved_config_that_is_not_text_is_one_line(tmp_path: Path) -> None:
+    # found by mypy: a UnicodeDecodeError has no strerror, so this was an AttributeError
+    from fedsim.records.saved_config import load_saved_config
+
+    (tmp_path / "config.yaml").write_bytes(b"seed: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_saved_config(tmp_path)
+
+
 # --- the checkpoint is checked before it is used -------------------------------------------------
 def _rewrite_checkpoint(run: Path, edit_meta=None, edit_tensors=None, rehash=True) -> None:
     path = run / CHECKPOINT_FILE

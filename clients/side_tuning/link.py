@@ -84,8 +84,9 @@ class LinkMemo:
             [None] * len(rows) if activations.scale is None else activations.scale.split(counts)
         )
         for i, row in enumerate(rows.tolist()):
+            scale = scales[i]
             self._entries[(partition_id, row)] = (
                 codes[i].clone(),
-                None if scales[i] is None else scales[i].clone(),
+                None if scale is None else scale.clone(),
                 None if mask is None else mask[i].clone(),
             )

@@ -192,6 +192,7 @@ class GatedAdapterChain(nn.Module):
         self.down = nn.ModuleList(nn.Linear(hidden_size, bottleneck) for _ in range(num_layers))
         self.up = nn.ModuleList(nn.Linear(bottleneck, hidden_size) for _ in range(num_layers))
         for up in self.up:  # adapters start as the identity: h_i = S_i_in
+            assert isinstance(up, nn.Linear)  # (a ModuleList yields Modules)
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
 
@@ -247,6 +248,8 @@ class SideTunedModel(nn.Module):
     what training saw. Only ``side`` and ``head`` have ``requires_grad``: they are what travels.
     """
 
+    label_perm: torch.Tensor  # a buffer (registered in __init__): head label -> true label
+
     def __init__(
         self, base: TextClassifierModel, spec: SideSpec, num_classes: int, width: float = 1.0
     ) -> None:
@@ -277,6 +280,7 @@ class SideTunedModel(nn.Module):
         axes: dict[str, int] = {}
         dims: dict[str, tuple[AxisDim | None, ...]] = {}
         for i, down in enumerate(self.side.down):
+            assert isinstance(down, nn.Linear)  # (a ModuleList yields Modules)
             axis = AxisDim(f"side.{i}")
             axes[axis.axis] = int(down.out_features)
             dims[f"side.down.{i}.weight"] = (axis, None)  # (r, d)
@@ -316,7 +320,7 @@ class SideTunedModel(nn.Module):
             return self.head(h)
         dense = h.new_zeros((*token_mask.shape, h.shape[-1]))  # (n, T, d)
         dense[token_mask] = h
-        return self.head(pool_hidden_states(dense, token_mask, self.pooling))  # type: ignore[arg-type]
+        return self.head(pool_hidden_states(dense, token_mask, self.pooling))
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         """Head label space -> true label order (the device applies its key)."""
@@ -397,7 +401,7 @@ class SideTuningFactory:
         self.inner = inner
         self.spec = spec
         self._digest: str | None = None
-        self._backbone: nn.Module | None = None  # frozen: width-sliced sub-models share it
+        self._backbone: PreTrainedModel | None = None  # frozen: width-sliced sub-models share it
 
     def build(self, num_classes: int, width: float = 1.0) -> SideTunedModel:
         """A side-tuned model; head and side-net inits are drawn from the caller's seed.
@@ -547,7 +551,7 @@ def _pooled_last(
 
 # --------------------------------------------------------------------------- device memory
 def estimate_forward_memory_bytes(
-    backbone: nn.Module, batch_size: int, seq_len: int, payload_floats: int
+    backbone: PreTrainedModel, batch_size: int, seq_len: int, payload_floats: int
 ) -> int:
     """Peak bytes of the device's forward-only step (float32), an analytic estimate.
 
@@ -559,7 +563,7 @@ def estimate_forward_memory_bytes(
     + the tapped copy being quantized (``payload_floats`` float32 values).
     No autograd graph is kept (``torch.no_grad``); allocator overhead is not included.
     """
-    config = backbone.config  # type: ignore[union-attr]
+    config = backbone.config
     width, layers = int(config.hidden_size), int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
     ffn = int(

@@ -567,10 +567,12 @@ class SideTuning:
         cache = None
         if self.activation_cache:
             record = ctx.state.get(CACHE_STATE_KEY)
+            first_down = model.side.down[0]
+            assert isinstance(first_down, torch.nn.Linear)  # (a ModuleList yields Modules)
             cache = _ServerCache(
                 n,
                 model.spec.bits,
-                int(model.side.down[0].in_features),
+                int(first_down.in_features),
                 record if isinstance(record, ArrayRecord) else None,
             )
         self._swap_in_device_head(model, ctx)

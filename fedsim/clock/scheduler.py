@@ -98,7 +98,9 @@ def device_link_bytes(content: RecordDict, cost: DeviceCost) -> int:
 def _extra_upload_bytes(reply: Message) -> int:
     """Bytes the device uploaded besides its tensors (e.g. activations), as it reported them."""
     metrics = reply.content.get(keys.METRICS)
-    return int(metrics.get(keys.EXTRA_UPLOAD_BYTES, 0)) if metrics is not None else 0
+    if metrics is None:
+        return 0
+    return int(keys.number(metrics, keys.EXTRA_UPLOAD_BYTES, 0))
 
 
 class RoundScheduler:
@@ -190,6 +192,7 @@ class RoundScheduler:
         """
         if reply.has_error():
             row["outcome"] = FAILED
+            assert reply.error.reason is not None  # VirtualGrid's errors all give one
             row["error"] = " ".join(reply.error.reason.split())[:300]
             return None
         pid = row["partition_id"]

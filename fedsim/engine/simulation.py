@@ -278,7 +278,8 @@ def _cluster_cpus(cfg: DictConfig) -> float | None:
     if not cfg.runtime.ray_address:
         return None
     if not ray.is_initialized():
-        ray.init(address=str(cfg.runtime.ray_address), logging_level="ERROR")
+        # ray.init annotates logging_level as int, but takes a level name (its default is "info")
+        ray.init(address=str(cfg.runtime.ray_address), logging_level="ERROR")  # type: ignore[arg-type]
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 

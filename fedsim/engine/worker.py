@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
 from fedsim.engine.faults import LaneGivenUp
-from fedsim.learning.params import decode_arrays, load_state, to_arrays
+from fedsim.learning.params import array_record, decode_arrays, load_state, to_arrays
 from fedsim.learning.workload import Workload, get_workload
 from fedsim.rounds.virtual_grid import LaneSettings, lane_settings, pack_replies, unpack_lane
 from fedsim.seeding import derive_seed, torch_generator
@@ -65,8 +65,9 @@ class ClientRuntime:
         ``lane`` (which attempt, the lane's timeout) and ``time_left_s`` (of that timeout) tell
         injected faults how to strike (fedsim/engine/faults.py).
         """
-        config: ConfigRecord = content.get(keys.CONFIG, ConfigRecord())
-        server_round = int(config.get(keys.SERVER_ROUND, 0))
+        config = content.get(keys.CONFIG, ConfigRecord())
+        assert isinstance(config, ConfigRecord)  # the strategy's train config
+        server_round = int(keys.number(config, keys.SERVER_ROUND, 0))
         lane = lane or LaneSettings()
         self.faults.strike(
             self.seed,
@@ -76,8 +77,8 @@ class ClientRuntime:
             timeout_s=lane.timeout_s,
             time_left_s=time_left_s,
         )
-        model = self.model_for(float(config.get(keys.WIDTH, 1.0)))
-        load_state(model, received or decode_arrays(content[keys.ARRAYS]))
+        model = self.model_for(float(keys.number(config, keys.WIDTH, 1.0)))
+        load_state(model, received or decode_arrays(array_record(content, keys.ARRAYS)))
         # Dropout and other global-RNG draws, and the batch order, are named by (round, client).
         # (Not torch.manual_seed: without CUDA it queues a formatted stack trace on every call.)
         torch.default_generator.manual_seed(
@@ -119,7 +120,9 @@ def _runtime(job: ConfigRecord) -> ClientRuntime:
     with _LOCK:
         if digest not in _RUNTIMES:
             _RUNTIMES.clear()
-            _RUNTIMES[digest] = ClientRuntime(OmegaConf.create(str(job[keys.JOB_YAML])))
+            cfg = OmegaConf.create(str(job[keys.JOB_YAML]))
+            assert isinstance(cfg, DictConfig)  # a run's config is a mapping
+            _RUNTIMES[digest] = ClientRuntime(cfg)
         return _RUNTIMES[digest]
 
 
@@ -137,7 +140,7 @@ def handle_lane(content: RecordDict) -> RecordDict:
     decoded: dict[int, dict[str, torch.Tensor]] = {}  # id(ArrayRecord) -> tensors, per lane
     for partition_id, client_content, state in clients:
         try:
-            arrays = client_content[keys.ARRAYS]
+            arrays = array_record(client_content, keys.ARRAYS)
             if id(arrays) not in decoded:
                 decoded[id(arrays)] = decode_arrays(arrays)
             left_s = None if deadline_s is None else deadline_s - time.monotonic()

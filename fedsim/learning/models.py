@@ -175,6 +175,7 @@ class ConvNet(nn.Module):
         named = [(n, m) for n, m in self.features.named_children() if isinstance(m, nn.Conv2d)]
         convs = [m for _, m in named]
         hidden = self.classifier[1]
+        assert isinstance(hidden, nn.Linear)  # classifier: Flatten, Linear (hidden), ReLU, Linear
         axes = {f"conv{i}": conv.out_channels for i, conv in enumerate(convs)}
         axes["hidden"] = hidden.out_features
         dims: dict[str, tuple[AxisDim | None, ...]] = {}

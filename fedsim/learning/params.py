@@ -18,6 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 __all__ = [
+    "array_record",
     "trainable_state",
     "to_arrays",
     "encode_state",
@@ -103,8 +104,16 @@ def _from_array(array: Array) -> torch.Tensor:
     if parsed is None:  # anything unusual: Flower's own reader
         return torch.from_numpy(array.numpy().copy())
     dtype, shape = parsed
+    assert size is not None  # parsed is set only where the .npy header (size bytes) was read
     flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=size)
     return torch.from_numpy(flat.reshape(shape).copy())  # own, writable memory
+
+
+def array_record(content: RecordDict, name: str) -> ArrayRecord:
+    """``content[name]``, a record that fedsim and Flower's strategies fill with tensors."""
+    record = content[name]
+    assert isinstance(record, ArrayRecord)  # (a RecordDict's item may be any kind of record)
+    return record
 
 
 def decode_arrays(arrays: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from fedsim.config import build
 from fedsim.learning.data import DataSplits, build_partitioner, partition_train
 from fedsim.seeding import derive_seed
 
+if TYPE_CHECKING:
+    from fedsim.learning.models import ModelFactory
+
 __all__ = ["Workload", "get_workload", "workload_key"]
 
 _WORKLOAD_KEYS = ("data", "partition", "model", "client", "seed", "num_clients")
@@ -27,7 +31,11 @@ _WORKLOAD_KEYS = ("data", "partition", "model", "client", "seed", "num_clients")
 
 def workload_key(cfg: DictConfig) -> str:
     """Hash of the config parts a workload depends on."""
-    part = {k: OmegaConf.to_container(cfg, resolve=True)[k] for k in _WORKLOAD_KEYS}
+    # A DictConfig's container is a dict; OmegaConf annotates any container (or None, or str).
+    part = {
+        k: cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))[k]
+        for k in _WORKLOAD_KEYS
+    }
     return hashlib.sha256(repr(sorted(part.items())).encode()).hexdigest()[:16]
 
 
@@ -38,7 +46,7 @@ class Workload:
     seed: int
     splits: DataSplits
     partitions: Sequence[np.ndarray]  # a list, or computed per client on demand (data.py)
-    model_factory: object
+    model_factory: ModelFactory
     _train: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _test: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

@@ -49,7 +49,7 @@ __all__ = [
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedsim-checkpoint/1"
 #: Header fields a checkpoint must have, with their JSON types.
-_REQUIRED = {
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format": str,
     "config_hash": str,
     "server_round": int,
@@ -117,7 +117,8 @@ def _encode_items(
     Keys keep their type (a dict keyed by partition id comes back keyed by int). A container
     with anything that is not state (a callable) is not state either: nothing is kept.
     """
-    described, added = [], []
+    described: list[list[Any]] = []
+    added: list[str] = []
     for i, (key, item) in enumerate(items):
         before = set(tensors)
         desc = _encode(item, f"{prefix}/{i}", tensors)
@@ -270,7 +271,7 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.data.cast("B"))  # the bytes, as memoryview(array) gives them
     return digest.hexdigest()
 
 

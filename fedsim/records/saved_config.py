@@ -50,7 +50,7 @@ def _nodes(value: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
 @functools.cache
 def shipped_targets(conf_dir: Path = CONF_DIR) -> frozenset[str]:
     """The ``_target_`` values named anywhere in fedsim's config tree (every group's options)."""
-    targets = set()
+    targets: set[str] = set()
     for path in conf_dir.rglob("*.yaml"):
         tree = yaml.safe_load(path.read_text())
         if isinstance(tree, dict | list):
@@ -98,8 +98,10 @@ def load_saved_config(run_dir: Path | str, name: str = "config.yaml") -> DictCon
     path = Path(run_dir) / name
     try:
         tree = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError("resume", path, f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError("resume", path, "is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

@@ -62,6 +62,7 @@ from fedsim.clock.scheduler import (
 )
 from fedsim.errors import ConfigError
 from fedsim.keys import node_id_of, partition_id_of
+from fedsim.learning.params import array_record
 from fedsim.seeding import derive_seed
 
 if TYPE_CHECKING:  # the loop only reads the Federation; server.py imports this module
@@ -433,7 +434,7 @@ class AsyncLoop:
         failed = 0
         for (message, row, cost, steps, _), reply in zip(sends, replies, strict=True):
             pid = row["partition_id"]
-            sent = message.content[keys.ARRAYS]
+            sent = array_record(message.content, keys.ARRAYS)
             if id(sent) not in bases:
                 bases[id(sent)] = self.global_tensors() if sent is self.arrays else to_tensors(sent)
             base = bases[id(sent)]

@@ -77,7 +77,9 @@ class RoundRecord:
 def _width_of(message: Message) -> float:
     """The sub-model width a message asks its client to train (1 = the full model)."""
     config = message.content.get(keys.CONFIG)
-    return float(config.get(keys.WIDTH, 1.0)) if isinstance(config, ConfigRecord) else 1.0
+    if not isinstance(config, ConfigRecord):
+        return 1.0
+    return float(keys.number(config, keys.WIDTH, 1.0))
 
 
 def train_round(
@@ -468,7 +470,7 @@ def run_rounds(
             break
     if state.server_round > 0 and status != "interrupted":  # scored once a resume finishes
         writer.write_rows(evaluate_final_clients(fed, state), CLIENT_EVAL_FILE)
-    summary = {"status": status, **state.totals, "sim_time_s": state.sim_time_s}
+    summary: dict[str, Any] = {"status": status, **state.totals, "sim_time_s": state.sim_time_s}
     if state.server_round > 0 and status != "interrupted":
         # Each device downloads the tuned model once for on-device inference (side-tuning's
         # client.charge_final_download; 0 otherwise); not part of any round, nor of the clock.

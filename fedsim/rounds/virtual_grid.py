@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.app.error import Error
@@ -36,6 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
 from fedsim.keys import node_id_of, partition_id_of
+
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run
 
 __all__ = [
     "VirtualGrid",
@@ -141,11 +145,12 @@ def pack_lane(
 def lane_settings(content: RecordDict) -> LaneSettings:
     """The :class:`LaneSettings` a lane message was packed with."""
     lane = content[keys.LANE]
-    timeout_s = lane.get(keys.LANE_TIMEOUT_S)
+    assert isinstance(lane, ConfigRecord)  # pack_lane's record
+    timeout_s = keys.number(lane, keys.LANE_TIMEOUT_S) if keys.LANE_TIMEOUT_S in lane else None
     return LaneSettings(
-        attempt=int(lane.get(keys.LANE_ATTEMPT, 1)),
+        attempt=int(keys.number(lane, keys.LANE_ATTEMPT, 1)),
         timeout_s=None if timeout_s is None else float(timeout_s),
-        hold_s=float(lane.get(keys.LANE_HOLD_S, 0.0)),
+        hold_s=float(keys.number(lane, keys.LANE_HOLD_S, 0.0)),
     )
 
 
@@ -167,11 +172,16 @@ def unpack_lane(
     A client without state gets an empty RecordDict.
     """
     lane = content[keys.LANE]
+    assert isinstance(lane, ConfigRecord)  # pack_lane's record
     by_index = _split_prefixed(content, keys.CONTENT_PREFIX)
     states = _split_prefixed(content, keys.STATE_PREFIX)
-    pids = [int(p) for p in lane[keys.LANE_PARTITION_IDS]]
-    idx = [int(k) for k in lane[keys.LANE_CONTENT_INDEX]]
-    return content[keys.JOB], [
+    partition_ids, content_index = lane[keys.LANE_PARTITION_IDS], lane[keys.LANE_CONTENT_INDEX]
+    assert isinstance(partition_ids, list) and isinstance(content_index, list)  # of ints
+    pids = [int(p) for p in partition_ids]
+    idx = [int(k) for k in content_index]
+    job = content[keys.JOB]
+    assert isinstance(job, ConfigRecord)  # pack_lane's job record
+    return job, [
         (pid, by_index[k], states.get(pid, RecordDict())) for pid, k in zip(pids, idx, strict=True)
     ]
 
@@ -207,9 +217,13 @@ def unpack_replies(
 ) -> tuple[dict[int, RecordDict | str], dict[int, RecordDict]]:
     """Inverse of :func:`pack_replies`: per partition id the reply (or error), and new states."""
     lane = content[keys.LANE]
+    assert isinstance(lane, ConfigRecord)  # pack_replies' record
     bodies = _split_prefixed(content, keys.CLIENT_PREFIX)
     out: dict[int, RecordDict | str] = {}
-    for pid, err in zip(lane[keys.LANE_PARTITION_IDS], lane[keys.LANE_ERRORS], strict=True):
+    partition_ids, errors = lane[keys.LANE_PARTITION_IDS], lane[keys.LANE_ERRORS]
+    assert isinstance(partition_ids, list) and isinstance(errors, list)  # of ints, of strs
+    for pid, err in zip(partition_ids, errors, strict=True):
+        assert isinstance(pid, int)  # (zip of a union of lists: mypy sees an object)
         out[int(pid)] = str(err) if err else bodies.get(int(pid), RecordDict())
     return out, _split_prefixed(content, keys.STATE_PREFIX)
 
@@ -295,11 +309,11 @@ class VirtualGrid(Grid):
         self.stats = LaneStats()
 
     # --- Grid interface -------------------------------------------------------------------------
-    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+    def set_run(self, run: Run) -> None:  # noqa: D102
         self._grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+    def run(self) -> Run:  # noqa: D102
         return self._grid.run
 
     def create_message(  # noqa: D102
@@ -436,6 +450,7 @@ class VirtualGrid(Grid):
             pids = lane_of[reply.metadata.reply_to_message_id]
             if reply.has_error():  # the worker crashed, or refused the lane while restarting
                 attempt.troubled = True
+                assert reply.error.reason is not None  # Flower's errors all give one
                 reason = " ".join(reply.error.reason.split())[:300]
                 attempt.unsettled.update(dict.fromkeys(pids, f"lane failed: {reason}"))
                 continue

@@ -37,6 +37,7 @@ from fedsim.clock.scheduler import FAILED, INFEASIBLE, OFFLINE, STRAGGLER
 from fedsim.config import build, config_hash
 from fedsim.errors import ConfigError
 from fedsim.keys import node_id_of
+from fedsim.learning.params import array_record
 from fedsim.records.checkpoint import RunState, save_checkpoint
 from fedsim.records.progress import format_sim_time, say
 from fedsim.records.results import CLIENTS_FILE, RunWriter
@@ -203,14 +204,15 @@ class CyclicWarmStart:
             reply = replies[0]
             if reply.has_error():
                 break
-            arrays, client_state = reply.content[keys.ARRAYS], new_states.get(pid, client_state)
+            arrays = array_record(reply.content, keys.ARRAYS)
+            client_state = new_states.get(pid, client_state)
         assert plan is not None
         settled = fed.scheduler.settle(plan, [reply] if reply is not None else [], {pid: cost})
         if not settled.kept:
             return None, settled.records, 0.0
         state.client_states[pid] = client_state
         metrics = reply.content.get(keys.METRICS) if reply is not None else None
-        loss = float(metrics.get(keys.TRAIN_LOSS, 0.0)) if metrics is not None else 0.0
+        loss = float(keys.number(metrics, keys.TRAIN_LOSS, 0.0)) if metrics is not None else 0.0
         return arrays, settled.records, loss
 
 

@@ -51,6 +51,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedsim import keys
 from fedsim.errors import ConfigError
 from fedsim.learning.models import forward_with_features
+from fedsim.learning.params import array_record
 from fedsim.training.contract import TrainContext, TrainOutcome
 
 __all__ = [
@@ -174,8 +175,10 @@ def _term_class(name: str) -> type[ClientTerm]:
 
 def build_terms(config: ConfigRecord) -> list[ClientTerm]:
     """The client terms the train config asks for, in the order named."""
-    names = [str(name) for name in config.get(keys.CLIENT_TERMS, [])]
-    if float(config.get(keys.PROXIMAL_MU, 0.0)) > 0 and "fedprox" not in names:
+    asked = config.get(keys.CLIENT_TERMS, [])
+    assert isinstance(asked, list)  # of term names
+    names = [str(name) for name in asked]
+    if keys.number(config, keys.PROXIMAL_MU, 0.0) > 0 and "fedprox" not in names:
         names.append("fedprox")  # Flower's FedProx sends only its own key
     return [_term_class(name)(config) for name in names]
 
@@ -196,7 +199,7 @@ def state_tensors(
 ) -> dict[str, torch.Tensor]:
     """Tensors kept in ``state[name]``, or zeros shaped like ``like`` for a first round."""
     if name in state:
-        return dict(state[name].to_torch_state_dict())
+        return dict(array_record(state, name).to_torch_state_dict())
     return {key: torch.zeros_like(value) for key, value in like.items()}
 
 
@@ -309,8 +312,9 @@ def step_budget(
     asked = config.get(keys.LOCAL_STEPS)
     if asked is None:
         return local_epochs, max_steps
+    steps = int(keys.number(config, keys.LOCAL_STEPS))
     per_epoch = max(1, math.ceil(num_examples / batch_size))
-    return math.ceil(int(asked) / per_epoch), int(asked)
+    return math.ceil(steps / per_epoch), steps
 
 
 def train_loop(
@@ -388,7 +392,7 @@ class ProximalTerm(ClientTerm):
 
     def __init__(self, config: ConfigRecord) -> None:
         super().__init__(config)
-        self.mu = float(config.get(keys.PROXIMAL_MU, 0.0))
+        self.mu = float(keys.number(config, keys.PROXIMAL_MU, 0.0))
 
     def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
         """Keep the global weights the proximal term pulls towards."""

@@ -149,8 +149,7 @@ def _resume(argument: str, others: list[str]) -> None:
     Hydra is not involved, so no new folder is made. The folder may come from someone else, so
     it is checked before anything is built: the config names only classes fedsim's config tree
     names (:mod:`fedsim.records.saved_config`), the checkpoint is intact and of that config. A
-    finished
-    run is left as it is.
+    finished run is left as it is.
     """
     from fedsim.config import config_hash
     from fedsim.engine.simulation import simulate

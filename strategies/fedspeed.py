@@ -11,9 +11,8 @@ The code writes the prox-correction as SGD ``weight_decay = wd + lambda`` plus t
 The clip is not FedSpeed's: FL-Simulator clips every algorithm's clients at max norm 10, and
 fedsim does the same for every strategy with ``client.max_grad_norm`` in the shared step
 (fedsim/training/loop.py ``optimizer_step``): this term adds g2 and the correction in
-``after_backward``
-(before the clip) and the decay lambda * w in ``before_step`` (after it). The former private
-knob ``strategy.grad_clip`` is refused with a pointer to ``client.max_grad_norm``.
+``after_backward`` (before the clip) and the decay lambda * w in ``before_step`` (after it). The
+former private knob ``strategy.grad_clip`` is refused with a pointer to ``client.max_grad_norm``.
 After training ``h_i <- h_i + (w_i^K - w_t)`` (``server/FedSpeed.py``: the server keeps every
 h_i, an N x d tensor), and ``w_{t+1} = mean_S(w_i^K) + mean_{all N}(h_j)``.
 

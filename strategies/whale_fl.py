@@ -1,8 +1,8 @@
 """WHALE-FL (Su et al., arXiv 2405.00885): every device's sub-model width is chosen every round.
 
 Sub-models are width slices (HeteroFL extraction, ``fedsim/learning/slicing.py``) merged
-coordinate-wise
-(HeteroFL's ``combine``), as in the official code. The utility is a knob, ``utility``:
+coordinate-wise (HeteroFL's ``combine``), as in the official code. The utility is a knob,
+``utility``:
 
 ``paper`` (default): the official code's formula (BESTTOOLBOX/WHALE-FL ``On-Server/train_main.py``
 @bf43bae, methods.md 3.5), per sampled device n of round t::

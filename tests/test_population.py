@@ -161,9 +161,8 @@ def _watch_tree(proc: subprocess.Popen, stop: threading.Event, seen: dict) -> No
 
 
 # Peak RSS measured on the 2-core machine for 1,000,000 clients (fedsim/learning/data.py and
-# devices.py
-# draw partitions and profiles on demand): the driver 0.86 GB, each Ray worker 0.76 GB, Ray's
-# daemons about 0.9 GB, the tree 3.05 GB -- 100 clients: 2.98 GB. Before, the driver
+# devices.py draw partitions and profiles on demand): the driver 0.86 GB, each Ray worker 0.76 GB,
+# Ray's daemons about 0.9 GB, the tree 3.05 GB -- 100 clients: 2.98 GB. Before, the driver
 # held 1.30 GB and the tree 4.30 GB. Bounds: the measurements plus margin, per worker.
 PROCESS_BOUND_BYTES = 1.1e9
 TREE_BOUND_BYTES = 1.8e9  # + WORKER_BOUND_BYTES per Ray worker: 3.5 GB with 2 workers

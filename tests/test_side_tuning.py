@@ -782,8 +782,8 @@ def minilm_backbone(inner: TextClassifier) -> torch.nn.Module:
 
 def test_label_recovery_attacks_on_a_short_real_run() -> None:
     # Threat model (clients/side_tuning/label_attack.py): the server keeps every payload, knows the
-    # sender,
-    # the public MiniLM, the class names and the fleet's class frequencies; no key, no labels.
+    # sender, the public MiniLM, the class names and the fleet's class frequencies; no key, no
+    # labels.
     # Chance = always the most frequent class: 408 / 1,493 = 0.273 (1/C = 0.048).
     today = payloads_of_one_round(["client.per_device_keys=false"])  # one key for the fleet
     per_device = payloads_of_one_round([])  # the default: a key per device

@@ -7,8 +7,7 @@ frequencies (e.g. from a public release). It does not know any device's label ke
 labelled data of the task. It wants each sample's true label y.
 
 What a PAE payload gives it (clients/side_tuning/tuning.py): the sample's quantized activations and
-the
-key-permuted prediction difference ``delta = P_k (p_b - onehot(y))``, so, for each sample, the
+the key-permuted prediction difference ``delta = P_k (p_b - onehot(y))``, so, for each sample, the
 permuted label ``pi_k(y) = argmin delta`` and the permuted base prediction ``P_k p_b``. Within one
 key the permuted labels group the samples by class; the attacks below name the groups:
 
@@ -135,8 +134,7 @@ def received_embeddings(
 
     ``activations`` (M, K, d) are the dequantized token vectors, the last tap being the
     backbone's last layer (clients/side_tuning/network.py ``select_layers`` always taps it). With
-    the
-    pivot token (``token_mask`` None) each sample's vector is already pooled as the head pools.
+    the pivot token (``token_mask`` None) each sample's vector is already pooled as the head pools.
     """
     last = activations[:, -1:].float()  # (M, 1, d)
     if token_mask is None:

@@ -37,8 +37,7 @@ is OPEN for MobiLLM (reference/methods.md sections 1.5, 8). Our decisions, each 
   such a model). Class names come from the dataset's ClassLabel (``_`` read as a space). The
   device computes z_b once per text (feature ``BASE_KEY``). PAE's label-free training targets
   live in ``clients/side_tuning/tuning.py``. With ``label_key_seed`` set (one key for the fleet),
-  the
-  side head predicts in a label space permuted by that key; ``forward`` decodes it.
+  the side head predicts in a label space permuted by that key; ``forward`` decodes it.
 
 Frozen features: the backbone's hidden states never change, so the factory computes them once per
 text (``featurize``) and the model reads them instead of running the backbone (``cache_features``).

@@ -33,8 +33,7 @@ PAE MobiLLM (arXiv 2507.01216) switches, each OPEN in detail (methods.md 2.3-2.4
 * ``additive``: no labels leave the device. It sends the prediction difference
   ``delta = softmax(z_b) - onehot(y)`` (z_b: the backbone's own logits, ``base_head``: 0, or a
   frozen zero-shot head over the class names, clients/side_tuning/network.py) with its classes
-  permuted
-  by a device-held key (in simulation only device-side code reads it). ``per_device_keys``
+  permuted by a device-held key (in simulation only device-side code reads it). ``per_device_keys``
   (default): each device draws its own key from (``label_key_seed``, partition id), the same in
   every round; otherwise one key for the fleet. A plain delta leaks y (its only negative entry,
   methods.md 2.4); permuted, the server sees pi_k(y), which groups a device's samples by label.
@@ -50,9 +49,8 @@ PAE MobiLLM (arXiv 2507.01216) switches, each OPEN in detail (methods.md 2.3-2.4
   measurement (what the devices hold, as if they aggregated their heads securely) that no
   device's training reads.
   What the server can still infer (clients/side_tuning/label_attack.py, tests/test_side_tuning.py,
-  measured
-  on one real client-round of the 20 showcase phones): frequency matching recovers 0.95 of the
-  labels under one fleet key and 0.32 under per-device keys (chance, the majority class: 0.27);
+  measured on one real client-round of the 20 showcase phones): frequency matching recovers 0.95 of
+  the labels under one fleet key and 0.32 under per-device keys (chance, the majority class: 0.27);
   a server that runs the public backbone's zero-shot head on the activations it receives and
   names each device's groups by it recovers 0.76 under either; with ``base_head: zero_shot`` it
   recomputes p_b from the last layer it receives and reads every key (1.00).
@@ -490,8 +488,7 @@ class SideTuning:
         """Server: the side network's loss on a received payload (labels or deltas only).
 
         Client terms (fedsim/training/loop.py: a strategy's, DFL's) add to it; they see the logits
-        and
-        labels of the space the server trains in (PAE: key-permuted, base logits added).
+        and labels of the space the server trains in (PAE: key-permuted, base logits added).
         """
         logits = model.side_logits(dequantize(payload.activations), payload.token_mask)
         if payload.labels is not None:

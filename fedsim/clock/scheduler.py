@@ -142,8 +142,7 @@ class RoundScheduler:
         self.over_selection = float(over_selection)
         self.clock = SimClock()
         # Called with a settled round's rows (fedsim/clock/server_view.py ObservationLog.record:
-        # what the
-        # server measured, for the strategies' view of later rounds).
+        # what the server measured, for the strategies' view of later rounds).
         self.observers: list[Callable[[Sequence[dict[str, Any]]], None]] = []
 
     def plan(

@@ -1,9 +1,8 @@
 """The Flower ServerApp and the ONE ClientApp.
 
 ``client_app`` trains whatever virtual clients a lane message carries (fedsim/engine/worker.py); it
-needs
-no configuration of its own, since each message carries the job. ``make_server_app`` builds the
-ServerApp of a run; ``server_app`` is the module-level one that ``flwr run .`` loads (its Hydra
+needs no configuration of its own, since each message carries the job. ``make_server_app`` builds
+the ServerApp of a run; ``server_app`` is the module-level one that ``flwr run .`` loads (its Hydra
 overrides come from the ``overrides`` run-config key in pyproject.toml).
 """
 

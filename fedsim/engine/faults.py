@@ -4,8 +4,7 @@ Each fault is drawn per client-round from ``derive_seed(seed, "fault", round, cl
 same config fails the same clients in the same rounds, whatever the lanes, the number of workers
 or the wall clock. A fault strikes for real only in the first attempt at a lane: fedsim sends
 the clients of a lane that crashed or timed out again (fedsim/rounds/virtual_grid.py), and there a
-fault
-that already struck is reported, not repeated. What each fault does:
+fault that already struck is reported, not repeated. What each fault does:
 
 * an exception: the client fails; the other clients of its lane still answer;
 * a hang of ``hang_s >= runtime.round_timeout_s``: the worker sleeps until the lane's timeout

@@ -70,8 +70,7 @@ class ModelFactory(Protocol):
         """Return a fresh model, deterministic given the caller's ``torch.manual_seed``.
 
         ``width`` < 1 builds the width-sliced sub-model (fedsim/learning/slicing.py): same tensor
-        names,
-        hidden dims scaled; a factory whose model cannot be sliced raises ConfigError.
+        names, hidden dims scaled; a factory whose model cannot be sliced raises ConfigError.
         """
         ...
 

@@ -31,8 +31,7 @@ Vocabulary of the run folder:
 
 Strategies subclass :class:`AsyncStrategy`; the loop is :meth:`AsyncLoop.steps`, which
 ``fedsim.rounds.synchronous.run_rounds`` drives like its synchronous rounds (same rows, progress
-line,
-checkpoints: the event queue is in the checkpoint, so a resumed run continues bit for bit).
+line, checkpoints: the event queue is in the checkpoint, so a resumed run continues bit for bit).
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@
 signals:
 
 * The first asks the round loop (``fedsim/rounds/synchronous.py``) to stop before its next round:
-  the round
-  in progress finishes and is checkpointed, ``summary.json`` says ``interrupted``, the run's Ray
-  processes are stopped and the command exits with 128 + the signal's number (130 for SIGINT,
-  143 for SIGTERM, the shells' convention) after printing how to resume.
+  the round in progress finishes and is checkpointed, ``summary.json`` says ``interrupted``, the
+  run's Ray processes are stopped and the command exits with 128 + the signal's number (130 for
+  SIGINT, 143 for SIGTERM, the shells' convention) after printing how to resume.
 * If the run has not ended :data:`GRACE_S` after the first signal (a long or hung round, a slow
   start), or on a second signal, the round in progress is abandoned (:class:`RunInterrupted`
   out of the grid, :class:`AbandonableGrid`): the loop writes the summary of the last complete

@@ -2,8 +2,8 @@
 
 Pure helpers for ``fedsim-plot --latency``: nothing here draws or prints. ``clients.jsonl`` holds
 one row per client-round (written by ``fedsim.rounds.synchronous``): the device and its tier, the
-outcome
-(:data:`OUTCOMES`), and for clients that trained, the latency and its parts in simulated seconds.
+outcome (:data:`OUTCOMES`), and for clients that trained, the latency and its parts in simulated
+seconds.
 Run folders are loaded by :mod:`fedsim.scripts.runs`.
 """
 
@@ -18,7 +18,14 @@ import numpy as np
 from fedsim.errors import ConfigError
 from fedsim.scripts.runs import CLIENTS_FILE, Run, is_finite, read_jsonl
 
-__all__ = ["LATENCY_PARTS", "OUTCOMES", "TierStats", "load_client_rows", "tier_stats"]
+__all__ = [
+    "LATENCY_PARTS",
+    "OUTCOMES",
+    "TierStats",
+    "deadlines_of",
+    "load_client_rows",
+    "tier_stats",
+]
 
 # The scheduler's outcomes (fedsim/clock/scheduler.py), in the order plots and tables show them:
 # aggregated, dropped (deadline / over-selection), not sent (offline, too little memory),
@@ -84,3 +91,18 @@ def tier_stats(rows: Iterable[Mapping[str, Any]]) -> list[TierStats]:
         stats.append(TierStats(tier, len(tier_rows), latency, parts, outcomes))
     median = {s.tier: float(np.median(s.latency_s)) if s.latency_s.size else -1.0 for s in stats}
     return sorted(stats, key=lambda s: (-median[s.tier], s.tier))
+
+
+def deadlines_of(runs: Iterable[Run]) -> dict[float | None, int]:
+    """Runs per round deadline (``clock.deadline_s``; None: null or not set), deadlines sorted.
+
+    A client-round whose latency exceeds its run's deadline is a straggler
+    (:func:`fedsim.clock.devices.synchronous_round` drops its update).
+    """
+    counts: dict[float | None, int] = {}
+    for run in runs:
+        clock = run.config.get("clock")
+        deadline = clock.get("deadline_s") if isinstance(clock, Mapping) else None
+        key = float(deadline) if is_finite(deadline) else None
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (item[0] is None, item[0] or 0.0)))

@@ -53,12 +53,14 @@ from fedsim.scripts.plot import (
     _OneLineParser,
     _pick_unit,
     _save,
+    _text_width_px,
     _three_digits,
     _time_text,
     few_seeds_warning,
     p_cell,
     plot_curves,
     repeated_seeds_note,
+    wrap_to_width,
 )
 from fedsim.scripts.runs import (
     SUMMARY_FILE,
@@ -87,6 +89,19 @@ DEFAULT_METHOD_KEYS = ("strategy",)
 DEFAULT_TARGET_SHARE = 0.9
 POINT_ALPHA = 0.35
 JITTER = 0.08  # half-width of the horizontal scatter of client points in a box, in box units
+# client_accuracy.png: inches of figure width per box, at least (and at most: a label part wider
+# than that wraps), the gap between two boxes' labels, the figure's least width; the room its
+# tick labels have before the figure grows (about 5 lines of small type), and the caption
+# under them, wrapped to the figure width less the y axis' margin.
+BOX_PITCH_IN = 1.3
+MAX_BOX_PITCH_IN = 2.4
+BOX_GAP_IN = 0.15
+MIN_WIDTH_IN = 5.5
+TICK_LABELS_ROOM_IN = 0.9
+CAPTION_MARGIN_IN = 1.0
+CLIENTS_CAPTION = (
+    "box: quartiles, whiskers to 1.5 IQR; line: median; triangle: mean; n = clients x seeds"
+)
 NOT_REACHED = "not reached"
 # --early-rounds default: CyclicFL's claim is about the first rounds (issue 14 item 7).
 DEFAULT_EARLY_ROUNDS = 5
@@ -327,9 +342,13 @@ def plot_client_accuracy(
     fairness: Sequence[FairnessSummary],
     out: Path,
 ) -> None:
-    """One box per configuration of its clients' accuracies (all seeds), points on top."""
+    """One box per configuration of its clients' accuracies (all seeds), points on top.
+
+    Each box gets the width its label's widest part needs (from :data:`BOX_PITCH_IN` up to
+    :data:`MAX_BOX_PITCH_IN`; a wider part is wrapped), the figure the height its tallest label
+    needs, and the caption under the axes is wrapped to the figure width.
+    """
     fig, (ax,) = _new_figure(1, "per-client accuracy of the final global model")
-    fig.set_figwidth(max(5.5, 1.3 * len(configurations) + 1.5))
     positions = np.arange(1, len(configurations) + 1)
     methods = list(dict.fromkeys(s.method for s in splits))
     rng = np.random.default_rng(0)  # jitter of the points only: not a result
@@ -352,9 +371,22 @@ def plot_client_accuracy(
         for s, f in zip(splits, fairness, strict=True)
     ]
     ax.set_xticks(positions, labels, fontsize="small")
+    renderer = fig.canvas.get_renderer()
+    prop = ax.get_xticklabels()[0].get_fontproperties()
+    widest_in = max(_text_width_px(renderer, label, prop) for label in labels) / fig.dpi
+    pitch_in = min(max(BOX_PITCH_IN, widest_in + BOX_GAP_IN), MAX_BOX_PITCH_IN)
+    fig.set_figwidth(max(MIN_WIDTH_IN, pitch_in * len(configurations) + 1.5))
+    room = (pitch_in - BOX_GAP_IN) * fig.dpi
+    ax.set_xticks(
+        positions, [wrap_to_width(t, room, renderer, prop) for t in labels], fontsize="small"
+    )
+    tallest_in = max(t.get_window_extent(renderer).height for t in ax.get_xticklabels()) / fig.dpi
+    fig.set_figheight(fig.get_figheight() + max(0.0, tallest_in - TICK_LABELS_ROOM_IN))
     ax.set_ylabel("accuracy on the client's own data")
-    ax.set_xlabel(  # two lines: one is wider than a 3-box figure
-        "box: quartiles, whiskers to 1.5 IQR; line: median\ntriangle: mean; n = clients x seeds"
+    caption = ax.set_xlabel(CLIENTS_CAPTION)
+    width_px = (fig.get_figwidth() - CAPTION_MARGIN_IN) * fig.dpi
+    caption.set_text(
+        wrap_to_width(CLIENTS_CAPTION, width_px, renderer, caption.get_fontproperties())
     )
     _save(fig, out)
 

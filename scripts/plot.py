@@ -20,7 +20,8 @@ tie where a paired t-test across seeds finds no significant difference
 (:mod:`fedsim.scripts.stats`). ``--band`` picks the figure's band: ``ci95`` (default),
 ``minmax`` or ``std``.
 
-Per-client latency by device tier, from the runs' ``clients.jsonl``::
+Per-client latency by device tier, from the runs' ``clients.jsonl`` (their ``clock.deadline_s``
+a dashed line)::
 
     fedsim-plot results/fleet --latency --out results/figures/latency.png
 
@@ -30,20 +31,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
 import matplotlib
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
+from matplotlib.backend_bases import RendererBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import MaxNLocator
 
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
-from fedsim.scripts.clients_stats import LATENCY_PARTS, TierStats, load_client_rows, tier_stats
+from fedsim.scripts.clients_stats import (
+    LATENCY_PARTS,
+    TierStats,
+    deadlines_of,
+    load_client_rows,
+    tier_stats,
+)
 from fedsim.scripts.fairness import Standing, standings
 from fedsim.scripts.runs import (
     X_AXES,
@@ -86,6 +96,13 @@ PAPER_RC = {
 }  # fmt: skip  (42: fonts embedded as TrueType)
 VECTOR_FORMATS = ("pdf", "svg", "eps", "ps")
 STYLES = ("screen", "paper")
+# Text that would not fit the figure: wrapped after these (in this order of preference), a
+# word longer than a line cut after one of CUT_AFTER; the figure then grows (at most FIT_ROUNDS
+# times) to hold what is left, keeping FIT_PAD_IN inches from the edge.
+WRAP_AFTER = ("; ", ", ", " ")
+CUT_AFTER = "=_/-"
+FIT_ROUNDS = 4
+FIT_PAD_IN = 0.05
 BAND_ALPHA = 0.2
 MAX_ROUNDS_WITH_MARKERS = 30  # beyond this, markers clutter the line
 # --band -> what the band around the mean line shows, for the legend title and captions.
@@ -114,6 +131,8 @@ AUC_CAPTION = (
 BYTE_UNITS = (("B", 1.0), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
 # Seconds shown in s below 2 min, in min below 2 h, else in h.
 TIME_UNITS = (("s", 1.0, 0.0), ("min", 60.0, 120.0), ("h", 3600.0, 7200.0))
+# --latency: the dashed lines of the runs' distinct clock.deadline_s, in this order.
+DEADLINE_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")
 OUTCOME_COLORS = {"ok": "tab:green", "straggler": "tab:orange", "offline": "tab:gray",
                   "infeasible": "tab:red", "failed": "tab:purple"}  # fmt: skip
 # Table columns for runs.TOTAL_KEYS: a run's sum over rounds, mean over seeds.
@@ -122,6 +141,10 @@ TOTAL_COLUMNS = {"num_stragglers": "stragglers", "num_offline": "offline",
                  "energy_j": "energy (J)"}  # fmt: skip
 TOTALS_CAPTION = (
     "Stragglers, offline, infeasible, failed, energy: sum over a run's rounds, mean over seeds"
+)
+METRIC_CAPTION = (
+    "Final {metric} (--metric {metric}): a run's {metric} after its last round (summary.json's "
+    "final_{metric} where the run wrote one)"
 )
 TARGET_CAPTION = (
     "Columns '… to {target:g}': at the first round with accuracy ≥ {target:g} (sim time and "
@@ -167,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: round bytes)",
     )
     parser.add_argument(
-        "--metric", default="accuracy", help="per-round key of metrics.jsonl (default: accuracy)"
+        "--metric",
+        default="accuracy",
+        help="per-round key of metrics.jsonl (default: accuracy); another metric adds its final "
+        "value (mean ± 95%% CI over seeds) to the table, before the accuracy columns",
     )
     parser.add_argument("--title", default=None, help="figure title")
     parser.add_argument(
@@ -208,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency",
         action="store_true",
         help="instead of curves, plot per-client latency by device tier from clients.jsonl "
-        "(box plot, mean download/compute/upload, outcome counts)",
+        "(box plot, mean download/compute/upload, outcome counts); the runs' clock.deadline_s "
+        "is a dashed line on the box plot",
     )
     return parser
 
@@ -274,9 +301,98 @@ def _new_figure(
     return fig, axes
 
 
+def _text_width_px(renderer: RendererBase, text: str, prop: FontProperties) -> float:
+    """Width in pixels of the widest line of ``text`` drawn with ``prop``."""
+    lines = text.split("\n")
+    return max(renderer.get_text_width_height_descent(s, prop, ismath=False)[0] for s in lines)
+
+
+def _cut(line: str, fits: Callable[[str], bool]) -> list[str]:
+    """``line`` in pieces that fit, each cut after its last ``=_/-`` (else where it must)."""
+    pieces = []
+    while line and not fits(line):
+        end = 1
+        while end < len(line) and fits(line[: end + 1]):
+            end += 1
+        soft = max(line.rfind(char, 0, end) for char in CUT_AFTER)
+        end = soft + 1 if soft > 0 else end
+        pieces.append(line[:end])
+        line = line[end:]
+    return [*pieces, line] if line else pieces
+
+
+def _wrap_line(line: str, fits: Callable[[str], bool], separators: Sequence[str]) -> list[str]:
+    if fits(line):
+        return [line]
+    if not separators:
+        return _cut(line, fits)
+    separator, rest = separators[0], separators[1:]
+    parts = line.split(separator)
+    if len(parts) == 1:
+        return _wrap_line(line, fits, rest)
+    pieces = [part + separator for part in parts[:-1]] + [parts[-1]]
+    lines: list[str] = []
+    current = ""
+    for piece in pieces:
+        if fits((current + piece).rstrip()):
+            current += piece
+            continue
+        if current:
+            lines.append(current.rstrip())
+        *done, last = _wrap_line(piece.rstrip(), fits, rest)
+        lines += done
+        current = last + piece[len(piece.rstrip()) :]  # the separator's space, if any
+    return [*lines, current.rstrip()] if current.strip() else lines
+
+
+def wrap_to_width(text: str, width_px: float, renderer: RendererBase, prop: FontProperties) -> str:
+    """``text`` with line breaks so that no line is wider than ``width_px`` drawn with ``prop``.
+
+    A line breaks after ``"; "`` where it can, else after ``", "``, else after a space; a word
+    wider than a line is cut (see :func:`_cut`). Line breaks already in ``text`` stay.
+    """
+
+    def fits(line: str) -> bool:
+        return _text_width_px(renderer, line, prop) <= width_px
+
+    return "\n".join(
+        wrapped for line in text.split("\n") for wrapped in _wrap_line(line, fits, WRAP_AFTER)
+    )
+
+
+def _fit_inside(fig: Figure, dpi: float, grow_width: bool = True) -> None:
+    """Grow ``fig`` until everything drawn at ``dpi`` lies inside it.
+
+    Constrained layout moves and shrinks the axes, never the text: tick labels taller than the
+    room a figure has push its caption (the x label) off the bottom edge, and a legend wider
+    than the figure loses both ends. Text is wrapped where it is made (:func:`wrap_to_width`);
+    this is the guard for what still overflows. ``grow_width`` False keeps a paper column's
+    width (only the height grows).
+    """
+    shown_dpi = fig.dpi
+    fig.set_dpi(dpi)
+    try:
+        for _ in range(FIT_ROUNDS):
+            fig.canvas.draw()
+            box = fig.get_tightbbox(fig.canvas.get_renderer())
+            width, height = fig.get_size_inches()
+            wider = max(0.0, -box.x0) + max(0.0, box.x1 - width) if grow_width else 0.0
+            taller = max(0.0, -box.y0) + max(0.0, box.y1 - height)
+            if max(wider, taller) <= 1 / dpi:  # within a pixel
+                return
+            wider, taller = (extra + 2 * FIT_PAD_IN if extra else 0.0 for extra in (wider, taller))
+            fig.set_size_inches(width + wider, height + taller)
+    finally:
+        fig.set_dpi(shown_dpi)
+
+
 def _save(fig: Figure, out: Path, style: str = "screen") -> list[Path]:
-    """Write the figure; in paper style a raster ``out`` also gets a .pdf copy. Return paths."""
+    """Write the figure; in paper style a raster ``out`` also gets a .pdf copy. Return paths.
+
+    The figure first grows to hold whatever would be cut at its edges (:func:`_fit_inside`).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
+    _fit_inside(fig, DPI, grow_width=style != "paper")
     fig.savefig(out, dpi=DPI)
     written = [out]
     if style == "paper" and out.suffix.lstrip(".").lower() not in VECTOR_FORMATS:
@@ -343,15 +459,35 @@ def _draw_curves(
         ax.set_xlabel(_x_label(x, unit))
         ax.set_ylabel(metric)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="outside lower center",
-        ncols=min(len(labels), columns),  # about one label per panel width
-        title=BAND_CAPTIONS[band],
-        fontsize="small",
-        title_fontsize="small",
-    )
+    _figure_legend(fig, handles, labels, min(len(labels), columns), BAND_CAPTIONS[band])
+
+
+def _figure_legend(
+    fig: Figure, handles: Sequence[Artist], labels: Sequence[str], ncols: int, title: str
+) -> None:
+    """The legend below the panels, ``ncols`` labels a row (about one per panel width).
+
+    Labels and title too wide for the figure together are wrapped (:func:`wrap_to_width`) until
+    the legend fits its width, and the figure grows by the height that wrapping adds.
+    """
+    renderer = fig.canvas.get_renderer()
+    limit = fig.bbox.width - 2 * FIT_PAD_IN * fig.dpi
+    prop = FontProperties(size="small")  # of the labels and the title
+    title = wrap_to_width(title, 0.9 * limit, renderer, prop)
+    style = {"loc": "outside lower center", "fontsize": "small", "title_fontsize": "small"}
+    legend = fig.legend(handles, labels, ncols=ncols, title=title, **style)
+    first = box = legend.get_window_extent(renderer)
+    room = max((_text_width_px(renderer, label, prop) for label in labels), default=0.0)
+    for _ in range(FIT_ROUNDS):
+        if box.width <= limit or not labels:
+            break
+        room -= (box.width - limit) / ncols  # each column gives up its share
+        legend.remove()
+        wrapped = [wrap_to_width(label, room, renderer, prop) for label in labels]
+        legend = fig.legend(handles, wrapped, ncols=ncols, title=title, **style)
+        box = legend.get_window_extent(renderer)
+    if box.height > first.height:
+        fig.set_figheight(fig.get_figheight() + (box.height - first.height) / fig.dpi)
 
 
 def _pm(pair: tuple[float, float]) -> str:
@@ -360,6 +496,11 @@ def _pm(pair: tuple[float, float]) -> str:
     if np.isnan(mean):
         return "–"
     return f"{mean:.4f}" if np.isnan(half_width) else f"{mean:.4f} ± {half_width:.4f}"
+
+
+def _metric_pm(pair: tuple[float, float]) -> str:
+    """A metric's ``mean ± CI``: 4 decimals as accuracy, 3 significant digits from 1000 up."""
+    return _pm(pair) if np.isnan(pair[0]) or abs(pair[0]) < 1000 else _three_digits(pair)
 
 
 def _time_text(seconds: float) -> str:
@@ -426,12 +567,17 @@ def repeated_seeds_note(configurations: Sequence[Configuration]) -> str | None:
     )
 
 
-def summary_table(configurations: Sequence[Configuration], target: float | None = None) -> str:
+def summary_table(
+    configurations: Sequence[Configuration],
+    target: float | None = None,
+    metric: str = "accuracy",
+) -> str:
     """Return the markdown table: one row per configuration, accuracy mean ± 95% CI over seeds.
 
-    Columns are added for a final simulated time and the accuracy AUC over it, the totals of
-    :data:`TOTAL_COLUMNS` when some run reports them, and the cost to reach ``target`` accuracy
-    when it is given.
+    Columns are added for the final value of ``metric`` when it is not accuracy (mean ± 95% CI
+    over seeds, before the accuracy columns), a final simulated time and the accuracy AUC over
+    it, the totals of :data:`TOTAL_COLUMNS` when some run reports them, and the cost to reach
+    ``target`` accuracy when it is given.
     """
     summaries = [summarize(c) for c in configurations]
     ranked = standings(configurations, [""] * len(configurations))
@@ -439,8 +585,9 @@ def summary_table(configurations: Sequence[Configuration], target: float | None 
     horizon_s = auc_horizon_s(run for c in configurations for run in c.runs)
     with_auc = not np.isnan(horizon_s)
     totals = [key for key in TOTAL_COLUMNS if any(key in s.totals for s in summaries)]
-    header = ["configuration", "seeds", "final accuracy", "rank", "p vs best", "best accuracy"]
-    header += ["rounds"]
+    with_metric = metric != "accuracy"
+    header = ["configuration", "seeds"] + ([f"final {metric}"] if with_metric else [])
+    header += ["final accuracy", "rank", "p vs best", "best accuracy", "rounds"]
     header += ["final sim time"] if with_sim_time else []
     header += [f"accuracy AUC to {_time_text(horizon_s)}"] if with_auc else []
     if target is not None:
@@ -454,7 +601,10 @@ def summary_table(configurations: Sequence[Configuration], target: float | None 
             f"{s.num_runs} ({s.num_incomplete} incomplete)" if s.num_incomplete else str(s.num_runs)
         )
         low, high = s.rounds
-        row = [s.label, seeds, _pm(s.final_accuracy), str(ranked[i].rank), p_cell(ranked[i])]
+        row = [s.label, seeds]
+        if with_metric:
+            row.append(_metric_pm(mean_ci([run.final_value(metric) for run in configuration.runs])))
+        row += [_pm(s.final_accuracy), str(ranked[i].rank), p_cell(ranked[i])]
         row += [_pm(s.best_accuracy), str(high) if low == high else f"{low}–{high}"]
         if with_sim_time:
             sim = s.final_sim_time_s
@@ -474,8 +624,18 @@ def _total_text(key: str, value: float | None) -> str:
     return _three_digits((value, np.nan)) if key == "energy_j" else f"{value:.1f}"
 
 
-def plot_latency(stats: Sequence[TierStats], out: Path, title: str) -> None:
-    """Draw latency per tier (box), mean latency parts (stacked bars), outcomes (stacked bars)."""
+def plot_latency(
+    stats: Sequence[TierStats],
+    out: Path,
+    title: str,
+    deadlines: Mapping[float | None, int] | None = None,
+) -> None:
+    """Draw latency per tier (box), mean latency parts (stacked bars), outcomes (stacked bars).
+
+    ``deadlines`` (:func:`~fedsim.scripts.clients_stats.deadlines_of` the runs drawn): each
+    deadline set is a labelled dashed horizontal line on the box panel; None (no deadline)
+    draws nothing.
+    """
     fig, (box_ax, parts_ax, outcome_ax) = _new_figure(3, title)
     tiers = [s.tier for s in stats]
     positions = np.arange(1, len(stats) + 1)
@@ -486,6 +646,16 @@ def plot_latency(stats: Sequence[TierStats], out: Path, title: str) -> None:
     box_ax.set_xlabel("device tier (n = client-rounds with a latency)")
     box_ax.set_ylabel("latency per client-round (s)")
     box_ax.set_title("latency by tier", fontsize="medium")
+    deadlines = deadlines or {}
+    total = sum(deadlines.values())
+    for i, deadline in enumerate(d for d in deadlines if d is not None):
+        label = f"deadline {deadline:g} s"
+        if deadlines[deadline] < total:
+            label += f" ({deadlines[deadline]} of {total} runs)"
+        color = DEADLINE_COLORS[i % len(DEADLINE_COLORS)]
+        box_ax.axhline(deadline, color=color, linestyle="--", linewidth=1, label=label)
+    if any(d is not None for d in deadlines):
+        box_ax.legend(loc="best", fontsize="small")
     bottom = np.zeros(len(stats))
     for i, part in enumerate(LATENCY_PARTS):
         heights = np.array([s.mean_parts_s[part] for s in stats])
@@ -507,6 +677,22 @@ def plot_latency(stats: Sequence[TierStats], out: Path, title: str) -> None:
     outcome_ax.set_title("outcomes", fontsize="medium")
     outcome_ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     _save(fig, out)
+
+
+def latency_caption(deadlines: Mapping[float | None, int]) -> str:
+    """The caption of ``--latency``: pooling, and the runs' deadlines where any is set."""
+    text = "Pooled over all client-rounds of all runs."
+    given = {d: n for d, n in deadlines.items() if d is not None}
+    if not given:
+        return text
+    parts = [f"{d:g} s ({n} run{'s' if n > 1 else ''})" for d, n in given.items()]
+    unset = deadlines.get(None, 0)
+    none = f"; {unset} run{'s have' if unset > 1 else ' has'} none" if unset else ""
+    return (
+        f"{text} Dashed on the latency panel: the round deadline (clock.deadline_s), "
+        f"{', '.join(parts)}{none}; a client-round slower than its run's deadline is a "
+        "straggler, its update dropped."
+    )
 
 
 def latency_table(stats: Sequence[TierStats]) -> str:
@@ -576,11 +762,12 @@ def _run(args: argparse.Namespace) -> tuple[str, str, list[str]]:
     runs = load_runs(args.dirs)
     if args.latency:
         rows = load_client_rows(runs)
-        num_runs = len({row["run"] for row in rows})
-        title = args.title or f"per-client latency by device tier ({num_runs} run(s))"
+        drawn = {row["run"] for row in rows}  # the runs with client rows
+        title = args.title or f"per-client latency by device tier ({len(drawn)} run(s))"
         stats = tier_stats(rows)
-        plot_latency(stats, args.out, title)
-        return latency_table(stats), "Pooled over all client-rounds of all runs.", []
+        deadlines = deadlines_of(run for run in runs if str(run.path) in drawn)
+        plot_latency(stats, args.out, title, deadlines)
+        return latency_table(stats), latency_caption(deadlines), []
     _check_inputs(runs, args.metric, args.x, args.target)
     configurations = rename(group_runs(runs), args.labels)
     title = args.title
@@ -593,8 +780,11 @@ def _run(args: argparse.Namespace) -> tuple[str, str, list[str]]:
     args.written = plot_curves(
         configurations, args.metric, args.x, args.out, title, line, args.band, args.style
     )
-    table = summary_table(configurations, target=args.target)
+    table = summary_table(configurations, target=args.target, metric=args.metric)
     captions = [f"Accuracy, AUC and cost to the target: {CI_CAPTION}", RANK_CAPTION]
+    if args.metric != "accuracy":
+        captions[0] = f"Final {args.metric}, accuracy, AUC and cost to the target: {CI_CAPTION}"
+        captions.insert(1, METRIC_CAPTION.format(metric=args.metric))
     if "accuracy AUC to" in table.splitlines()[0]:
         captions += [AUC_CAPTION]
     captions += [TARGET_CAPTION.format(target=args.target)] if args.target is not None else []

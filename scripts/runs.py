@@ -72,8 +72,8 @@ IGNORED_PREFIXES = ("runtime.", "hydra")
 # x axes a curve can be aligned on -> the per-row metrics key it is built from.
 X_AXES = {"round": "round", "bytes": "bytes_up+bytes_down", "sim_time": "sim_time_s"}
 # Per-round counters of the device simulation (fedsim.rounds.synchronous writes them to
-# metrics.jsonl): a run's
-# total is their sum over its rounds; the table shows the mean of those totals over seeds.
+# metrics.jsonl): a run's total is their sum over its rounds; the table shows the mean of those
+# totals over seeds.
 TOTAL_KEYS = ("num_stragglers", "num_offline", "num_infeasible", "num_failed", "energy_j")
 
 
@@ -127,13 +127,20 @@ class Run:
                 return float(row["accuracy"])
         return math.nan
 
+    def final_value(self, metric: str) -> float:
+        """``summary.final_<metric>``, else the last round's ``metric`` (nan if none).
+
+        ``final_value("accuracy")`` is :attr:`final_accuracy`.
+        """
+        if is_finite(self.summary.get(f"final_{metric}")):
+            return float(self.summary[f"final_{metric}"])
+        values = self.values(metric)
+        return values[-1] if values else math.nan
+
     @property
     def final_accuracy(self) -> float:
         """``summary.final_accuracy``, else the last round's accuracy (nan if none)."""
-        if is_finite(self.summary.get("final_accuracy")):
-            return float(self.summary["final_accuracy"])
-        values = self.values("accuracy")
-        return values[-1] if values else math.nan
+        return self.final_value("accuracy")
 
     @property
     def best_accuracy(self) -> float:
@@ -353,12 +360,74 @@ def seed_keys_of(configs: Iterable[Mapping[str, Any]]) -> set[str]:
     return {key for key, seen in values.items() if len(seen) > 1}
 
 
+def _as_list(value: Any) -> list[Any] | None:
+    """The list behind a flattened value (:func:`flatten_config` stores lists as JSON), or None."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    if not (isinstance(value, str) and value.startswith("[")):
+        return None
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError:
+        return None
+    return decoded if isinstance(decoded, list) else None
+
+
+def _compact(value: Any) -> str:
+    """One list item of a label: a number as ``%g``, a mapping by its ``name`` where it has one."""
+    if isinstance(value, Mapping):
+        if isinstance(value.get("name"), str):
+            return value["name"]
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if isinstance(value, list | tuple):
+        return "[" + "/".join(_compact(item) for item in value) + "]"
+    return _format_value(value)
+
+
 def _format_value(value: Any) -> str:
     if value is None:
         return "null"  # as YAML and Hydra overrides spell it (clock.deadline_s=null)
     if isinstance(value, float):
         return f"{value:g}"
+    items = _as_list(value)
+    if items is not None:  # [0.25, 0.5, 1.0] -> 0.25/0.5/1
+        return "/".join(_compact(item) for item in items) if items else "[]"
     return str(value)
+
+
+def _without_unneeded_lists(kept: Sequence[str], configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``kept`` less the list-valued keys the other kept keys do not need to tell configs apart.
+
+    A list (``strategy.widths``, a fleet's ``profiles``) makes a long label part: it is left out
+    when the other keys already give every config its own label. Otherwise list keys are added
+    back in config order, each only if it separates configs that the keys before it did not.
+    """
+    lists = [key for key in kept if any(_as_list(c.get(key)) is not None for c in configs)]
+
+    def distinct(keys: Sequence[str]) -> int:
+        return len({tuple(repr(c.get(key)) for key in keys) for c in configs})
+
+    chosen = [key for key in kept if key not in lists]
+    for key in lists:
+        if distinct(chosen) == len(configs):
+            break
+        if distinct([*chosen, key]) > distinct(chosen):
+            chosen.append(key)
+    return [key for key in kept if key in chosen]
+
+
+def _value_texts(key: str, configs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """``repr(value)`` -> the value as a label shows it, for ``key``'s values in ``configs``.
+
+    A list shows compactly (:func:`_format_value`) unless two different lists would then read
+    the same (two fleets of one profile name): then all of ``key``'s values show as stored.
+    """
+    values = {repr(c[key]): c[key] for c in configs if c.get(key) is not None}
+    texts = {text: _format_value(value) for text, value in values.items()}
+    is_list = any(_as_list(value) is not None for value in values.values())
+    if is_list and len(set(texts.values())) < len(texts):
+        return {text: str(value) for text, value in values.items()}
+    return texts
 
 
 def _separates_a_class(key: str, configs: Sequence[Mapping[str, Any]]) -> bool:
@@ -388,8 +457,11 @@ def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     where ``<name>`` is the key's last dotted part (``strategy.proximal_mu`` -> ``proximal_mu``),
     or the whole dotted key if two kept keys share that last part. A config lacking a kept key
     omits it (FedAvg has no ``proximal_mu``) unless its label would be empty, then it shows
-    ``<name>=unset``. Parts follow config order, joined by ``", "``. A single config is
-    labelled by its strategy class name.
+    ``<name>=unset``. A list-valued key (``strategy.widths``, stored as JSON by
+    :func:`flatten_config`) is left out when the other kept keys already tell every config
+    apart; where it is needed it shows compactly, ``widths=1/0.5/0.25`` (a list of mappings by
+    their ``name``: ``profiles=low_end_phone/high_end_phone``). Parts follow config order, joined
+    by ``", "``. A single config is labelled by its strategy class name.
     """
     if len(configs) == 1:
         target = configs[0].get("strategy._target_")
@@ -399,6 +471,8 @@ def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
         keys.extend(key for key in config if key not in keys)
     kept = [key for key in keys if len({repr(c.get(key)) for c in configs}) > 1]  # null = unset
     kept = [key for key in kept if _separates_a_class(key, configs)]
+    kept = _without_unneeded_lists(kept, configs)
+    texts = {key: _value_texts(key, configs) for key in kept}
     last_parts = [key.rsplit(".", 1)[-1] for key in kept]
     names = {
         key: key if last_parts.count(last) > 1 else last
@@ -413,7 +487,7 @@ def label_configurations(configs: Sequence[Mapping[str, Any]]) -> list[str]:
             if key.endswith("._target_"):
                 parts.append(f"{key.removesuffix('._target_')}={str(config[key]).split('.')[-1]}")
             else:
-                parts.append(f"{names[key]}={_format_value(config[key])}")
+                parts.append(f"{names[key]}={texts[key][repr(config[key])]}")
         unset = [f"{names[key]}={'null' if key in config else 'unset'}" for key in kept]
         labels.append(", ".join(parts) or ", ".join(unset))
     return labels

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_plot import make_config, write_run
+from test_plot import make_config, overflow_in, saved_figures, write_long_label_runs, write_run
 
 from fedsim.learning.evaluation import evaluate_clients, sample_eval_clients
 from fedsim.scripts.compare import main
@@ -524,3 +524,25 @@ def test_optuna_sweeper_two_trials_writes_best_params(tmp_path: Path) -> None:
     assert result["best_value"] == pytest.approx(max(trials.values()))
     best_key = (best["strategy.proximal_mu"], best["client.lr"])
     assert trials[best_key] == pytest.approx(result["best_value"])
+
+
+def test_report_figures_keep_long_labels_and_the_caption_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labels of five differing knobs (about 100 characters): the curves' legend (it used to
+    lose 2 in at both ends), the client figure's tick labels and the caption under them lie
+    inside the saved figures; the caption is one text wrapped to the figure's width."""
+    sweep = write_long_label_runs(tmp_path / "sweep", ["FedAvg", "FedProx"])
+    for run in sweep.iterdir():
+        write_client_eval(run, CLIENT_ACCURACIES)
+    figures = saved_figures(monkeypatch)
+    assert main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    curves, clients = figures
+    assert overflow_in(curves) == 0.0
+    assert overflow_in(clients) == 0.0
+    caption = clients.axes[0].get_xlabel()
+    assert " ".join(caption.split()) == (
+        "box: quartiles, whiskers to 1.5 IQR; line: median; triangle: mean; n = clients x seeds"
+    )
+    labels = [text.get_text() for text in curves.legends[0].get_texts()]
+    assert len(labels) == 4 and all("\n" in label for label in labels)  # wrapped, not cut

@@ -676,3 +676,253 @@ def test_latency_plot_from_clients_jsonl(sweep: Path, tmp_path: Path) -> None:
     # / 2 = 0.3, (0.6 + 1.2) / 2 = 0.9. Outcome columns: ok, straggler, offline, infeasible, failed.
     assert "| low | 4 | 20.0 | 28.0 | 4.00 | 12.0 | 4.00 | 2 | 1 | 1 | 0 | 0 |" in table
     assert "| high | 3 | 1.50 | 1.90 | 0.300 | 0.900 | 0.300 | 2 | 0 | 0 | 0 | 1 |" in table
+
+
+# --- figures as saved: what a spy on _save sees --------------------------------------------------
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Spy on ``_save`` (fedsim-plot's and fedsim-compare's): the figures written, in order."""
+    import fedsim.scripts.compare as compare_module
+    import fedsim.scripts.plot as plot_module
+
+    figures: list[Any] = []
+    save = plot_module._save
+
+    def spy(fig: Any, out: Path, style: str = "screen") -> list[Path]:
+        written = save(fig, out, style)
+        figures.append(fig)
+        return written
+
+    monkeypatch.setattr(plot_module, "_save", spy)
+    monkeypatch.setattr(compare_module, "_save", spy)
+    return figures
+
+
+def overflow_in(fig: Any, dpi: float = 150) -> float:
+    """How far (inches) anything drawn at ``dpi`` (the PNGs') sticks out of the figure; 0 if
+    nothing does."""
+    fig.set_dpi(dpi)
+    fig.canvas.draw()  # the layout as savefig made it
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    width, height = fig.get_size_inches()
+    return max(0.0, -box.x0, -box.y0, box.x1 - width, box.y1 - height)
+
+
+# --- --metric in the table (issue: the table showed accuracy only) -------------------------------
+def test_metric_other_than_accuracy_gets_a_final_column(sweep: Path, tmp_path: Path) -> None:
+    """``--metric loss``: the table adds the final loss, mean ± 95% CI over seeds (the accuracy
+    columns unchanged), and the caption says what it is."""
+    # write_run: loss = 1 - accuracy each round, so FedAvg's final losses are 0.30 0.28 0.26:
+    # mean 0.28, sd 0.02, CI 2.4841 x 0.02 = 0.0497. FedProx seed 0's summary.json says its final
+    # loss is 0.23 (not its last row's 0.20): the summary wins, as for accuracy -> 0.23 0.17 0.14,
+    # mean 0.18, sd sqrt((0.05² + 0.01² + 0.04²) / 2) = 0.045826, CI 2.4841 x 0.045826 = 0.1138.
+    summary_path = sweep / "FedProx" / "day1" / "0" / "summary.json"
+    summary_path.write_text(
+        json.dumps({**json.loads(summary_path.read_text()), "final_loss": 0.23})
+    )
+    assert mean_ci([0.23, 0.17, 0.14]) == pytest.approx((0.18, 0.1138), abs=5e-5)
+    out = tmp_path / "loss.png"
+    assert main([str(sweep), "--out", str(out), "--metric", "loss"]) == 0
+    text = out.with_suffix(".md").read_text()
+    header, _, fedavg, fedprox = text.splitlines()[:4]
+    assert header == (
+        "| configuration | seeds | final loss | final accuracy | rank | p vs best | best accuracy "
+        "| rounds |"
+    )
+    # the final loss, then the accuracy columns as without --metric
+    assert fedavg == (
+        "| strategy=FedAvg | 3 | 0.2800 ± 0.0497 | 0.7200 ± 0.0497 | 2 | 0.003 "
+        "| 0.7700 ± 0.0497 | 3 |"
+    )
+    assert fedprox == (
+        "| strategy=FedProx | 3 | 0.1800 ± 0.1138 | 0.8300 ± 0.0745 | 1 | best "
+        "| 0.8800 ± 0.0745 | 3 |"
+    )
+    assert (
+        "Final loss, accuracy, AUC and cost to the target: mean over seeds ± the half-width" in text
+    )
+    assert "Final loss (--metric loss): a run's loss after its last round" in text
+    default = tmp_path / "accuracy.png"
+    assert main([str(sweep), "--out", str(default)]) == 0
+    assert "final loss" not in default.with_suffix(".md").read_text().lower()
+
+
+# --- the deadline on latency plots ----------------------------------------------------------------
+LATENCY_ROWS = [  # latency_s, tier; with a 25 s deadline the 30 s client-round is a straggler
+    (10.0, "low", "ok"), (20.0, "low", "ok"), (30.0, "low", "straggler"), (2.0, "high", "ok"),
+]  # fmt: skip
+
+
+def write_fleet_run(folder: Path, seed: int, deadline_s: float | None) -> None:
+    config = {**make_config("FedAvg", seed), "clock": {"deadline_s": deadline_s}}
+    run = write_run(folder, config, 0.7, sim_time=True)
+    rows = [
+        {"round": 1, "partition_id": i, "tier": tier, "outcome": outcome, "latency_s": latency,
+         "download_s": 0.1 * latency, "compute_s": 0.8 * latency, "upload_s": 0.1 * latency}
+        for i, (latency, tier, outcome) in enumerate(LATENCY_ROWS)
+    ]  # fmt: skip
+    (run / "clients.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_latency_plot_draws_each_deadline_as_a_labelled_dashed_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clock.deadline_s of the runs: one dashed line per distinct deadline on the box panel,
+    named in its legend and in the caption; a run with deadline null draws none."""
+    for seed, deadline in enumerate([25.0, 25.0, 40.0, None]):
+        write_fleet_run(tmp_path / "fleet" / str(seed), seed, deadline)
+    figures = saved_figures(monkeypatch)
+    out = tmp_path / "latency.png"
+    assert main([str(tmp_path / "fleet"), "--latency", "--out", str(out)]) == 0
+    box_ax = figures[0].axes[0]
+    dashed = [line for line in box_ax.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(float(line.get_ydata()[0]) for line in dashed) == [25.0, 40.0]
+    assert box_ax.get_ylim()[1] > 40.0  # the highest deadline is in view
+    legend = [text.get_text() for text in box_ax.get_legend().get_texts()]
+    assert legend == ["deadline 25 s (2 of 4 runs)", "deadline 40 s (1 of 4 runs)"]
+    text = out.with_suffix(".md").read_text()
+    assert (
+        "Pooled over all client-rounds of all runs. Dashed on the latency panel: the round "
+        "deadline (clock.deadline_s), 25 s (2 runs), 40 s (1 run); 1 run has none; a "
+        "client-round slower than its run's deadline is a straggler, its update dropped."
+    ) in text
+    # every run without a deadline: no line, no legend, the caption as before
+    for seed in range(4):
+        config_path = tmp_path / "fleet" / str(seed) / "config.yaml"
+        config = yaml.safe_load(config_path.read_text())
+        config_path.write_text(yaml.safe_dump({**config, "clock": {"deadline_s": None}}))
+    assert main([str(tmp_path / "fleet"), "--latency", "--out", str(out)]) == 0
+    box_ax = figures[1].axes[0]
+    assert not [line for line in box_ax.get_lines() if line.get_linestyle() == "--"]
+    assert box_ax.get_legend() is None
+    assert (
+        "Pooled over all client-rounds of all runs. Figure:" in out.with_suffix(".md").read_text()
+    )
+
+
+# --- long labels stay inside the figure -----------------------------------------------------------
+# Five knobs of one sweep differ between configurations: every label is about 100 characters,
+# three of them side by side are wider than the figure.
+LONG_KNOBS = {
+    ("partition", "alpha"): (0.1, 1.0),
+    ("client", "local_epochs"): (1, 5),
+    ("data", "test_fraction"): (0.2, 0.25),
+    ("model", "hidden_size"): (128, 256),
+    ("devices", "server_gflops"): (10000.0, 20000.0),
+}
+
+
+def write_long_label_runs(root: Path, strategies: Sequence[str], sim_time: bool = True) -> Path:
+    job = 0
+    for strategy in strategies:
+        for setting in range(2):
+            for seed in range(2):
+                config = make_config(strategy, seed)
+                for (group, key), values in LONG_KNOBS.items():
+                    config[group][key] = values[setting]
+                write_run(root / str(job), config, 0.6 + 0.1 * setting, sim_time=sim_time)
+                job += 1
+    return root
+
+
+def test_paper_style_wraps_long_labels_inside_the_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--style paper keeps its 3.3 in column: a legend of long labels wraps, the figure grows
+    taller, nothing is cut at the edges."""
+    from matplotlib.image import imread
+
+    runs = write_long_label_runs(tmp_path / "runs", ["FedAvg"])
+    figures = saved_figures(monkeypatch)
+    out = tmp_path / "paper.png"
+    assert main([str(runs), "--out", str(out), "--x", "round", "--style", "paper"]) == 0
+    assert imread(out).shape[1] == round(3.3 * 150)
+    (fig,) = figures
+    assert overflow_in(fig) == 0.0
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert all("\n" in label for label in labels)  # wrapped, not cut
+    assert " ".join(labels[0].split()) == (  # config.yaml's order: groups alphabetically
+        "local_epochs=1, test_fraction=0.2, server_gflops=10000, hidden_size=128, alpha=0.1 (n=2)"
+    )
+
+
+# --- list-valued keys in labels -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("configs", "expected"),
+    [
+        # the list alone tells two HeteroFL runs apart: shown compactly
+        (
+            [{"strategy.widths": "[1.0, 0.5, 0.25]"}, {"strategy.widths": "[1.0, 0.5]"}],
+            ["widths=1/0.5/0.25", "widths=1/0.5"],
+        ),
+        # another differing key tells them apart: the list is left out
+        (
+            [
+                {"strategy.widths": "[1.0, 0.5, 0.25]", "strategy.latency_budget_s": 0.1},
+                {"strategy.widths": "[1.0, 0.5]", "strategy.latency_budget_s": 0.2},
+            ],
+            ["latency_budget_s=0.1", "latency_budget_s=0.2"],
+        ),
+        # ... but only where it does: two configs share alpha, the list separates them
+        (
+            [
+                {"partition.alpha": 0.1, "strategy.widths": "[1.0, 0.5]"},
+                {"partition.alpha": 0.1, "strategy.widths": "[1.0]"},
+                {"partition.alpha": 1.0, "strategy.widths": "[1.0]"},
+            ],
+            ["alpha=0.1, widths=1/0.5", "alpha=0.1, widths=1", "alpha=1, widths=1"],
+        ),
+        # a list of mappings (a fleet's profiles) by their names
+        (
+            [
+                {"devices.profiles": '[{"name": "low_end_phone", "memory_gb": 2.0}]'},
+                {"devices.profiles": '[{"name": "low_end_phone"}, {"name": "high_end_phone"}]'},
+            ],
+            ["profiles=low_end_phone", "profiles=low_end_phone/high_end_phone"],
+        ),
+        # ... unless two fleets would then read the same: as stored
+        (
+            [
+                {"devices.profiles": '[{"name": "phone", "memory_gb": 2.0}]'},
+                {"devices.profiles": '[{"name": "phone", "memory_gb": 4.0}]'},
+            ],
+            [
+                'profiles=[{"name": "phone", "memory_gb": 2.0}]',
+                'profiles=[{"name": "phone", "memory_gb": 4.0}]',
+            ],
+        ),
+    ],
+)
+def test_label_configurations_lists_compact_or_left_out(
+    configs: list[dict[str, Any]], expected: list[str]
+) -> None:
+    assert label_configurations(configs) == expected
+
+
+def test_list_valued_knobs_stay_out_of_legends_and_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HeteroFL's strategy.widths (a list, stored as JSON): left out where latency_budget_s tells
+    the configurations apart, shown as widths=1/0.5/0.25 where it alone does."""
+    apart = tmp_path / "apart"
+    for job, (widths, budget) in enumerate([([1.0, 0.5, 0.25], 0.1), ([1.0, 0.5], 0.2)] * 2):
+        config = make_config("HeteroFL", job // 2, widths=widths, latency_budget_s=budget)
+        write_run(apart / str(job), config, 0.7)
+    figures = saved_figures(monkeypatch)
+    out = tmp_path / "apart.png"
+    assert main([str(apart), "--out", str(out)]) == 0
+    table = out.with_suffix(".md").read_text()
+    assert "| latency_budget_s=0.1 | 2 |" in table and "| latency_budget_s=0.2 | 2 |" in table
+    assert "widths" not in table
+    legend = [text.get_text() for text in figures[0].legends[0].get_texts()]
+    assert legend == ["latency_budget_s=0.1 (n=2)", "latency_budget_s=0.2 (n=2)"]
+
+    only = tmp_path / "only"
+    for job, widths in enumerate([[1.0, 0.5, 0.25], [1.0, 0.5], [1.0, 0.5, 0.25], [1.0, 0.5]]):
+        write_run(only / str(job), make_config("HeteroFL", job // 2, widths=widths), 0.7)
+    out = tmp_path / "only.png"
+    assert main([str(only), "--out", str(out)]) == 0
+    table = out.with_suffix(".md").read_text()
+    assert "| widths=1/0.5 | 2 |" in table and "| widths=1/0.5/0.25 | 2 |" in table
+    assert "[" not in table.split("\n\n")[0]  # no JSON in the table
+    legend = [text.get_text() for text in figures[1].legends[0].get_texts()]
+    assert legend == ["widths=1/0.5 (n=2)", "widths=1/0.5/0.25 (n=2)"]

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsim.records.results import read_jsonl
+
 __all__ = ["MiB", "multirun", "run_fedsim", "read_jsonl", "measure_peak_bytes", "steady_round_s"]
 
 MiB = 2**20
@@ -47,11 +49,6 @@ def run_fedsim(overrides: Sequence[str], run_dir: Path, reuse: bool = False) -> 
     wall = {"process_wall_s": time.perf_counter() - started}
     (run_dir / "bench_wall.json").write_text(json.dumps(wall))
     return json.loads(summary_path.read_text()) | wall
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def measure_peak_bytes(step: Callable[[], object], resident_bytes: int) -> int:

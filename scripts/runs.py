@@ -28,6 +28,8 @@ import numpy as np
 import yaml
 
 from fedsim.errors import ConfigError
+from fedsim.records.results import CLIENTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
+from fedsim.records.tables import find_run_dirs
 from fedsim.scripts.stats import accuracy_time_auc, ci_half_widths, mean_ci
 
 __all__ = [
@@ -60,10 +62,6 @@ __all__ = [
     "summarize_target",
 ]
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-CLIENTS_FILE = "clients.jsonl"
 TRAIN_PHASE = "train"
 # Keys that never separate configurations: the seed is what we average over; the engine
 # settings (runtime.*) and Hydra's own bookkeeping (hydra*) do not change the algorithm.
@@ -234,44 +232,6 @@ def is_finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def find_run_dirs(dirs: Sequence[str | Path]) -> list[Path]:
-    """Every run folder (``metrics.jsonl`` + ``config.yaml``) at or below ``dirs``, sorted.
-
-    Raises
-    ------
-    ConfigError
-        If a folder does not exist or none of them holds a run folder.
-
-    """
-    found: set[Path] = set()
-    for folder in map(Path, dirs):
-        if not folder.is_dir():
-            raise ConfigError("DIR", folder, "is not a folder")
-        for metrics in folder.rglob(METRICS_FILE):
-            if (metrics.parent / CONFIG_FILE).is_file():
-                found.add(metrics.parent.resolve())
-    if not found:
-        names = " ".join(str(d) for d in dirs)
-        raise ConfigError(
-            "DIR", names, f"no run folder found (a folder with {METRICS_FILE} and {CONFIG_FILE})"
-        )
-    return sorted(found)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """JSON lines of a file; a truncated last line (a run killed mid-write) is dropped."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ConfigError(f"{path}:{number}", line[:40], f"is not JSON ({err.msg})") from err
-    return rows
-
-
 def _stage_totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Bytes up + down and the :data:`TOTAL_KEYS` summed over rows before round 1."""
     totals = {}
@@ -300,8 +260,8 @@ def load_run(path: str | Path) -> Run:
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
-    """Load every run folder at or below ``dirs`` (see :func:`find_run_dirs`)."""
-    return [load_run(path) for path in find_run_dirs(dirs)]
+    """Load every run folder at or below ``dirs`` (``fedsim.records.tables.find_run_dirs``)."""
+    return [load_run(path) for path in find_run_dirs(dirs, key="DIR")]
 
 
 def _hashable(value: Any) -> Any:

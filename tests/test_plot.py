@@ -599,7 +599,7 @@ def test_main_no_runs_names_the_dirs(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and str(empty) in done.stderr
-    assert "no run folder found" in done.stderr
+    assert "holds no run folder" in done.stderr
 
 
 def test_latency_plot_from_clients_jsonl(sweep: Path, tmp_path: Path) -> None:

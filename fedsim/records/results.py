@@ -42,6 +42,7 @@ __all__ = [
     "SUMMARY_FILE",
     "CLIENTS_FILE",
     "CLIENT_EVAL_FILE",
+    "read_jsonl",
     "read_metrics",
     "atomic_write_text",
     "apply_umask",
@@ -206,7 +207,25 @@ def _row_round(line: str) -> float:
         return math.inf
 
 
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file fedsim wrote: the one reader of ``metrics.jsonl`` & co.
+
+    A truncated last line (a run killed mid-write) is dropped; a bad line before it is a
+    one-line :class:`ConfigError` naming the file and the line.
+    """
+    path = Path(path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ConfigError(f"{path}:{number}", line[:40], f"is not JSON ({err.msg})") from err
+    return rows
+
+
 def read_metrics(run_dir: Path | str, file: str = METRICS_FILE) -> list[dict[str, Any]]:
-    """The rows of a run's JSON-lines file."""
-    path = Path(run_dir) / file
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a run's JSON-lines file (:func:`read_jsonl`)."""
+    return read_jsonl(Path(run_dir) / file)

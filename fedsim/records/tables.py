@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,44 +41,55 @@ from fedsim.records.results import (
     CONFIG_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
+    read_jsonl,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["RUNS_TABLE_FILE", "RunsTableCallback", "load_clients", "load_runs", "write_runs_table"]
+__all__ = [
+    "RUNS_TABLE_FILE",
+    "RunsTableCallback",
+    "find_run_dirs",
+    "load_clients",
+    "load_runs",
+    "write_runs_table",
+]
 
 RUNS_TABLE_FILE = "runs.parquet"
 #: One column per config group (experiment included).
 CHOICE_COLUMNS = GROUPS
 
 
-def _run_dirs(path: Path) -> list[Path]:
-    if not path.is_dir():
-        raise ConfigError("path", path, "is not a folder; expected a run folder or a sweep folder")
-    found = sorted(
-        {m.parent for m in path.rglob(METRICS_FILE) if (m.parent / CONFIG_FILE).is_file()}
-    )
+def find_run_dirs(paths: str | Path | Sequence[str | Path], key: str = "path") -> list[Path]:
+    """Every run folder (``metrics.jsonl`` + ``config.yaml``) at or below ``paths``, sorted.
+
+    The one finder of run folders (``fedsim.load_runs``, ``fedsim-plot``, ``fedsim-compare``);
+    ``key`` names the argument in the one-line error for a missing folder or no run at all.
+    """
+    folders = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    found: set[Path] = set()
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(
+                key, folder, "is not a folder; expected a run folder or a sweep folder"
+            )
+        found |= {
+            m.parent.resolve()
+            for m in folder.rglob(METRICS_FILE)
+            if (m.parent / CONFIG_FILE).is_file()
+        }
     if not found:
         raise ConfigError(
-            "path", path, f"holds no run folder (a folder with {METRICS_FILE} and {CONFIG_FILE})"
+            key,
+            " ".join(str(folder) for folder in folders),
+            f"holds no run folder (a folder with {METRICS_FILE} and {CONFIG_FILE})",
         )
-    return found
+    return sorted(found)
 
 
 def _rows(file: Path) -> list[dict[str, Any]]:
-    """JSON lines; a truncated last line (a run killed mid-write) is dropped."""
-    if not file.is_file():
-        return []
-    rows = []
-    lines = [line for line in file.read_text().splitlines() if line.strip()]
-    for number, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ConfigError(str(file), number, "is not a JSON line") from None
-    return rows
+    return read_jsonl(file) if file.is_file() else []
 
 
 def _run_columns(root: Path, run_dir: Path) -> dict[str, Any]:
@@ -104,7 +116,7 @@ def _table(path: str | Path, file: str) -> pd.DataFrame:
 
     root = Path(path).expanduser().resolve()
     records = []
-    for run_dir in _run_dirs(root):
+    for run_dir in find_run_dirs(root):
         columns = _run_columns(root, run_dir)
         records += [columns | row for row in _rows(run_dir / file)]
     return pd.DataFrame.from_records(records)

@@ -374,3 +374,24 @@ def test_error_messages_say_what_to_change(tmp_path: Path) -> None:
         )
     with pytest.raises(ConfigError, match="from 1 to 1438"):
         partition_train(digits(), build_partitioner(group_cfg("partition", "iid"), 5), 0)
+
+
+def test_a_worker_imports_no_plotting_and_flower_plotting_still_works() -> None:
+    # Every Ray worker imports the workload; flwr-datasets' __init__ would pull in seaborn,
+    # matplotlib and scipy.stats (fedsim/learning/flower_partitioners.py). A fresh interpreter
+    # shows what a worker pays; then a user's call into flwr-datasets' plotting loads it.
+    probe = (
+        "import sys, json\n"
+        "import fedsim.engine.worker\n"
+        "heavy = [m for m in ('seaborn', 'matplotlib', 'scipy.stats') if m in sys.modules]\n"
+        "from flwr_datasets.visualization import plot_label_distributions\n"
+        "import flwr_datasets\n"
+        "real = sys.modules['flwr_datasets.visualization']\n"
+        "print(json.dumps({'heavy': heavy, 'callable': callable(plot_label_distributions),\n"
+        "    'bound': flwr_datasets.visualization is real, 'seaborn': 'seaborn' in sys.modules}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
+    )
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"heavy": [], "callable": True, "bound": True, "seaborn": True}

@@ -30,17 +30,17 @@ import datasets
 import hydra
 import numpy as np
 import yaml
-from flwr_datasets.partitioner import (
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim.errors import ConfigError
+from fedsim.learning.flower_partitioners import (
     DirichletPartitioner,
     NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
     ShardPartitioner,
 )
-from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
-
-from fedsim.errors import ConfigError
 from fedsim.seeding import numpy_rng
 
 __all__ = [

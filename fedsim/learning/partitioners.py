@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import Partitioner
 
 from fedsim.errors import ConfigError
+from fedsim.learning.flower_partitioners import Partitioner
 from fedsim.seeding import numpy_rng
 
 __all__ = ["SampledPartitioner"]

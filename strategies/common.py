@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim import keys
-from fedsim.errors import ConfigError
+from fedsim.checks import require_number
 
 __all__ = [
     "check_number",
@@ -83,11 +83,5 @@ def take_records(replies: Iterable[Message], name: str) -> list[Tensors]:
 
 
 def check_number(key: str, value: object, minimum: float, *, inclusive: bool = True) -> float:
-    """``value`` as a float if it is a number >= (or >) ``minimum``, else a ConfigError."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok:
-        ok = value >= minimum if inclusive else value > minimum  # type: ignore[operator]
-    if not ok:
-        relation = ">=" if inclusive else ">"
-        raise ConfigError(f"strategy.{key}", value, f"must be a number {relation} {minimum:g}")
-    return float(value)  # type: ignore[arg-type]
+    """``value`` as a float if it is a finite number >= (or >) ``minimum``, else a ConfigError."""
+    return require_number(f"strategy.{key}", value, low=minimum, low_inclusive=inclusive)

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.checks import is_int
 from fedsim.errors import ConfigError
 from fedsim.rounds.asynchronous import (
     LATE,
@@ -58,10 +59,6 @@ from fedsim.strategies.common import check_number, to_record
 __all__ = ["FedCompass", "compass_step"]
 
 _SLACK = 1e-9
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def compass_step(
@@ -106,9 +103,9 @@ class FedCompass(AsyncStrategy):
         staleness_b: float = 0.0,
         num_participants: int | None = None,
     ) -> None:
-        if q_min is not None and not _is_int(q_min, 1):
+        if q_min is not None and not is_int(q_min, 1):
             raise ConfigError("strategy.q_min", q_min, "null or an integer >= 1")
-        if q_max is not None and not _is_int(q_max, q_min or 1):
+        if q_max is not None and not is_int(q_max, q_min or 1):
             raise ConfigError("strategy.q_max", q_max, f"null or an integer >= q_min ({q_min})")
         m = check_number("speed_momentum", speed_momentum, 0.0, inclusive=False)
         if m > 1:
@@ -116,7 +113,7 @@ class FedCompass(AsyncStrategy):
         check_number("latest_time_factor", latest_time_factor, 1.0)
         check_number("alpha", alpha, 0.0, inclusive=False)
         check_staleness_fn("strategy", staleness_fn, staleness_a, staleness_b)
-        if num_participants is not None and not _is_int(num_participants, 1):
+        if num_participants is not None and not is_int(num_participants, 1):
             raise ConfigError("strategy.num_participants", num_participants, "null or >= 1")
         self.q_min, self.q_max = q_min, q_max
         self.speed_momentum, self.latest_time_factor = float(m), float(latest_time_factor)

@@ -21,7 +21,7 @@ ROOTS = {"fedsim": "fedsim", "clients": "fedsim.clients", "strategies": "fedsim.
 
 #: Bottom up. A module is in the layer of the longest prefix that names it.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("fedsim.errors", "fedsim.seeding", "fedsim.keys", "fedsim.config"),
+    "base": ("fedsim.errors", "fedsim.checks", "fedsim.seeding", "fedsim.keys", "fedsim.config"),
     "records": ("fedsim.records",),
     "learning": ("fedsim.learning",),
     "clock": ("fedsim.clock",),

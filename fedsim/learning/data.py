@@ -33,6 +33,7 @@ import yaml
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from fedsim.checks import is_int, is_number
 from fedsim.errors import ConfigError
 from fedsim.learning.flower_partitioners import (
     DirichletPartitioner,
@@ -113,16 +114,8 @@ def stratified_split_indices(
     return train, np.sort(np.concatenate(test_parts)).astype(np.int64)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_int(value: Any, low: int = 1, high: float = float("inf")) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
 def _check_test_fraction(test_fraction: float) -> None:
-    if not (_is_number(test_fraction) and 0.0 < test_fraction < 1.0):
+    if not (is_number(test_fraction) and 0.0 < test_fraction < 1.0):
         raise ConfigError("data.test_fraction", test_fraction, "must be a number in (0, 1)")
 
 
@@ -288,7 +281,7 @@ class ChatterbotData:
                 languages,
                 f"must be '{ALL_LANGUAGES}' or a list drawn from: {', '.join(available)}",
             )
-        if not _is_int(min_examples_per_class):
+        if not is_int(min_examples_per_class):
             raise ConfigError(
                 "data.min_examples_per_class", min_examples_per_class, "must be an integer >= 1"
             )
@@ -536,12 +529,12 @@ def _check_partition_arg(
         raise ConfigError(key, value, f"is not an argument of {cls.__name__}; accepted: {accepted}")
     if name in _POSITIVE_NUMBER_ARGS:
         values = value if isinstance(value, list) else [value]
-        if not values or not all(_is_number(v) and v > 0 for v in values):
+        if not values or not all(is_number(v) and v > 0 for v in values):
             raise ConfigError(
                 key, value, "must be a number > 0 (or a list of them, one per client)"
             )
     if name in _POSITIVE_INT_ARGS and not (value is None and params[name].default is None):
-        if not _is_int(value):
+        if not is_int(value):
             raise ConfigError(key, value, "must be an integer >= 1")
     annotation = params[name].annotation
     if typing.get_origin(annotation) is typing.Literal and value not in typing.get_args(annotation):
@@ -584,7 +577,7 @@ def build_partitioner(partition_cfg: DictConfig, num_partitions: int) -> Partiti
             _check_partition_arg(str(name), value, params, cls)
     injected = {}
     if "num_partitions" in params:
-        if not _is_int(num_partitions):
+        if not is_int(num_partitions):
             raise ConfigError("num_clients", num_partitions, "must be an integer >= 1")
         injected["num_partitions"] = num_partitions
     try:
@@ -712,7 +705,7 @@ def partition_train(
     max_clients = num_rows  # one row each at least, unless the partitioner lets clients overlap
     if getattr(partitioner, "allows_more_partitions_than_rows", False):
         max_clients = max(num_rows, num_clients)
-    if not _is_int(num_clients, 1, max_clients):
+    if not is_int(num_clients, 1, max_clients):
         raise ConfigError(
             "num_clients",
             num_clients,

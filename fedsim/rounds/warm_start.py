@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
+from fedsim.checks import is_int
 from fedsim.clock.scheduler import FAILED, INFEASIBLE, OFFLINE, STRAGGLER
 from fedsim.config import build, config_hash
 from fedsim.errors import ConfigError
@@ -69,10 +70,6 @@ class NoWarmStart:
         """Nothing to do."""
 
 
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 class CyclicWarmStart:
     """CyclicFL's sequential pre-training; YAML keys = these arguments (warm_start/cyclic.yaml).
 
@@ -102,7 +99,7 @@ class CyclicWarmStart:
             ("clients_per_cycle", clients_per_cycle),
             ("passes_per_visit", passes_per_visit),
         ):
-            if not _is_int(value, 1):
+            if not is_int(value, 1):
                 raise ConfigError(f"warm_start.{key}", value, "must be an integer >= 1")
         if clients_per_cycle > num_clients:
             raise ConfigError(

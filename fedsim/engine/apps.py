@@ -78,12 +78,15 @@ server_app = ServerApp()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: compose the config from run-config overrides and run."""
     from fedsim.config import build, compose_with_provenance, validate
+    from fedsim.records.tracking import tracker_of
 
     quiet_flower()
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     cfg, made_by = compose_with_provenance(overrides)
     validate(cfg)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-    writer = RunWriter(Path(str(context.run_config.get("results-dir", "results/runs"))) / stamp)
+    folder = Path(str(context.run_config.get("results-dir", "results/runs"))) / stamp
+    writer = RunWriter(folder, tracker_of(cfg))  # logger=...: as `fedsim` tracks a run
     writer.start(cfg, made_by)
+    writer.track(cfg)
     run_rounds(grid, cfg, build(cfg, "strategy"), writer)

@@ -43,6 +43,7 @@ from fedsim.learning.workload import get_workload  # noqa: E402
 from fedsim.records.checkpoint import load_checkpoint  # noqa: E402
 from fedsim.records.progress import StartupLog, keep_transcript, notices, transcript  # noqa: E402
 from fedsim.records.results import RunWriter  # noqa: E402
+from fedsim.records.tracking import tracker_of  # noqa: E402
 from fedsim.rounds import interrupt  # noqa: E402
 from fedsim.rounds.virtual_grid import MESSAGES_PUSHED  # noqa: E402
 
@@ -333,8 +334,9 @@ def _simulate(
         _check_sampling(cfg, strategy)
         started = _start_ray(cfg)  # unreachable cluster, or no node fits a client: ConfigError
         startup.lap("Ray" if started else "Ray (kept from the last run)")
+        tracker = tracker_of(cfg)  # logger=...: its library is imported (or refused) here
         interrupt.before_claim()  # a signal during start-up: RunInterrupted, nothing written
-        writer = RunWriter(run_dir)
+        writer = RunWriter(run_dir, tracker)
         state = None
         if resume:
             state = load_checkpoint(run_dir, strategy, config_hash(cfg), like=to_arrays(model))
@@ -342,6 +344,7 @@ def _simulate(
         else:
             writer.start(cfg, made_by)
         keep_transcript(run_dir)  # run.log: the lines so far, then each as it comes
+        writer.track(cfg, None if state is None else state.server_round)
         startup.release()  # checks passed, folder claimed: the start-up phases so far
         summary: dict = {}
         lanes = num_lanes(cfg, _cluster_cpus(cfg))

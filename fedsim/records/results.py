@@ -24,15 +24,19 @@ import fcntl
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedsim.records.tracking import Tracker
 
 __all__ = [
     "CHOICES_FILE",
@@ -92,11 +96,16 @@ class RunWriter:
     ----------
     run_dir
         The run's folder (created if missing). It must not already hold a run.
+    tracker
+        The run's ``logger`` (:mod:`fedsim.records.tracking`): it gets every ``metrics.jsonl``
+        row and the summary as they are written here, once :meth:`track` has opened it.
 
     """
 
-    def __init__(self, run_dir: Path | str) -> None:
+    def __init__(self, run_dir: Path | str, tracker: Tracker | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.tracker = tracker
+        self._tracking = False  # track() opened the tracker; close() ends it if finish() did not
         self._lock_fd: int | None = None
         self._resumed_after: int | None = None  # rows past this round go at the first new row
 
@@ -128,7 +137,13 @@ class RunWriter:
         self._lock_fd = fd
 
     def close(self) -> None:
-        """Release the folder's lock (process exit does too)."""
+        """End the tracked run if it is still open, release the folder's lock (exit does too)."""
+        if self._tracking and self.tracker is not None:
+            self._tracking = False
+            try:
+                self.tracker.close()
+            except Exception as exc:  # noqa: BLE001 - the run's own error, if any, comes first
+                print(f"[fedsim] the tracker could not end its run: {exc}", file=sys.stderr)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -147,6 +162,15 @@ class RunWriter:
         if made_by is not None:
             atomic_write_text(self.run_dir / CHOICES_FILE, yaml.safe_dump(dict(made_by)))
         (self.run_dir / METRICS_FILE).touch()
+
+    def track(self, cfg: DictConfig, resumed_after: int | None = None) -> None:
+        """Open the tracker once the folder is claimed: the resolved config as its parameters."""
+        if self.tracker is None:
+            return
+        config = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(config, dict)  # a DictConfig's container is a dict
+        self.tracker.start({str(k): v for k, v in config.items()}, self.run_dir, resumed_after)
+        self._tracking = True
 
     def reopen(self, server_round: int) -> None:
         """Continue a run from its checkpoint after ``server_round``.
@@ -181,6 +205,8 @@ class RunWriter:
         line = json.dumps({k: _jsonable(v) for k, v in row.items()})
         with open(self.run_dir / file, "a") as handle:
             handle.write(line + "\n")
+        if self._tracking and file == METRICS_FILE:
+            self.tracker.log_row(row)  # type: ignore[union-attr]  # _tracking: a tracker is set
 
     def sync(self) -> None:
         """Make every row appended so far durable: called before a checkpoint that counts them."""
@@ -197,6 +223,9 @@ class RunWriter:
         """Write ``summary.json`` atomically."""
         text = json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2)
         atomic_write_text(self.run_dir / SUMMARY_FILE, text + "\n")
+        if self._tracking:
+            self._tracking = False
+            self.tracker.finish(summary, self.run_dir)  # type: ignore[union-attr]
 
 
 def _row_round(line: str) -> float:

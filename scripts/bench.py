@@ -7,7 +7,9 @@ its dict goes into the ``--out`` JSON under the case's name. Cases live beside t
   ``sweep_startup`` -- fedsim against a plain PyTorch loop and plain Flower, 1,000,000 clients,
   the start-up each run of a sweep pays;
 * side-tuning (``bench_side_tuning.py``): ``cache_speedup``, ``device_memory``, ``compare``;
-* ``soak`` (``soak.py``): 500 rounds, memory growth, open files, leftover processes.
+* ``soak`` (``soak.py``): 500 rounds, memory growth, open files, leftover processes;
+* ``gpu`` (``bench_gpu.py``): side-tuning and LoRA client-rounds per second on one GPU against
+  the CPU, peak GPU memory per worker, workers per GPU (without CUDA: skipped, with the reason).
 
 Usage::
 
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.scripts.bench_engine import overhead_vs_plain, scale, speedup_vs_flower, sweep_startup
+from fedsim.scripts.bench_gpu import gpu
 from fedsim.scripts.bench_side_tuning import VARIANTS, cache_speedup, compare, device_memory
 from fedsim.scripts.soak import soak
 
@@ -39,6 +42,7 @@ CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "device_memory": device_memory,
     "compare": compare,
     "soak": soak,
+    "gpu": gpu,
 }
 
 
@@ -124,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--scale-clients", type=int, default=1_000_000, help="scale: population (issue 19: 1M)"
     )
     parser.add_argument("--sweep-runs", type=int, default=8, help="sweep_startup: runs")
+    parser.add_argument("--gpu-rounds", type=int, default=5, help="gpu: rounds of each run")
+    parser.add_argument(
+        "--gpu-shares",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.25],
+        help="gpu: runtime.client_num_gpus values (0.25: four workers per GPU)",
+    )
     args = parser.parse_args(argv)
     report: dict[str, Any] = {}
     for case in args.cases:

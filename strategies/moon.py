@@ -77,7 +77,8 @@ class MoonTerm(ClientTerm):
         self.w_global = snapshot(model)
         if keys.MOON_PREVIOUS in ctx.state:
             previous = array_record(ctx.state, keys.MOON_PREVIOUS)
-            self.w_previous = dict(previous.to_torch_state_dict())
+            kept = previous.to_torch_state_dict()
+            self.w_previous = {k: v.to(ctx.device) for k, v in kept.items()}  # the model's device
         else:
             self.w_previous = {k: self.w_global[k] for k in self.representation}
 

@@ -94,7 +94,8 @@ class ScaffoldTerm(ClientTerm):
     def before_train(self, model: torch.nn.Module, ctx: TrainContext) -> None:
         """Read c (message) and c_i (state, zero at first); keep w_t."""
         self.w_global = snapshot(model)
-        self.c = dict(array_record(ctx.received, keys.SCAFFOLD_CONTROL).to_torch_state_dict())
+        received = array_record(ctx.received, keys.SCAFFOLD_CONTROL).to_torch_state_dict()
+        self.c = {k: v.to(ctx.device) for k, v in received.items()}  # the model's device
         self.c_i = state_tensors(ctx.state, keys.SCAFFOLD_CLIENT_CONTROL, self.w_global)
         self.correction = {k: self.c[k] - self.c_i[k] for k in self.w_global}
 

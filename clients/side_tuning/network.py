@@ -65,6 +65,7 @@ from torch import nn
 
 from fedsim.clients.side_tuning.quantize import fake_quantize
 from fedsim.learning.models import TextClassifier, TextClassifierModel, pool_hidden_states
+from fedsim.learning.placement import feature_device
 from fedsim.learning.slicing import AxisDim, SlimLayout, scaled_size
 from fedsim.records.progress import notice, progress_bars
 from fedsim.seeding import numpy_rng
@@ -507,7 +508,7 @@ class SideTuningFactory:
     @staticmethod
     @torch.no_grad()
     def _fill(
-        backbone: PreTrainedModel,
+        backbone: nn.Module,
         ids: torch.Tensor,
         mask: torch.Tensor,
         out: torch.Tensor,
@@ -516,16 +517,22 @@ class SideTuningFactory:
         """Write the stacked hidden states of every row into ``out`` (N, L+1, T, d).
 
         ``bar``: a tqdm progress bar over the texts (on a terminal, for the one-off cache fill).
+        The backbone (featurize's own probe copy) runs on the process's feature device, a GPU
+        where the worker or server has one (fedsim/learning/placement.py); ``out`` stays on CPU.
         """
         from tqdm.auto import tqdm
 
+        device = feature_device()
+        backbone = backbone.to(device)  # no-op on CPU
         starts = range(0, len(ids), _FEATURIZE_BATCH)
         for start in tqdm(starts, desc="[fedsim] hidden states", unit="batch", disable=not bar):
             rows = slice(start, start + _FEATURIZE_BATCH)
             hidden = backbone(
-                input_ids=ids[rows], attention_mask=mask[rows], output_hidden_states=True
+                input_ids=ids[rows].to(device),
+                attention_mask=mask[rows].to(device),
+                output_hidden_states=True,
             ).hidden_states
-            out[rows] = torch.stack(hidden, dim=1).to(out.dtype)
+            out[rows] = torch.stack(hidden, dim=1).to(device=out.device, dtype=out.dtype)
 
 
 @torch.no_grad()

@@ -6,13 +6,19 @@ exception is reported as that client's error; the other clients of the lane stil
 an injected hang past the lane's timeout the worker gives the lane up at once: the clients it did
 not train are left out of the reply, and the server sends them again
 (fedsim/rounds/virtual_grid.py).
+
+With ``runtime.client_num_gpus > 0`` the worker trains on the GPU Ray assigned it
+(:func:`client_device`), keeps its resident models there, computes frozen features there (stored
+on CPU), and between two clients frees what the last one left (``fedsim.learning.placement``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
+import ray
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hydra.utils import instantiate
@@ -21,12 +27,46 @@ from omegaconf import DictConfig, OmegaConf
 from fedsim import keys
 from fedsim.engine.faults import LaneGivenUp
 from fedsim.learning.params import array_record, decode_arrays, load_state, to_arrays
+from fedsim.learning.placement import (
+    CPU,
+    apply_determinism,
+    computing_on,
+    peak_memory_bytes,
+    release,
+)
 from fedsim.learning.workload import Workload, get_workload
 from fedsim.rounds.virtual_grid import LaneSettings, lane_settings, pack_replies, unpack_lane
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.training.contract import TrainContext, behaviour_of
 
-__all__ = ["ClientRuntime", "handle_lane"]
+__all__ = ["GPU_PEAK_METRIC", "ClientRuntime", "client_device", "handle_lane"]
+
+#: clients.jsonl column (on CUDA only): the worker's peak GPU memory during that client-round.
+GPU_PEAK_METRIC = f"{keys.LOG_PREFIX}gpu_peak_bytes"
+
+
+def client_device(num_gpus: float) -> torch.device:
+    """Where a worker with ``runtime.client_num_gpus = num_gpus`` trains.
+
+    0: CPU. Otherwise the first GPU the process sees: Ray 2.55 sets each actor's
+    ``CUDA_VISIBLE_DEVICES`` to the ids it assigned (a fraction such as 0.25 gets the one GPU it
+    sits on), so that is ``cuda:0``. Where Ray was told not to set it
+    (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``) every GPU is visible and the id comes from
+    ``ray.get_gpu_ids()``. With more than one whole GPU a client still trains on one.
+    """
+    if num_gpus <= 0:
+        return CPU
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"runtime.client_num_gpus={num_gpus:g} but this worker sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
+    index = 0
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") and ray.is_initialized():
+        ids = ray.get_gpu_ids()
+        index = int(ids[0]) if ids else 0
+    return torch.device("cuda", index)
 
 
 class ClientRuntime:
@@ -36,8 +76,11 @@ class ClientRuntime:
         self.cfg = cfg
         self.seed = int(cfg.seed)
         torch.set_num_threads(max(1, int(cfg.runtime.client_num_cpus)))
+        self.device = client_device(float(cfg.runtime.client_num_gpus))
+        apply_determinism(self.device, bool(cfg.runtime.get("deterministic_gpu", True)))
         self.workload: Workload = get_workload(cfg)
-        self.model = self.workload.build_model()
+        # built on CPU (the same seeded init as everywhere), then moved: no-op on CPU
+        self.model = self.workload.build_model().to(self.device)
         self._models: dict[float, torch.nn.Module] = {1.0: self.model}  # width -> resident
         # DFL and other cross-cutting client features wrap the behaviour (none: itself)
         self.behaviour = behaviour_of(cfg)
@@ -46,7 +89,7 @@ class ClientRuntime:
     def model_for(self, width: float) -> torch.nn.Module:
         """The resident model of a width (``keys.WIDTH``: a width-sliced sub-model), built once."""
         if width not in self._models:
-            self._models[width] = self.workload.build_model(width)
+            self._models[width] = self.workload.build_model(width).to(self.device)
         return self._models[width]
 
     def train_client(
@@ -81,9 +124,10 @@ class ClientRuntime:
         load_state(model, received or decode_arrays(array_record(content, keys.ARRAYS)))
         # Dropout and other global-RNG draws, and the batch order, are named by (round, client).
         # (Not torch.manual_seed: without CUDA it queues a formatted stack trace on every call.)
-        torch.default_generator.manual_seed(
-            derive_seed(self.seed, "train-global", server_round, partition_id)
-        )
+        global_seed = derive_seed(self.seed, "train-global", server_round, partition_id)
+        torch.default_generator.manual_seed(global_seed)
+        if self.device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
+            torch.cuda.manual_seed_all(global_seed)
         ctx = TrainContext(
             partition_id=partition_id,
             server_round=server_round,
@@ -93,8 +137,12 @@ class ClientRuntime:
             received=RecordDict(
                 {k: v for k, v in content.items() if k not in (keys.ARRAYS, keys.CONFIG)}
             ),
+            device=self.device,
         )
-        outcome = self.behaviour.train(model, self.workload.client_data(partition_id), ctx)
+        with computing_on(self.device):  # the first client of a job computes the features
+            data = self.workload.client_data(partition_id)  # on CPU; batches move in the loop
+        outcome = self.behaviour.train(model, data, ctx)
+        peak = peak_memory_bytes(self.device)  # None on CPU: no column
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: outcome.num_examples,
@@ -102,9 +150,10 @@ class ClientRuntime:
                 keys.TRAIN_STEPS: outcome.num_steps,
                 keys.EXTRA_UPLOAD_BYTES: outcome.extra_upload_bytes,
                 **outcome.metrics,
+                **({} if peak is None else {GPU_PEAK_METRIC: float(peak)}),
             }
         )
-        arrays: ArrayRecord = to_arrays(model)
+        arrays: ArrayRecord = to_arrays(model)  # .cpu() per tensor (fedsim/learning/params.py)
         clash = set(outcome.records) & {keys.ARRAYS, keys.METRICS}
         if clash:
             raise ValueError(f"a client's extra records may not be named {sorted(clash)}")
@@ -151,7 +200,9 @@ def handle_lane(content: RecordDict) -> RecordDict:
             break  # past the timeout: the server sends this client and the rest again
         except Exception as exc:  # noqa: BLE001 - one client's failure must not sink its lane
             replies.append((partition_id, f"{type(exc).__name__}: {exc}"))
+            release(runtime.device)
             continue
         replies.append((partition_id, reply))
         states[partition_id] = state
+        release(runtime.device)  # GPU only: the next client starts from what the model holds
     return pack_replies(replies, states)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.learning.placement import model_device, to_device
 from fedsim.seeding import numpy_rng
 
 __all__ = ["evaluate", "macro_f1", "evaluate_clients", "iterate_batches", "sample_eval_clients"]
@@ -37,15 +38,20 @@ def evaluate(
     Macro-F1 matters on chatterbot, whose topics are very unequal (2,100 vs 9 utterances).
     Classes absent from both labels and predictions do not count (as sklearn's ``f1_score``
     with ``labels=None, zero_division=0``, which :func:`macro_f1` equals).
+
+    Each batch runs where ``model`` lives (the server's ``runtime.server_device``); the
+    predictions come back to CPU. On CPU the moves are no-ops.
     """
     was_training = model.training
     model.eval()
+    device = model_device(model)
     losses, preds, labels_all = [], [], []
     for inputs, labels in iterate_batches(data, batch_size):
-        logits = model(**inputs)
-        losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item())
-        preds.append(logits.argmax(dim=1).numpy())
-        labels_all.append(labels.numpy())
+        logits = model(**to_device(inputs, device))
+        labels_on = labels.to(device)
+        losses.append(torch.nn.functional.cross_entropy(logits, labels_on, reduction="sum").item())
+        preds.append(logits.argmax(dim=1).cpu().numpy())
+        labels_all.append(labels.cpu().numpy())
     model.train(was_training)
     y_pred, y_true = np.concatenate(preds), np.concatenate(labels_all)
     return {

@@ -56,6 +56,10 @@ class TrainContext:
     # Records the strategy sent besides the model and the config (e.g. SCAFFOLD's server
     # control variate); they count towards the downlink bytes like the model does.
     received: RecordDict = field(default_factory=RecordDict)
+    # Where the model lives and every batch goes (fedsim/learning/placement.py): the worker's
+    # GPU with ``runtime.client_num_gpus > 0``, else CPU. Records in ``state`` and ``received``
+    # stay on CPU (they travel); terms move what they read from them here.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 @dataclass(frozen=True)

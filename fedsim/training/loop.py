@@ -197,9 +197,15 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def state_tensors(
     state: RecordDict, name: str, like: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Tensors kept in ``state[name]``, or zeros shaped like ``like`` for a first round."""
+    """Tensors kept in ``state[name]``, or zeros shaped like ``like`` for a first round.
+
+    Each on the device of its namesake in ``like`` (the model's): the state travels on CPU.
+    """
     if name in state:
-        return dict(array_record(state, name).to_torch_state_dict())
+        kept = array_record(state, name).to_torch_state_dict()
+        return {
+            key: value.to(like[key].device) if key in like else value for key, value in kept.items()
+        }
     return {key: torch.zeros_like(value) for key, value in like.items()}
 
 
@@ -285,11 +291,16 @@ def _forward_step(
     loss_fn: LossFn,
     terms: Sequence[ClientTerm],
     needs_features: bool,
+    device: torch.device,
     idx: torch.Tensor,
 ) -> tuple[torch.Tensor, Callable[[], None]]:
-    """The plain batch step: forward the rows through ``model``, the task loss plus terms."""
-    inputs = {k: v[idx] for k, v in data.items() if k != "label"}
-    labels = data["label"][idx]
+    """The plain batch step: forward the rows through ``model``, the task loss plus terms.
+
+    The rows are picked on CPU (where the client's data and the batch order live) and only the
+    batch moves to ``device``: a whole partition never has to fit on the GPU.
+    """
+    inputs = {k: v[idx].to(device) for k, v in data.items() if k != "label"}
+    labels = data["label"][idx].to(device)
     loss = _batch_loss(model, inputs, labels, loss_fn, terms, needs_features, idx)
     recompute = partial(
         _backward, optimizer, model, inputs, labels, loss_fn, terms, needs_features, idx
@@ -343,13 +354,18 @@ def train_loop(
     A method whose batch is not a forward pass of ``model`` supplies ``batch_step`` (rows ->
     loss and its recompute; ``loss_fn`` is then unused): the budget, the shuffling, the hook
     order, the shared clip and the outcome stay this loop's, for every method alike.
+
+    ``model`` lives on ``ctx.device`` (the worker put it there); each batch is moved there. The
+    batch order is drawn on CPU from ``ctx.generator``, so it is the same on every device.
     """
     terms = build_terms(ctx.config) if terms is None else list(terms)
     labels_all = data["label"]
     n = len(labels_all)
     if batch_step is None:
         needs_features = any(term.needs_features for term in terms)
-        batch_step = partial(_forward_step, model, data, optimizer, loss_fn, terms, needs_features)
+        batch_step = partial(
+            _forward_step, model, data, optimizer, loss_fn, terms, needs_features, ctx.device
+        )
     local_epochs, max_steps = step_budget(ctx.config, local_epochs, max_steps, n, batch_size)
     model.train()
     for term in terms:

@@ -34,7 +34,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import keys
-from fedsim.clock.devices import ClientWork, DeviceState, client_latency, fits_in_memory
+from fedsim.clock.devices import (
+    ClientWork,
+    DeviceState,
+    client_latency,
+    fits_in_memory,
+    measured_compute_s,
+)
 from fedsim.clock.server_view import FederationView, slim_layout_of
 from fedsim.errors import ConfigError
 from fedsim.keys import partition_id_of
@@ -74,15 +80,17 @@ def expected_latency_s(
     server_flops: int,
     server_gflops: float,
     extra_upload_bytes: float = 0.0,
+    compute_s: float | None = None,
 ) -> float:
     """Download + compute + upload + server seconds of a job, before it runs.
 
     The model travels both ways (``payload_bytes`` each); the device also uploads
     ``extra_upload_bytes`` (side-tuning's activations: an estimate, they are measured only after
-    the round, ``FederationView.observed``).
+    the round, ``FederationView.observed``). ``compute_s``: the device's measured table's
+    seconds (``devices.measured_compute_s``), used instead of the FLOPs if given.
     """
     upload = payload_bytes + round(extra_upload_bytes)
-    work = ClientWork(train_flops, payload_bytes, upload, 0, server_flops)
+    work = ClientWork(train_flops, payload_bytes, upload, 0, server_flops, compute_s)
     return client_latency(state, work, server_gflops).total_s
 
 
@@ -256,7 +264,24 @@ class HeteroFL(FedAvg):
             cost.server_flops,
             view.server_gflops,
             extra_upload_bytes,
+            measured_compute_s(
+                view.profiles[pid], width, cost.train_examples, state.compute_gflops
+            ),
         )
+
+    def compute_s(self, pid: int, width: float, state: DeviceState) -> float:
+        """Compute seconds of the job at ``width`` under ``state``, as the clock charges them.
+
+        The device's measured seconds-per-example table when its profile has one (the
+        WHALE-FL testbed, conf/devices/whale_testbed.yaml), else FLOPs over the compute rate.
+        """
+        view = self._view()
+        cost = view.cost(pid, width)
+        measured = measured_compute_s(
+            view.profiles[pid], width, cost.train_examples, state.compute_gflops
+        )
+        work = ClientWork(cost.train_flops, 0, 0, 0, compute_s=measured)
+        return client_latency(state, work, view.server_gflops).compute_s
 
     def extra_upload_estimate(self, pid: int, server_round: int, width: float) -> float:
         """Bytes the device will send besides its tensors in ``server_round`` (activations).

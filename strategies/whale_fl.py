@@ -326,9 +326,10 @@ class WhaleFL(HeteroFL):
         largest, smallest = self.widths[0], self.widths[-1]
         sent = view.payload_bytes(largest) + self.extra_upload_estimate(pid, server_round, largest)
         t_com = _compute_upload_s(state, 0, sent)[1]
-        t_cmp = _compute_upload_s(state, view.cost(pid, smallest).train_flops, 0)[0]
-        last = view.cost(pid, self.sent_width.get(pid, smallest)).train_flops
-        return t_cmp, t_com, _compute_upload_s(state, last, 0)[0] + t_com
+        # compute seconds as the clock charges them: a measured table's if the device has one
+        t_cmp = self.compute_s(pid, smallest, state)
+        last = self.compute_s(pid, self.sent_width.get(pid, smallest), state)
+        return t_cmp, t_com, last + t_com
 
     def _paper_score(self, pid: int, times: tuple[float, float, float], t_min: float) -> dict:
         """W of one device and its terms (the clients.jsonl fields)."""

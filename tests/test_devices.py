@@ -382,3 +382,116 @@ def test_measuring_leaves_batchnorm_statistics_untouched() -> None:
     count_forward_flops(model, inputs)
     estimate_train_memory_bytes(model, inputs, labels)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------- measured tables (issue 20)
+TABLE = [[1.0, 0.05], [0.5, 0.02], [0.25, 0.01]]  # seconds per example, by width
+
+
+def test_measured_table_gives_exactly_the_table_time() -> None:
+    from fedsim.clock.devices import measured_compute_s
+
+    profile = make_fleet([profile_dict(train_s_per_example=TABLE)]).profiles[0]
+    for width, seconds in TABLE:
+        # at the nominal rate: 300 examples x the table's seconds, exactly (no FLOPs involved)
+        assert measured_compute_s(profile, width, 300, profile.train_gflops) == seconds * 300
+    # a compute draw at half the nominal rate doubles it: 300 x 0.05 x (10 / 5) = 30 s
+    assert measured_compute_s(profile, 1.0, 300, 5.0) == pytest.approx(30.0)
+    # no examples reported (e.g. a forward-only device) or no table: the FLOPs rule (None)
+    assert measured_compute_s(profile, 1.0, 0, 10.0) is None
+    assert measured_compute_s(PROFILE, 1.0, 300, 10.0) is None
+
+
+def test_measured_table_time_is_what_the_clock_charges() -> None:
+    state = replace(STATE, compute_gflops=10.0)
+    work = replace(WORK, compute_s=12.5)  # the table's seconds replace 5e10 FLOP / 10 GFLOPS
+    lat = client_latency(state, work, server_gflops=1000.0)
+    assert lat.compute_s == 12.5
+    assert lat.total_s == pytest.approx(4.0 + 12.5 + 4.0 + 2.0)
+
+
+def test_measured_table_refuses_widths_it_did_not_measure() -> None:
+    profile = make_fleet([profile_dict(train_s_per_example=TABLE)]).profiles[0]
+    with pytest.raises(ConfigError, match="train_s_per_example") as info:
+        profile.measured_s_per_example(0.125)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [[], [[1.5, 0.1]], [[1.0, 0.0]], [[1.0, 0.1], [1.0, 0.2]], [[1.0]], "fast"],
+    ids=["empty", "width>1", "zero-seconds", "repeated-width", "no-seconds", "text"],
+)
+def test_measured_table_validation_names_the_key(table) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_fleet([profile_dict(train_s_per_example=table)])
+    assert info.value.key == "devices.profiles[0].train_s_per_example"
+
+
+def test_whale_testbed_yaml_has_its_sources_and_the_codes_table() -> None:
+    text = (CONF_DIR / "whale_testbed.yaml").read_text()
+    for source in ("BESTTOOLBOX/WHALE-FL", "cnn_device_model_time.csv", "cnn_device_list.csv"):
+        assert source in text
+    fleet = instantiate(OmegaConf.load(CONF_DIR / "whale_testbed.yaml"))
+    # 5 kinds x the links 80, 40, 20, 15 Mbit/s, equal shares (the code's 20-device list)
+    assert len(fleet.profiles) == 20 and set(fleet.shares) == {0.05}
+    assert {p.uplink_mbps for p in fleet.profiles} == {80.0, 40.0, 20.0, 15.0}
+    pi = next(p for p in fleet.profiles if p.tier == "raspberry_pi")
+    # methods.md 3.5: "Raspberry Pi 0.0518 s at width 1 down to 0.0026 s at 1/16"
+    assert pi.measured_s_per_example(1.0) == 0.051820623
+    assert pi.measured_s_per_example(0.0625) == 0.002569063
+    assert all(len(p.train_s_per_example) == 5 for p in fleet.profiles)
+
+
+@pytest.mark.parametrize("name", ["whale_testbed", "phones_failures", "phones_trace"])
+def test_new_yaml_fleets_compose_and_build(name: str) -> None:
+    from fedsim.config import build, compose_config
+
+    fleet = build(compose_config([f"devices={name}"]), "devices")
+    assert isinstance(fleet, Fleet)
+    assert (fleet.phones is None) == (name == "whale_testbed")
+
+
+def test_existing_yaml_fleets_have_no_phone_failures() -> None:
+    # Their behaviour is unchanged: no availability, battery or interruption model is built.
+    for name in ("uniform", "phones_mixed"):
+        assert instantiate(OmegaConf.load(CONF_DIR / f"{name}.yaml")).phones is None
+
+
+def _bound_to_testbed(strategy):
+    """``strategy`` bound to a view of one WHALE-FL testbed device (a Raspberry Pi on 15 Mbit/s)."""
+    from fedsim.clock.scheduler import DeviceCost
+    from fedsim.clock.server_view import FederationView, ObservationLog
+
+    fleet = instantiate(OmegaConf.load(CONF_DIR / "whale_testbed.yaml"))
+    pi = next(p for p in fleet.profiles if p.name == "raspberry_pi_15mbps")
+    view = FederationView(
+        seed=0,
+        profiles=[pi],
+        server_gflops=1000.0,
+        deadline_s=None,
+        online=lambda pid, rnd: True,
+        observations=ObservationLog(),
+        # 100 examples, and FLOPs that would give another time: 1e9 FLOP / 4.63 GFLOP/s = 0.216 s
+        cost=lambda pid, width: DeviceCost(10**9, 1, train_examples=100),
+        payload_bytes=lambda width: 1_875_000,  # 15 Mbit: 1 s at 15 Mbit/s each way
+        slim_layout=lambda: None,
+    )
+    strategy.bind(view)
+    return strategy, pi
+
+
+def test_heterofl_and_whale_fl_latency_estimates_use_the_measured_table() -> None:
+    from fedsim.strategies.heterofl import HeteroFL
+    from fedsim.strategies.whale_fl import WhaleFL
+
+    heterofl, pi = _bound_to_testbed(HeteroFL())
+    nominal = DeviceState(True, pi.train_gflops, pi.uplink_mbps, pi.downlink_mbps, True)
+    # width 1: 1 s down + 100 x 0.051820623 s + 1 s up; width 1/16: 100 x 0.002569063 s
+    assert heterofl.expected_latency(0, 1.0, nominal) == pytest.approx(2.0 + 5.1820623)
+    assert heterofl.expected_latency(0, 0.0625, nominal) == pytest.approx(2.0 + 0.2569063)
+    assert heterofl.compute_s(0, 0.5, nominal) == 100 * 0.016849187  # exactly the table's
+    whale, _ = _bound_to_testbed(WhaleFL())
+    t_cmp, t_com, t_last = whale._paper_times(0, 1)
+    assert t_cmp == 100 * 0.002569063  # the code's t_cmp: the table at width 1/16
+    assert t_com == pytest.approx(1.0) and t_last == pytest.approx(t_cmp + 1.0)

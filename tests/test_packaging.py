@@ -52,7 +52,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_wheel_carries_every_config_file_and_the_licence(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     conf = REPO / "conf"
-    shipped = {f"fedsim/conf/{p.relative_to(conf)}" for p in conf.rglob("*.yaml")}
+    shipped = {
+        f"fedsim/conf/{p.relative_to(conf)}"
+        for pattern in ("*.yaml", "*.csv", "*.md")  # configs, availability traces, their notes
+        for p in conf.rglob(pattern)
+    }
     assert len(shipped) > 40 and shipped <= names, sorted(shipped - names)
     info = f"fedsim-{fedsim.__version__}.dist-info"
     assert f"{info}/licenses/LICENSE" in names

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedsim.clock.phones import PhoneModel
+from fedsim.config import CONF_DIR
 from fedsim.errors import ConfigError
 from fedsim.seeding import numpy_rng
 
@@ -48,6 +50,7 @@ __all__ = [
     "client_latency",
     "client_energy_j",
     "fits_in_memory",
+    "measured_compute_s",
     "synchronous_round",
 ]
 
@@ -81,6 +84,29 @@ class DeviceProfile:
     compute_power_w: float  # SoC power while training, W
     radio_tx_power_w: float  # device power while uploading, W
     radio_rx_power_w: float  # device power while downloading, W
+    # Optional: measured seconds of training per example, by sub-model width, as (width,
+    # seconds) pairs (YAML: a list of [width, seconds]). When set, the clock charges a job that
+    # reports its examples (``DeviceCost.train_examples``) these seconds instead of its FLOPs
+    # over ``train_gflops`` (``measured_compute_s``). Empty: the FLOPs rule.
+    train_s_per_example: tuple[tuple[float, float], ...] = ()
+
+    def measured_s_per_example(self, width: float) -> float | None:
+        """The table's seconds per example at ``width``; None without a table.
+
+        Widths not in the table are refused (ConfigError): a measured table is used as
+        measured, never interpolated (our decision; the width sets of HeteroFL and WHALE-FL
+        are the table's widths).
+        """
+        if not self.train_s_per_example:
+            return None
+        for measured_width, seconds in self.train_s_per_example:
+            if math.isclose(measured_width, width, rel_tol=1e-9, abs_tol=0.0):
+                return seconds
+        raise ConfigError(
+            f"devices.profiles[{self.name}].train_s_per_example",
+            f"width {width:g}",
+            f"has no measurement; measured widths: {[w for w, _ in self.train_s_per_example]}",
+        )
 
 
 @dataclass(frozen=True)
@@ -136,12 +162,39 @@ def _number(
     return float(value)
 
 
+#: Profile keys a YAML may leave out (their defaults keep the fleet as it was).
+_OPTIONAL_PROFILE_KEYS = ("train_s_per_example",)
+
+
+def _measured_table(key: str, raw: Any) -> tuple[tuple[float, float], ...]:
+    """A list of [width, seconds] pairs: widths in (0, 1] without repeats, seconds > 0."""
+    accepted = "must be a list of [width, seconds] pairs, width in (0, 1] (distinct), seconds > 0"
+    if isinstance(raw, str | bytes) or not isinstance(raw, Sequence) or not raw:
+        raise ConfigError(key, raw, accepted)
+    table = []
+    for pair in raw:
+        if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ConfigError(key, pair, accepted)
+        width = _number(key, pair[0], low=0.0, low_inclusive=False, high=1.0)
+        seconds = _number(key, pair[1], low=0.0, low_inclusive=False)
+        table.append((width, seconds))
+    if len({w for w, _ in table}) != len(table):
+        raise ConfigError(key, [list(p) for p in table], accepted)
+    return tuple(sorted(table, reverse=True))
+
+
 def _profile_from_dict(index: int, raw: Any) -> DeviceProfile:
     key = f"devices.profiles[{index}]"
     names = [f.name for f in fields(DeviceProfile)]
-    if not isinstance(raw, Mapping) or set(raw) != set(names):
+    required = [n for n in names if n not in _OPTIONAL_PROFILE_KEYS]
+    if not isinstance(raw, Mapping) or not set(required) <= set(raw) <= set(names):
         got = sorted(raw) if isinstance(raw, Mapping) else raw
-        raise ConfigError(key, got, f"must be a mapping with exactly the keys {names}")
+        raise ConfigError(
+            key,
+            got,
+            f"must be a mapping with the keys {required} (optional: "
+            f"{list(_OPTIONAL_PROFILE_KEYS)})",
+        )
     for text_key in ("name", "tier"):
         if not isinstance(raw[text_key], str) or not raw[text_key]:
             raise ConfigError(f"{key}.{text_key}", raw[text_key], "must be a non-empty string")
@@ -155,6 +208,10 @@ def _profile_from_dict(index: int, raw: Any) -> DeviceProfile:
     values["availability"] = _number(
         f"{key}.availability", raw["availability"], low=0.0, low_inclusive=False, high=1.0
     )
+    if "train_s_per_example" in raw:
+        values["train_s_per_example"] = _measured_table(
+            f"{key}.train_s_per_example", raw["train_s_per_example"]
+        )
     return DeviceProfile(**values)
 
 
@@ -208,6 +265,10 @@ class Fleet:
         Mapping with exactly the fields of :class:`Dynamics`.
     server_gflops
         Sustained throughput of the server for work a method offloads to it, GFLOP/s.
+    availability, battery, interruptions
+        Optional: the failures phones have (``fedsim/clock/phones.py``: when devices are
+        plugged in and on Wi-Fi, their battery, drop-outs by phase). All absent (the default):
+        none of it, and every number is what it was without these keys.
 
     """
 
@@ -218,6 +279,9 @@ class Fleet:
         shares: Sequence[float],
         dynamics: Mapping[str, float],
         server_gflops: float,
+        availability: Mapping[str, Any] | None = None,
+        battery: Mapping[str, Any] | None = None,
+        interruptions: Mapping[str, float] | None = None,
     ) -> None:
         if isinstance(profiles, str | bytes) or not isinstance(profiles, Sequence) or not profiles:
             raise ConfigError("devices.profiles", profiles, "must be a non-empty list of mappings")
@@ -246,6 +310,8 @@ class Fleet:
         cumulative[-1] = 1.0  # the last bin catches u in [sum - eps, 1)
         self._cumulative_shares = cumulative
         self._channels: dict[tuple[int, int], _ChannelTrace] = {}
+        # None unless the YAML sets one of the three keys: then nothing below changes.
+        self.phones = PhoneModel.from_config(availability, battery, interruptions, CONF_DIR)
 
     # -- assignment: client i's device depends only on (seed, i) ------------------------------
     def device_for(self, partition_id: int, seed: int) -> DeviceProfile:
@@ -555,6 +621,9 @@ class ClientWork:
     bytes_up: int
     peak_memory_bytes: int
     server_flops: int = 0  # work a method offloads to the server (e.g. side-tuning)
+    # Seconds of device compute from a measured table (``measured_compute_s``), used instead
+    # of train_flops / compute rate; None: the FLOPs rule.
+    compute_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -574,7 +643,10 @@ def client_latency(state: DeviceState, work: ClientWork, server_gflops: float) -
     The ``online`` flag is not consulted: the engine drops offline clients before this.
     """
     download_s = work.bytes_down * _BITS_PER_BYTE / (state.downlink_mbps * _MEGA)
-    compute_s = work.train_flops / (state.compute_gflops * _GIGA)
+    if work.compute_s is not None:  # a measured table's seconds (measured_compute_s)
+        compute_s = work.compute_s
+    else:
+        compute_s = work.train_flops / (state.compute_gflops * _GIGA)
     upload_s = work.bytes_up * _BITS_PER_BYTE / (state.uplink_mbps * _MEGA)
     server_s = work.server_flops / (server_gflops * _GIGA)
     return Latency(
@@ -584,6 +656,28 @@ def client_latency(state: DeviceState, work: ClientWork, server_gflops: float) -
         server_s=server_s,
         total_s=download_s + compute_s + upload_s + server_s,
     )
+
+
+def measured_compute_s(
+    profile: DeviceProfile, width: float, train_examples: int, compute_gflops: float
+) -> float | None:
+    """Compute seconds of a job from the profile's measured table; None: use the FLOPs rule.
+
+    ``seconds per example at width x train_examples``, scaled by the round's compute draw
+    (``profile.train_gflops / compute_gflops``: 1 exactly at the nominal rate, so a device at
+    its nominal rate is charged exactly the table's time). None when the profile has no table
+    or the job reports no examples (``DeviceCost.train_examples == 0``: e.g. a forward-only
+    side-tuning device, which the table, measured on backpropagation, does not describe).
+    The table is tied to the model and batch it was measured with (conf/devices/
+    whale_testbed.yaml); the clock uses it as measured, whatever model trains here.
+    """
+    per_example = profile.measured_s_per_example(width) if train_examples > 0 else None
+    if per_example is None:
+        return None
+    seconds = per_example * train_examples
+    if compute_gflops == profile.train_gflops:
+        return seconds
+    return seconds * (profile.train_gflops / compute_gflops)
 
 
 def client_energy_j(profile: DeviceProfile, latency: Latency) -> float:

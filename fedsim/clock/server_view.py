@@ -25,8 +25,12 @@ the view never reads it. The scheduler records a round's measurements when the r
 ``r`` reads only rounds ``< r``: re-drawing round ``r`` leaves every answer for ``r`` unchanged,
 and round ``r + 1`` sees what round ``r`` measured (tests/test_whale_fl.py). A device that
 trained (kept or dropped as a straggler: its reply, with its measured times, still arrives) is
-measured; an offline, infeasible or failed one is not. The log's state travels in the bound
-strategy's checkpoint (``ObservationLog.state``), so a resumed run knows what it knew.
+measured; an offline, infeasible or failed one is not. A phone that dropped out mid-round
+(outcome ``interrupted``, fedsim/clock/phones.py) is seen as a real server sees it, after the
+fact: ``failures(pid, r)`` counts its drop-outs in rounds before ``r``; its battery, charging
+state and the interruption draws of round ``r`` are never in the view. The log's state travels
+in the bound strategy's checkpoint (``ObservationLog.state``), so a resumed run knows what it
+knew.
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ def nominal_observation(profile: DeviceProfile) -> Observation:
 
 #: Outcomes whose reply came back with measured times (a dropped straggler's too).
 MEASURED = ("ok", "straggler")
+#: A phone's drop-out mid-round (fedsim.clock.scheduler.INTERRUPTED): seen after the fact.
+DROPPED = "interrupted"
 #: The fields of a stored entry, in order (plain lists: checkpointable,
 # fedsim/records/checkpoint.py).
 _ENTRY = (
@@ -126,11 +132,14 @@ class ObservationLog:
         self.keep = keep
         self.clients: dict[int, list[list[Any]]] = {}  # pid -> entries (_ENTRY), oldest first
         self.fleet: list[list[float]] = []  # [round, cumulative extra bytes, cumulative FLOPs]
+        self.dropped: dict[int, list[int]] = {}  # pid -> rounds it dropped out in, ascending
 
     def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Add a settled round's clients.jsonl rows (``RoundScheduler.settle`` calls this)."""
         extra, flops, rnd = 0.0, 0.0, None
         for row in rows:
+            if row.get("outcome") == DROPPED:
+                self.dropped.setdefault(int(row["partition_id"]), []).append(int(row[keys.ROUND]))
             if row.get("outcome") not in MEASURED:
                 continue
             pid, rnd = int(row["partition_id"]), int(row[keys.ROUND])
@@ -162,6 +171,10 @@ class ObservationLog:
             raise ValueError(f"client {pid}: no measurement kept from before round {server_round}")
         return nominal_observation(profile)
 
+    def failures(self, pid: int, server_round: int) -> int:
+        """How many times ``pid`` dropped out mid-round in rounds before ``server_round``."""
+        return sum(r < server_round for r in self.dropped.get(int(pid), []))
+
     def extra_upload_bytes_per_flop(self, server_round: int) -> float:
         """Bytes sent besides tensors per device FLOP, over every measurement before the round."""
         before = [f for f in self.fleet if f[0] < server_round]
@@ -169,13 +182,15 @@ class ObservationLog:
 
     def state(self) -> dict[str, Any]:
         """The containers themselves (a strategy keeps them as an attribute: checkpointed)."""
-        return {"clients": self.clients, "fleet": self.fleet}
+        return {"clients": self.clients, "fleet": self.fleet, "dropped": self.dropped}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Take back a :meth:`state` (a resumed run's); an empty one changes nothing."""
         for pid, entries in state.get("clients", {}).items():
             self.clients[int(pid)] = [list(e) for e in entries]
         self.fleet[:] = [list(f) for f in state.get("fleet", [])]
+        for pid, rounds in state.get("dropped", {}).items():
+            self.dropped[int(pid)] = [int(r) for r in rounds]
 
 
 @dataclass(frozen=True)
@@ -206,3 +221,7 @@ class FederationView:
     def extra_upload_bytes_per_flop(self, server_round: int) -> float:
         """Fleet-wide bytes sent besides tensors per device FLOP, measured before the round."""
         return self.observations.extra_upload_bytes_per_flop(server_round)
+
+    def failures(self, pid: int, server_round: int) -> int:
+        """Drop-outs of ``pid`` (a phone interrupted mid-round) seen in rounds before this one."""
+        return self.observations.failures(pid, server_round)

@@ -74,8 +74,10 @@ from fedsim import keys
 from fedsim.clock.devices import count_forward_flops
 from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
+from fedsim.learning.cost_backbone import cost_seq_len_of, forward_flops
 from fedsim.learning.models import ModelFactory
 from fedsim.learning.params import array_record
+from fedsim.learning.placement import model_device
 from fedsim.training.contract import (
     ClientBehaviour,
     NoDistillation,
@@ -216,7 +218,9 @@ class DFLTerm(ClientTerm):
         elif self.teacher == "class_global" and keys.DFL_CLASS_TARGETS in ctx.received:
             record = array_record(ctx.received, keys.DFL_CLASS_TARGETS)
             self.targets = torch.from_numpy(record["q"].numpy()).float()
-            self.known = torch.from_numpy(record["count"].numpy()) > 0
+            self.known = (torch.from_numpy(record["count"].numpy()) > 0).to(ctx.device)
+        if self.targets is not None:  # where the logits are (a no-op on CPU)
+            self.targets = self.targets.to(ctx.device)
         # linear_up's ramp: 1 the first round this client trains with a teacher. The client's
         # own count (rounds under DFL) is the stale_local targets' generation; a server-side
         # teacher is there from the client's first round, which then counts as the first.
@@ -271,17 +275,27 @@ class DFLTerm(ClientTerm):
 def predict_logits(
     model: torch.nn.Module, data: Mapping[str, torch.Tensor], batch_size: int
 ) -> torch.Tensor:
-    """Logits (n, C) of ``model`` in eval mode on every row of ``data`` (no autograd)."""
+    """Logits (n, C) of ``model`` in eval mode on every row of ``data`` (no autograd).
+
+    Batches run where the model lives; the logits come back on CPU (they go into records).
+    """
     was_training = model.training
     model.eval()
     n = len(data["label"])
+    device = model_device(model)
     with torch.no_grad():
         chunks = [
-            model(**{k: v[start : start + batch_size] for k, v in data.items() if k != "label"})
+            model(
+                **{
+                    k: v[start : start + batch_size].to(device)
+                    for k, v in data.items()
+                    if k != "label"
+                }
+            )
             for start in range(0, n, batch_size)
         ]
     model.train(was_training)
-    return torch.cat(chunks).float()
+    return torch.cat(chunks).float().cpu()
 
 
 class Distilled:
@@ -302,17 +316,26 @@ class Distilled:
         """The inner cost plus the teacher's prediction pass: one forward over the client's data.
 
         A behaviour with its own ``predict`` (side-tuning) predicts on the server, from payloads
-        it receives anyway; that forward through the side network is not charged.
+        it receives anyway; that forward through the side network is not charged. With a cost
+        backbone (``model.cost_backbone``) the inner cost is that architecture's, so the teacher's
+        forward is too: a causal-LM forward (LM head included, as its training step counts it)
+        over the same tokens per sample, counted on the meta model.
         """
         cost = self.inner.device_cost(model, batch, num_examples)
         if hasattr(self.inner, "predict"):
             return cost
         size = len(batch["label"])
-        memo = (size, tuple(tuple(p.shape) for p in model.parameters()))
-        if memo not in self._forward:
-            inputs = {k: v for k, v in batch.items() if k != "label"}
-            self._forward[memo] = count_forward_flops(model, inputs)
-        extra = round(self._forward[memo] * num_examples / size)
+        backbone = getattr(self.inner, "cost_backbone", None)
+        if backbone is not None:  # cached per shape by forward_flops
+            seq_len = cost_seq_len_of(batch, getattr(self.inner, "cost_seq_len", None))
+            forward = forward_flops(backbone, size, seq_len, lm_head=True)
+        else:
+            memo = (size, tuple(tuple(p.shape) for p in model.parameters()))
+            if memo not in self._forward:
+                inputs = {k: v for k, v in batch.items() if k != "label"}
+                self._forward[memo] = count_forward_flops(model, inputs)
+            forward = self._forward[memo]
+        extra = round(forward * num_examples / size)
         return dataclasses.replace(cost, train_flops=cost.train_flops + extra)
 
     def predict(

@@ -13,6 +13,15 @@ import torch
 from fedsim.clock.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
+from fedsim.learning.cost_backbone import (
+    check_cost_seq_len,
+    cost_seq_len_of,
+    full_scale,
+    load_cost_backbone,
+    meta_model,
+    train_step_cost,
+    trainable_bytes,
+)
 from fedsim.learning.models import ModelFactory
 from fedsim.training.contract import TrainContext, TrainOutcome
 from fedsim.training.loop import check_max_grad_norm, train_loop
@@ -48,6 +57,10 @@ class LocalSGD:
     max_grad_norm
         Clip every step's gradient to this global L2 norm (null = no clipping), the same for
         every strategy (fedsim/training/loop.py; default and source in conf/client/local_sgd.yaml).
+    cost_backbone, cost_seq_len
+        ``model.cost_backbone`` / ``model.cost_seq_len`` (the YAML reads them from the model):
+        null charges the model that trains; a name charges that architecture's full fine-tuning
+        with this SGD (fedsim/learning/cost_backbone.py) on the clock instead.
 
     """
 
@@ -61,6 +74,8 @@ class LocalSGD:
         weight_decay: float = 0.0,
         max_steps: int | None = None,
         max_grad_norm: float | None = 10.0,
+        cost_backbone: str | None = None,
+        cost_seq_len: int | None = None,
     ) -> None:
         for key, value, ok, accepted in (
             ("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1"),
@@ -79,6 +94,9 @@ class LocalSGD:
         self.weight_decay = weight_decay
         self.max_steps = max_steps
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        self.cost_backbone = None if cost_backbone is None else load_cost_backbone(cost_backbone)
+        self.cost_seq_len = check_cost_seq_len(cost_seq_len)
+        self._on_backbone: dict[tuple, tuple[int, int, float]] = {}  # -> (FLOPs, bytes, scale)
         self._per_batch: dict[tuple, tuple[int, int]] = {}  # (batch size, shapes) -> (FLOPs, bytes)
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
@@ -94,6 +112,11 @@ class LocalSGD:
         examples the round processes: matmul and conv FLOPs are linear in the batch size.
         """
         size = len(batch["label"])
+        examples = self.local_epochs * num_examples
+        if self.max_steps is not None:
+            examples = min(examples, self.max_steps * self.batch_size)
+        if self.cost_backbone is not None:
+            return self._backbone_cost(model, batch, examples)
         # per batch size and sub-model shape (a width-sliced sub-model costs less)
         memo = (size, tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad))
         if memo not in self._per_batch:
@@ -104,10 +127,40 @@ class LocalSGD:
             )
             self._per_batch[memo] = (flops, estimate.total)
         flops, memory = self._per_batch[memo]
-        examples = self.local_epochs * num_examples
-        if self.max_steps is not None:
-            examples = min(examples, self.max_steps * self.batch_size)
-        return DeviceCost(train_flops=round(flops * examples / size), peak_memory_bytes=memory)
+        return DeviceCost(
+            train_flops=round(flops * examples / size),
+            peak_memory_bytes=memory,
+            train_examples=examples,  # what a measured seconds-per-example table multiplies
+        )
+
+    def _backbone_cost(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], examples: int
+    ) -> DeviceCost:
+        """The round as full fine-tuning of the cost backbone with this SGD would cost it.
+
+        Causal-LM steps on batches of this size and ``cost_seq_len`` tokens (FLOPs scale with
+        the examples as above); every backbone tensor travels each way (``payload_scale``).
+        No ``train_examples``: a measured seconds-per-example table is of another model.
+        """
+        assert self.cost_backbone is not None
+        size, seq_len = len(batch["label"]), cost_seq_len_of(batch, self.cost_seq_len)
+        memo = (size, seq_len, tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad))
+        if memo not in self._on_backbone:
+            step = train_step_cost(
+                self.cost_backbone,
+                "full",
+                size,
+                seq_len,
+                optimizer_states=1 if self.momentum > 0 else 0,
+            )
+            scale = full_scale(trainable_bytes(meta_model(self.cost_backbone)), model)
+            self._on_backbone[memo] = (step.train_flops, step.memory.total, scale)
+        flops, memory, scale = self._on_backbone[memo]
+        return DeviceCost(
+            train_flops=round(flops * examples / size),
+            peak_memory_bytes=memory,
+            payload_scale=scale,
+        )
 
     def train(
         self, model: torch.nn.Module, data: dict[str, torch.Tensor], ctx: TrainContext

@@ -21,6 +21,17 @@ from torch import nn
 from fedsim.clock.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
+from fedsim.learning.cost_backbone import (
+    ADAMW_STATES,
+    TrainStepCost,
+    check_cost_seq_len,
+    cost_seq_len_of,
+    full_scale,
+    load_cost_backbone,
+    meta_model,
+    train_step_cost,
+    trainable_bytes,
+)
 from fedsim.learning.models import (
     ModelFactory,
     TextClassifier,
@@ -101,6 +112,10 @@ class PeftTuning:
     max_grad_norm
         Clip every step's gradient to this global L2 norm (null = no clipping), the same for
         every strategy (fedsim/training/loop.py; default and source in conf/client/local_sgd.yaml).
+    cost_backbone, cost_seq_len
+        ``model.cost_backbone`` / ``model.cost_seq_len`` (the YAML reads them from the model):
+        null charges the model that trains; a name charges the same method (this ``adapter``
+        on that architecture, AdamW) on the clock instead (fedsim/learning/cost_backbone.py).
 
     """
 
@@ -115,6 +130,8 @@ class PeftTuning:
         weight_decay: float = 0.0,
         max_steps: int | None = None,
         max_grad_norm: float | None = 10.0,
+        cost_backbone: str | None = None,
+        cost_seq_len: int | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ConfigError("client.method", method, f"must be one of {list(_METHODS)}")
@@ -138,6 +155,9 @@ class PeftTuning:
         self.local_epochs, self.batch_size, self.lr = local_epochs, batch_size, float(lr)
         self.weight_decay, self.max_steps = float(weight_decay), max_steps
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        self.cost_backbone = None if cost_backbone is None else load_cost_backbone(cost_backbone)
+        self.cost_seq_len = check_cost_seq_len(cost_seq_len)
+        self._on_backbone: dict[tuple, tuple[int, int, float]] = {}  # -> (FLOPs, bytes, scale)
         self._per_batch: dict[tuple, tuple[int, int]] = {}  # (batch size, shapes) -> (FLOPs, bytes)
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
@@ -167,6 +187,8 @@ class PeftTuning:
     ) -> DeviceCost:
         """Training FLOPs and peak memory (AdamW: two states per trainable parameter)."""
         size = len(batch["label"])
+        if self.cost_backbone is not None:
+            return self._backbone_cost(model, batch, num_examples)
         # per batch size and sub-model shape (a width-sliced sub-model costs less)
         memo = (size, tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad))
         if memo not in self._per_batch:
@@ -175,7 +197,53 @@ class PeftTuning:
             estimate = estimate_train_memory_bytes(model, inputs, batch["label"], optimizer="adam")
             self._per_batch[memo] = (flops, estimate.total)
         flops, memory = self._per_batch[memo]
+        examples = self.round_examples(num_examples)
+        return DeviceCost(train_flops=round(flops * examples / size), peak_memory_bytes=memory)
+
+    def round_examples(self, num_examples: int) -> int:
+        """Examples a round trains on: local epochs over the data, capped by the step limit."""
         examples = self.local_epochs * num_examples
         if self.max_steps is not None:
             examples = min(examples, self.max_steps * self.batch_size)
-        return DeviceCost(train_flops=round(flops * examples / size), peak_memory_bytes=memory)
+        return examples
+
+    def backbone_step(self, batch_size: int, seq_len: int) -> TrainStepCost:
+        """One step of this method (adapter, AdamW) on the cost backbone, counted on meta."""
+        assert self.cost_backbone is not None
+        return train_step_cost(
+            self.cost_backbone,
+            self.method,
+            batch_size,
+            seq_len,
+            adapter=self.adapter,
+            optimizer_states=ADAMW_STATES,
+        )
+
+    def backbone_payload_bytes(self) -> int:
+        """Bytes of the cost backbone's trainable tensors: what travels each way per round."""
+        assert self.cost_backbone is not None
+        return trainable_bytes(meta_model(self.cost_backbone, self.method, self.adapter))
+
+    def _backbone_cost(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], num_examples: int
+    ) -> DeviceCost:
+        """The round as this method on the cost backbone would cost it (causal-LM steps).
+
+        FLOPs and memory of a step on batches of this size and ``cost_seq_len`` tokens, counted
+        on the meta model with the same adapter arguments; the backbone's trainable tensors
+        (adapters; every tensor for ``full``) travel each way instead of the trained model's.
+        """
+        assert self.cost_backbone is not None
+        size, seq_len = len(batch["label"]), cost_seq_len_of(batch, self.cost_seq_len)
+        memo = (size, seq_len, tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad))
+        if memo not in self._on_backbone:
+            step = self.backbone_step(size, seq_len)
+            scale = full_scale(self.backbone_payload_bytes(), model)
+            self._on_backbone[memo] = (step.train_flops, step.memory.total, scale)
+        flops, memory, scale = self._on_backbone[memo]
+        examples = self.round_examples(num_examples)
+        return DeviceCost(
+            train_flops=round(flops * examples / size),
+            peak_memory_bytes=memory,
+            payload_scale=scale,
+        )

@@ -107,6 +107,7 @@ GROUPS = (
     "devices",
     "warm_start",
     "distillation",
+    "logger",
     "experiment",
 )
 
@@ -320,12 +321,65 @@ def validate(cfg: DictConfig) -> None:
     lanes = OmegaConf.select(cfg, "runtime.num_lanes")
     if lanes is not None:
         _int(cfg, "runtime.num_lanes", 1)
+    _check_devices(cfg)
     _check_asynchronous(cfg, deadline, over)
+    _check_objective(cfg)
     final = OmegaConf.select(cfg, "eval.num_clients_final")
     if final != "all" and (isinstance(final, bool) or not isinstance(final, int) or final < 0):
         raise ConfigError(
             "eval.num_clients_final", final, "must be all or an integer >= 0 (0 = none)"
         )
+
+
+#: ``runtime.server_device`` values besides ``cuda:N`` (fedsim/learning/placement.py).
+SERVER_DEVICES = ("cpu", "auto", "cuda")
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    """GPU keys: a GPU share Ray can place, a server device that exists, a boolean switch.
+
+    Ray places a fraction of one GPU (0.25: four workers on one) or whole GPUs; 1.5 would stay
+    pending for ever. Whether a Ray node has the GPUs is checked once Ray is up
+    (``fedsim.engine.simulation``); the server's own device is checked here, before anything
+    starts. Keys absent from a run folder saved before they existed mean CPU.
+    """
+    gpus = OmegaConf.select(cfg, "runtime.client_num_gpus", default=0.0)
+    number = isinstance(gpus, int | float) and not isinstance(gpus, bool)
+    if not number or not (0 <= gpus <= 1 or float(gpus).is_integer()):
+        raise ConfigError(
+            "runtime.client_num_gpus",
+            gpus,
+            "must be 0 (CPU), a share of one GPU up to 1 (0.25: four workers per GPU) "
+            "or a whole number of GPUs",
+        )
+    deterministic = OmegaConf.select(cfg, "runtime.deterministic_gpu", default=True)
+    if not isinstance(deterministic, bool):
+        raise ConfigError("runtime.deterministic_gpu", deterministic, "must be true or false")
+    check_server_device(OmegaConf.select(cfg, "runtime.server_device", default="cpu"))
+
+
+def check_server_device(spec: Any) -> None:
+    """``runtime.server_device``: cpu, auto, or a CUDA device this process can see."""
+    key = "runtime.server_device"
+    text = str(spec)
+    index = text.removeprefix("cuda:")
+    if not (text in SERVER_DEVICES or (text.startswith("cuda:") and index.isdigit())):
+        raise ConfigError(
+            key, spec, "must be cpu, auto (a GPU if one is free, else cpu), cuda or cuda:N"
+        )
+    if not text.startswith("cuda"):
+        return
+    import torch  # noqa: PLC0415 - config.py stays light: torch only for a CUDA request
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(
+            key,
+            spec,
+            f"no CUDA device here (torch {torch.__version__}, 0 GPUs visible); use cpu or auto",
+        )
+    if text != "cuda" and int(index) >= count:
+        raise ConfigError(key, spec, f"must name a visible GPU: cuda:0 to cuda:{count - 1} here")
 
 
 def _check_asynchronous(cfg: DictConfig, deadline: Any, over: Any) -> None:
@@ -347,14 +401,53 @@ def _check_asynchronous(cfg: DictConfig, deadline: Any, over: Any) -> None:
         raise ConfigError("clock.over_selection", over, "must be 1 with an asynchronous strategy")
 
 
+#: Top-level keys that change what a run reports, never what it computes: out of its hash.
+NOT_COMPUTED = ("logger", "objective", "objective_target")
+#: Knobs added after runs were recorded whose null means what the run did before they existed:
+#: left out of the hash while null, so an older folder's job keeps its hash (a relaunched sweep
+#: finds it finished) and a new knob never makes every earlier run look different.
+NULL_AS_BEFORE = (
+    ("model", "cost_backbone"),
+    ("model", "cost_seq_len"),
+    ("client", "cost_backbone"),
+    ("client", "cost_seq_len"),
+)
+#: What ``fedsim`` returns to a sweeper (``objective``): fedsim/records/sweeps.py computes them.
+OBJECTIVES = ("final_accuracy", "best_accuracy", "auc_time", "time_to_target")
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    """``objective`` names one of :data:`OBJECTIVES`; ``time_to_target`` needs its target."""
+    name = OmegaConf.select(cfg, "objective", default="final_accuracy")
+    if name not in OBJECTIVES:
+        raise ConfigError("objective", name, f"accepted: {', '.join(OBJECTIVES)}")
+    target = OmegaConf.select(cfg, "objective_target", default=None)
+    if name == "time_to_target" and (
+        isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1
+    ):
+        raise ConfigError(
+            "objective_target",
+            target,
+            "must be a test accuracy in (0, 1] with objective=time_to_target",
+        )
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of what a run computes: the resolved config less ``runtime`` (how it runs).
+    """Hash of what a run computes: the resolved config less ``runtime`` and :data:`NOT_COMPUTED`.
 
     Classes count by their first path (:data:`MOVED_MODULES`): where the code lives is not what
-    the run computes.
+    the run computes. How it runs (``runtime``), where it is tracked (``logger``) and what it
+    reports to a sweeper (``objective``) are not either, so a folder written before those keys
+    existed keeps its hash; nor is a later knob at its neutral null (:data:`NULL_AS_BEFORE`).
     """
     plain = with_targets(OmegaConf.to_container(cfg, resolve=True), first_target)
     plain.pop("runtime", None)
+    for key in NOT_COMPUTED:
+        plain.pop(key, None)
+    for group, key in NULL_AS_BEFORE:
+        node = plain.get(group)
+        if isinstance(node, dict) and key in node and node[key] is None:
+            del node[key]
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -81,6 +81,9 @@ BYTES_DOWN = "bytes_down"
 WALL_TIME_S = "wall_time_s"
 STARTUP_S = "startup_s"  # summary: seconds a run paid before its first round (engine, data, model)
 SIM_TIME_S = "sim_time_s"  # cumulative simulated seconds
+# metrics rows and summary, only when set: the architecture the clock charges instead of the
+# model that trains (model.cost_backbone, fedsim/learning/cost_backbone.py)
+COST_BACKBONE = "cost_backbone"
 ROUND_TIME_S = "round_time_s"
 NUM_STRAGGLERS = "num_stragglers"
 NUM_OFFLINE = "num_offline"

@@ -142,6 +142,10 @@ TOTAL_COLUMNS = {"num_stragglers": "stragglers", "num_offline": "offline",
 TOTALS_CAPTION = (
     "Stragglers, offline, infeasible, failed, energy: sum over a run's rounds, mean over seeds"
 )
+COST_BACKBONE_CAPTION = (
+    "Simulated time, bytes and energy are charged for {names} (model.cost_backbone) while the "
+    "small model trains: accuracy is the trained model's, the costs are the LLM's"
+)
 METRIC_CAPTION = (
     "Final {metric} (--metric {metric}): a run's {metric} after its last round (summary.json's "
     "final_{metric} where the run wrote one)"
@@ -263,6 +267,16 @@ def _x_label(x: str, unit: str) -> str:
         "bytes": f"communication, cumulative up + down ({unit})",
         "sim_time": f"simulated time ({unit})",
     }[x]
+
+
+def cost_backbones(configurations: Sequence[Configuration]) -> list[str]:
+    """The cost backbones (``model.cost_backbone``) the runs' clocks charged, sorted; [] if none.
+
+    Such a run's simulated time, bytes and energy are an LLM's, not the trained model's: the
+    axes and the caption say so (fedsim/learning/cost_backbone.py).
+    """
+    names = {run.summary.get("cost_backbone") for c in configurations for run in c.runs}
+    return sorted(str(name) for name in names if name is not None)
 
 
 def _band(curve: Curve, band: str) -> tuple[np.ndarray, np.ndarray]:
@@ -456,7 +470,8 @@ def _draw_curves(
             ax.axhline(target, color="gray", linestyle="--", linewidth=1)
         if x == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(_x_label(x, unit))
+        charged = cost_backbones(configurations) if x != "round" else []
+        ax.set_xlabel(_x_label(x, unit) + (f", charged as {', '.join(charged)}" if charged else ""))
         ax.set_ylabel(metric)
     handles, labels = axes[0].get_legend_handles_labels()
     _figure_legend(fig, handles, labels, min(len(labels), columns), BAND_CAPTIONS[band])
@@ -789,6 +804,9 @@ def _run(args: argparse.Namespace) -> tuple[str, str, list[str]]:
         captions += [AUC_CAPTION]
     captions += [TARGET_CAPTION.format(target=args.target)] if args.target is not None else []
     captions += [TOTALS_CAPTION] if any(summarize(c).totals for c in configurations) else []
+    charged = cost_backbones(configurations)
+    if charged:
+        captions += [COST_BACKBONE_CAPTION.format(names=", ".join(charged))]
     captions += [f"In the figure, {BAND_CAPTIONS[args.band]}"]
     if line is not None:
         captions[-1] += f"; dashed: accuracy {line:g}"

@@ -1,9 +1,16 @@
 """The config tree composes: every experiment file (subfolders too) and the defaults."""
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
-from fedsim.config import CONF_DIR, compose_config, group_options, validate
+from fedsim.config import (
+    CONF_DIR,
+    NULL_AS_BEFORE,
+    compose_config,
+    config_hash,
+    group_options,
+    validate,
+)
 
 EXPERIMENTS = sorted(
     str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
@@ -68,3 +75,19 @@ def test_side_tuning_picks_a_text_model_and_data_unless_told(client: str) -> Non
 def test_local_sgd_takes_its_lr_from_the_model(overrides: list[str], lr: float) -> None:
     cfg = compose_config(overrides)
     assert OmegaConf.to_container(cfg, resolve=True)["client"]["lr"] == lr
+
+
+@pytest.mark.parametrize("client", ["local_sgd", "lora", "side_tuning"])
+def test_a_knob_added_at_null_keeps_the_hash_of_runs_made_before_it(client: str) -> None:
+    # A run folder (or a finished sweep job) written before the cost-backbone keys existed has
+    # none of them: composed today with them at null, its job must hash the same.
+    extra = [] if client == "local_sgd" else ["model=text_classifier", "data=chatterbot"]
+    today = compose_config([f"client={client}", *extra])
+    before = today.copy()
+    with open_dict(before):
+        for group, key in NULL_AS_BEFORE:
+            assert before[group][key] is None  # the neutral value, in every model and client
+            del before[group][key]
+    assert config_hash(today) == config_hash(before)
+    priced = compose_config([f"client={client}", *extra, "model.cost_backbone=GPT-2"])
+    assert config_hash(priced) != config_hash(today)  # a set knob is part of what is computed

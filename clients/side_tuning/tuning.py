@@ -80,6 +80,7 @@ from fedsim.clients.side_tuning.network import (
     estimate_forward_memory_bytes,
     label_permutation,
     pack_tokens,
+    select_layers,
 )
 from fedsim.clients.side_tuning.quantize import (
     QuantizedTensor,
@@ -90,6 +91,14 @@ from fedsim.clients.side_tuning.quantize import (
 from fedsim.clock.devices import count_forward_flops, count_train_flops
 from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
+from fedsim.learning.cost_backbone import (
+    activation_bytes_per_vector,
+    check_cost_seq_len,
+    cost_seq_len_of,
+    forward_flops,
+    load_cost_backbone,
+    meta_model,
+)
 from fedsim.learning.models import ModelFactory
 from fedsim.learning.params import arrays_nbytes, to_arrays
 from fedsim.training.contract import TrainContext, TrainOutcome
@@ -142,6 +151,21 @@ class DevicePayload:
         """Bytes on the wire: every tensor's elements at its dtype's size."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def to(self, device: torch.device) -> DevicePayload:
+        """The payload as the server holds it on ``device`` (itself on CPU, where it travels)."""
+        if device == self.sample_ids.device:
+            return self
+        q = self.activations
+        scale = None if q.scale is None else q.scale.to(device)
+        return DevicePayload(
+            self.sample_ids.to(device),
+            QuantizedTensor(q.data.to(device), scale, q.bits, q.last_dim),
+            *(
+                None if t is None else t.to(device)
+                for t in (self.token_mask, self.labels, self.delta)
+            ),
+        )
+
 
 def encode_delta(
     labels: torch.Tensor,
@@ -165,7 +189,7 @@ def delta_targets(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Server: (encoded label argmin(delta), log p_b) from a delta; p_b = delta + onehot."""
     target = delta.float().argmin(dim=1)
     probs = delta.float().clone()
-    probs[torch.arange(len(target)), target] += 1.0
+    probs[torch.arange(len(target), device=target.device), target] += 1.0
     return target, probs.clamp(min=torch.finfo(torch.float32).tiny).log()
 
 
@@ -282,6 +306,10 @@ class SideTuning:
         Simulation speed: compute the frozen hidden states once (disk memmap if a folder).
     charge_final_download
         Charge each device one download of the tuned side network after the last round.
+    cost_backbone, cost_seq_len
+        ``model.cost_backbone`` / ``model.cost_seq_len`` (the YAML reads them from the model):
+        null charges the model that trains; a name charges that architecture's frozen forward,
+        taps and activation bytes on the clock instead (:meth:`_backbone_cost`).
 
     """
 
@@ -313,6 +341,8 @@ class SideTuning:
         feature_cache_dir: str | None = "~/.cache/fedsim/hidden_states",
         feature_dtype: str = "float32",
         charge_final_download: bool = False,
+        cost_backbone: str | None = None,
+        cost_seq_len: int | None = None,
     ) -> None:
         num = (int, float)
         _check("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1")
@@ -385,6 +415,8 @@ class SideTuning:
         self.uplink_observer: Callable[[DevicePayload], None] | None = None
         self._per_batch: dict[tuple, tuple[int, int, int]] = {}  # (size, shapes) -> costs
         self._link = LinkMemo()  # simulation speed: each sample's payload computed once
+        self.cost_backbone = None if cost_backbone is None else load_cost_backbone(cost_backbone)
+        self.cost_seq_len = check_cost_seq_len(cost_seq_len)
 
     def wrap_factory(self, factory: ModelFactory) -> ModelFactory:
         """The side-tuned model over the classifier's frozen backbone (and cached features)."""
@@ -411,8 +443,10 @@ class SideTuning:
         # the same forward pass, computed once (clients/side_tuning/network.py)
         if TAPS_KEY in data:
             activations = data[TAPS_KEY][rows].float()
-        else:
-            activations = model.device_activations(data["input_ids"][rows], mask)
+        else:  # the backbone runs where the model lives; the payload is made on CPU
+            device = model.label_perm.device
+            ids = data["input_ids"][rows].to(device)
+            activations = model.device_activations(ids, mask.to(device)).cpu()
         token_mask = model.token_mask(mask)
         tokens = pack_tokens(activations, token_mask)  # (M, K, d)
         return quantize(tokens, model.spec.bits, model.spec.quant_scheme), token_mask  # type: ignore[arg-type]
@@ -443,7 +477,7 @@ class SideTuning:
         """
         if self.per_device_keys:
             return label_permutation(self.label_key_seed, len(model.label_perm), partition_id)
-        return model.label_perm
+        return model.label_perm.cpu()  # the device side works on CPU (no-op there)
 
     def _swap_in_device_head(
         self, model: SideTunedModel, ctx: TrainContext
@@ -540,6 +574,7 @@ class SideTuning:
                     if self._link.applies(self, data)
                     else self.device_step(model, data, part, ctx.partition_id)
                 )
+                payload = payload.to(ctx.device)
                 logits = model.side_logits(dequantize(payload.activations), payload.token_mask)
                 if payload.delta is not None:
                     target, log_base = delta_targets(payload.delta)
@@ -552,7 +587,7 @@ class SideTuning:
         model.train(was_training)
         if replaced is not None:
             model.head.load_state_dict(replaced)
-        return torch.cat(chunks).float(), torch.cat(labels)
+        return torch.cat(chunks).float().cpu(), torch.cat(labels).cpu()
 
     # ----------------------------------------------------------------------- behaviour hooks
     def train(
@@ -602,6 +637,7 @@ class SideTuning:
             link.hits += len(rows) - len(new)
             received = payload if cache is None else cache.gather(rows)
             assert received is not None
+            received = received.to(ctx.device)  # the server trains where the model lives
             loss = self.server_loss(model, received, terms)
             return loss, partial(self._recompute, optimizer, model, received, terms)
 
@@ -649,18 +685,112 @@ class SideTuning:
             )
             self._per_batch[memo] = (forward, side, memory)
         forward, side, memory = self._per_batch[memo]
-        server_examples = self.local_epochs * num_examples
-        if self.max_steps is not None:
-            server_examples = min(server_examples, self.max_steps * self.batch_size)
-        device_examples = (
-            min(num_examples, server_examples) if self.activation_cache else (server_examples)
-        )
+        scale, final_scale = 1.0, 1.0
+        if self.cost_backbone is not None:
+            forward, side, memory, scale, final_scale = self._backbone_cost(model, batch, side)
+        server_examples, device_examples = self.round_examples(num_examples)
         return DeviceCost(
             train_flops=round(forward * device_examples / size),
             peak_memory_bytes=memory,
             server_flops=round(side * server_examples / size),
             model_on_server=True,  # the side network never crosses the device's link
             final_download_bytes=(
-                arrays_nbytes(to_arrays(model)) if self.charge_final_download else 0
+                round(arrays_nbytes(to_arrays(model)) * final_scale)
+                if self.charge_final_download
+                else 0
             ),
+            payload_scale=scale,
+            scale_extra_upload=True,  # the activations are the payload that crosses the link
+        )
+
+    def round_examples(self, num_examples: int) -> tuple[int, int]:
+        """Examples of a round: (the server trains on, the device forwards).
+
+        The server trains ``local_epochs`` passes capped by the step limit; the device forwards
+        its data once per epoch, or each sample once per round with the activation cache.
+        """
+        server_examples = self.local_epochs * num_examples
+        if self.max_steps is not None:
+            server_examples = min(server_examples, self.max_steps * self.batch_size)
+        device_examples = (
+            min(num_examples, server_examples) if self.activation_cache else (server_examples)
+        )
+        return server_examples, device_examples
+
+    def backbone_taps(self) -> int:
+        """Layers of the cost backbone the device taps (``num_taps`` of its L layers)."""
+        assert self.cost_backbone is not None
+        return len(select_layers(self.cost_backbone.num_layers, self.spec.num_taps))
+
+    def backbone_vector_bytes(self) -> int:
+        """Wire bytes of one tapped d-vector of the cost backbone at ``bits``."""
+        assert self.cost_backbone is not None
+        per_token = self.spec.quant_scheme == "per_token"
+        return activation_bytes_per_vector(
+            self.cost_backbone.hidden_size, self.spec.bits, per_token
+        )
+
+    def backbone_device_step(self, batch_size: int, seq_len: int) -> tuple[int, int]:
+        """The device's batch on the cost backbone: (frozen-forward FLOPs, peak memory bytes).
+
+        The base model without its LM head, counted on the meta model; memory by
+        :func:`estimate_forward_memory_bytes` on it with the tapped copy at the backbone's taps
+        and width (one position per sample with the pivot token, else every token).
+        """
+        backbone = self.cost_backbone
+        assert backbone is not None
+        positions = 1 if self.spec.pivot_token else seq_len
+        memory = estimate_forward_memory_bytes(
+            meta_model(backbone, "frozen").base_model,  # type: ignore[arg-type]
+            batch_size,
+            seq_len,
+            batch_size * self.backbone_taps() * positions * backbone.hidden_size,
+        )
+        return forward_flops(backbone, batch_size, seq_len, lm_head=False), memory
+
+    def _backbone_cost(
+        self, model: SideTunedModel, batch: dict[str, torch.Tensor], side_flops: int
+    ) -> tuple[int, int, int, float, float]:
+        """Per batch on the cost backbone: device and server FLOPs, memory, two byte scales.
+
+        The scales are those of the uploaded activations and of the side network (its final
+        download).
+        Device: the base model's frozen forward (no LM head) over ``cost_seq_len`` tokens,
+        counted on the meta model; memory by :func:`estimate_forward_memory_bytes` on it, with
+        the tapped copy at the backbone's taps and width. Upload: the measured payloads scaled
+        by activation bytes per sample, ``tokens x taps x bytes per d-vector`` at ``bits``
+        (pivot: one token), backbone over trained model; tokens are the batch's real ones
+        (pads are not sent) unless ``cost_seq_len`` says a sample has that many. Labels, masks
+        and sample ids (under 1% of a payload) scale along. Server: the side network's FLOPs
+        scale with taps x d^2 x positions (its adapters are d x d/r), an approximation that
+        also scales the small head; so does the side network's size (final download).
+        """
+        backbone = self.cost_backbone
+        assert backbone is not None
+        size = len(batch["label"])
+        seq_len = cost_seq_len_of(batch, self.cost_seq_len)
+        taps = self.backbone_taps()
+        hidden = backbone.hidden_size
+        trained_taps, trained_hidden = len(model.layers), int(model.backbone.config.hidden_size)
+        real_tokens = float(batch["attention_mask"].sum()) / size
+        if self.spec.pivot_token:
+            sent, trained_sent, positions, trained_positions = 1.0, 1.0, 1, 1
+        else:
+            sent = real_tokens if self.cost_seq_len is None else float(seq_len)
+            trained_sent = real_tokens
+            positions, trained_positions = seq_len, int(batch["input_ids"].shape[1])
+        per_token = self.spec.quant_scheme == "per_token"
+        scale = (sent * taps * self.backbone_vector_bytes()) / (
+            trained_sent
+            * trained_taps
+            * activation_bytes_per_vector(trained_hidden, self.spec.bits, per_token)
+        )
+        size_ratio = (taps * hidden**2) / (trained_taps * trained_hidden**2)
+        forward, memory = self.backbone_device_step(size, seq_len)
+        return (
+            forward,
+            round(side_flops * size_ratio * positions / trained_positions),
+            memory,
+            scale,
+            size_ratio,
         )

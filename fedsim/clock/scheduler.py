@@ -6,6 +6,13 @@ latency = download + compute + upload (+ server time a method offloads) is compu
 *actual* payload bytes and the FLOPs the cost model counted, under that round's conditions; a
 deadline and over-selection decide whose update the strategy aggregates, and the simulated clock
 advances by the round's length. The numbers come from fedsim/clock/devices.py (pure functions).
+
+Two optional parts of a fleet change this only where a YAML sets them: a profile's measured
+seconds-per-example table replaces FLOPs / rate for a job that reports its examples
+(``DeviceCost.train_examples``, ``devices.measured_compute_s``), and a fleet's phone failures
+(fedsim/clock/phones.py) add a check-in at the round's start (plugged in, unmetered, battery:
+``offline`` with an ``offline_reason``), drop-outs by phase (``interrupted``, charged until the
+drop-out, never aggregated) and a battery per device that the round's energy drains.
 """
 
 from __future__ import annotations
@@ -23,26 +30,34 @@ from fedsim.clock.devices import (
     ClientWork,
     DeviceAssignment,
     Fleet,
+    Latency,
     SimClock,
     client_energy_j,
     client_latency,
     fits_in_memory,
+    measured_compute_s,
     synchronous_round,
 )
+from fedsim.clock.phones import CheckIn
 from fedsim.errors import ConfigError
 from fedsim.keys import partition_id_of
-from fedsim.learning.params import content_nbytes
+from fedsim.learning.params import arrays_nbytes, content_nbytes
 
 __all__ = [
     "RoundScheduler",
     "DeviceCost",
+    "INTERRUPTED",
     "RoundPlan",
     "RoundSettlement",
     "CostModel",
+    "charged_bytes",
     "device_link_bytes",
 ]
 
 OK, STRAGGLER, OFFLINE, INFEASIBLE, FAILED = "ok", "straggler", "offline", "infeasible", "failed"
+# A device that checked in and dropped out mid-round (fedsim/clock/phones.py): not an engine
+# failure (FAILED stops a run whose every client fails), a failed client-round.
+INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,24 @@ class DeviceCost:
     # Bytes each device downloads once after the last round (the tuned model, for on-device
     # inference); 0 = none. Charged at the end of the run, never per round.
     final_download_bytes: int = 0
+    # Examples the device trains on this round (local epochs x its examples, capped by the
+    # step limit): what a measured seconds-per-example table multiplies
+    # (devices.measured_compute_s). 0 = not reported: the FLOPs rule.
+    train_examples: int = 0
+    # Bytes the clock charges on the device's link per byte measured on the real payload: 1.0
+    # unless a cost backbone (``model.cost_backbone``, fedsim/learning/cost_backbone.py) stands in
+    # for the model that trains. Decision: the bytes stay *measured* on the real messages and
+    # reports (so a strategy's extra records, SCAFFOLD's control variates say, and side-tuning's
+    # cache hits and real token counts keep their effect) and are scaled in the one place the
+    # clock reads them (:func:`charged_bytes`: the messages' tensors and the reported extra
+    # upload) by the ratio the method computes: the cost backbone's trainable bytes / the trained
+    # model's (LoRA, IA3, full fine-tuning, local SGD), or activation bytes per sample
+    # (side-tuning). clients.jsonl, metrics.jsonl and the summary report the scaled bytes.
+    payload_scale: float = 1.0
+    # Whether ``payload_scale`` applies to the reported extra upload too: the method's payload
+    # when the model stays on the server (side-tuning's activations). Otherwise an extra upload
+    # is a side record that does not grow with the backbone (DFL's per-class targets, C x C).
+    scale_extra_upload: bool = False
 
 
 class CostModel(Protocol):
@@ -90,9 +123,29 @@ class RoundSettlement:
     energy_j: float = 0.0
 
 
+#: Array records whose size does not depend on the model (DFL's per-class targets, C x C): a
+#: cost backbone's ``payload_scale`` leaves them as measured.
+UNSCALED_RECORDS = frozenset({keys.DFL_CLASS_TARGETS})
+
+
 def device_link_bytes(content: RecordDict, cost: DeviceCost) -> int:
     """Bytes of a message's tensors on the device's link (0: the model stays on the server)."""
-    return 0 if cost.model_on_server else content_nbytes(content)
+    if cost.model_on_server:
+        return 0
+    measured = content_nbytes(content)
+    if cost.payload_scale == 1.0:
+        return measured
+    fixed = sum(
+        arrays_nbytes(record)
+        for name, record in content.array_records.items()
+        if name in UNSCALED_RECORDS
+    )
+    return charged_bytes(measured - fixed, cost) + fixed
+
+
+def charged_bytes(measured: int, cost: DeviceCost) -> int:
+    """Bytes the clock charges for ``measured`` real bytes (:attr:`DeviceCost.payload_scale`)."""
+    return measured if cost.payload_scale == 1.0 else round(measured * cost.payload_scale)
 
 
 def _extra_upload_bytes(reply: Message) -> int:
@@ -101,6 +154,11 @@ def _extra_upload_bytes(reply: Message) -> int:
     if metrics is None:
         return 0
     return int(keys.number(metrics, keys.EXTRA_UPLOAD_BYTES, 0))
+
+
+def _part(total_bytes: int, done_s: float, full_s: float) -> int:
+    """Bytes a link carried in ``done_s`` of the ``full_s`` seconds the whole transfer takes."""
+    return total_bytes if done_s >= full_s else round(total_bytes * done_s / full_s)
 
 
 class RoundScheduler:
@@ -144,6 +202,39 @@ class RoundScheduler:
         # Called with a settled round's rows (fedsim/clock/server_view.py ObservationLog.record:
         # what the server measured, for the strategies' view of later rounds).
         self.observers: list[Callable[[Sequence[dict[str, Any]]], None]] = []
+        # Phones (fleet.phones): each battery's last [level J, at s] (plain lists: checkpointed
+        # through keep_state), and per client sent work: (round start s, width, check-in).
+        self.batteries: dict[int, list[float]] = {}
+        self._jobs: dict[int, tuple[float, float, CheckIn | None]] = {}
+
+    def keep_state(self, extra: dict[str, Any]) -> None:
+        """Keep the batteries in a checkpointed dict (``RunState.extra``); take back a resumed one.
+
+        Nothing without phones, so such a run's checkpoint is what it was.
+        """
+        if self.fleet.phones is None or self.fleet.phones.battery is None:
+            return
+        for pid, anchor in extra.get("batteries", {}).items():
+            self.batteries[int(pid)] = [float(v) for v in anchor]
+        extra["batteries"] = self.batteries
+
+    def _check_in(self, pid: int, server_round: int, row: dict[str, Any]) -> CheckIn | None:
+        """The phone's state at the round's start, logged in ``row``; None without phones."""
+        phones = self.fleet.phones
+        if phones is None:
+            return None
+        now = self.clock.now_s
+        level = None
+        if phones.battery is not None:
+            level = phones.level_at(self.seed, pid, self.batteries.get(pid), now)
+        check_in = phones.check_in(self.seed, pid, server_round, now, level)
+        row.update(
+            plugged=check_in.plugged,
+            unmetered=check_in.unmetered,
+            battery_level=check_in.battery_level,
+            failed_phase=None,
+        )
+        return check_in
 
     def plan(
         self, server_round: int, messages: Sequence[Message], costs: dict[int, DeviceCost]
@@ -173,14 +264,27 @@ class RoundScheduler:
                 if name.startswith(keys.LOG_PREFIX):  # a strategy's per-client log fields
                     row.setdefault(name[len(keys.LOG_PREFIX) :], value)
             work = ClientWork(cost.train_flops, row["bytes_down"], 0, cost.peak_memory_bytes)
+            check_in = self._check_in(pid, server_round, row) if state.online else None
             if not state.online:
                 row["outcome"] = OFFLINE
+            elif check_in is not None and check_in.reason is not None:
+                row["outcome"], row["offline_reason"] = OFFLINE, check_in.reason
             elif not fits_in_memory(profile, work):
                 row["outcome"] = INFEASIBLE
             else:
                 to_send.append(msg)
+                width = float(keys.number(config, keys.WIDTH, 1.0)) if config is not None else 1.0
+                self._jobs[pid] = (self.clock.now_s, width, check_in)
             records[pid] = row | {"_state": state}
         return RoundPlan(to_send, records)
+
+    def count_fitting(self, cost: DeviceCost) -> int:
+        """How many of the run's devices can hold ``cost``'s peak memory (:meth:`plan`'s check).
+
+        One assignment draw per device: meant for the start-up report, not for every round.
+        """
+        work = ClientWork(cost.train_flops, 0, 0, cost.peak_memory_bytes)
+        return sum(fits_in_memory(self.profiles[pid], work) for pid in range(len(self.profiles)))
 
     def measure(self, row: dict[str, Any], reply: Message, cost: DeviceCost) -> float | None:
         """Fill ``row`` (a :meth:`plan` record) from the client's reply; its latency in seconds.
@@ -189,35 +293,88 @@ class RoundScheduler:
         bytes and the counted FLOPs under the conditions drawn in :meth:`plan`. A failed reply
         gets outcome ``failed`` and its reason, and no latency (None).
         """
+        pid = row["partition_id"]
+        start_s, width, check_in = self._jobs.pop(pid, (self.clock.now_s, 1.0, None))
         if reply.has_error():
             row["outcome"] = FAILED
             assert reply.error.reason is not None  # VirtualGrid's errors all give one
             row["error"] = " ".join(reply.error.reason.split())[:300]
             return None
-        pid = row["partition_id"]
+        profile, state = self.profiles[pid], row["_state"]
+        extra_up = _extra_upload_bytes(reply)
+        extra_up = charged_bytes(extra_up, cost) if cost.scale_extra_upload else extra_up
         work = ClientWork(
             train_flops=cost.train_flops,
             bytes_down=row["bytes_down"],
-            bytes_up=device_link_bytes(reply.content, cost) + _extra_upload_bytes(reply),
+            bytes_up=device_link_bytes(reply.content, cost) + extra_up,
             peak_memory_bytes=cost.peak_memory_bytes,
             server_flops=cost.server_flops,
+            compute_s=measured_compute_s(profile, width, cost.train_examples, state.compute_gflops),
         )
-        latency = client_latency(row["_state"], work, self.fleet.server_gflops)
+        if work.compute_s is not None:  # the clock charged the measured table, not FLOPs
+            row["measured_compute"] = True
+        latency = client_latency(state, work, self.fleet.server_gflops)
+        bytes_up = work.bytes_up
+        if self.fleet.phones is not None:
+            full = latency
+            latency = self._phone_round(row, latency, start_s, check_in)
+            if latency is not full:  # interrupted: the link carried the part it finished
+                row["bytes_down"] = _part(work.bytes_down, latency.download_s, full.download_s)
+                bytes_up = _part(work.bytes_up, latency.upload_s, full.upload_s)
         row.update(
-            bytes_up=work.bytes_up,
-            extra_upload_bytes=_extra_upload_bytes(reply),
+            bytes_up=bytes_up,
+            extra_upload_bytes=extra_up,
             latency_s=latency.total_s,
             download_s=latency.download_s,
             compute_s=latency.compute_s,
             upload_s=latency.upload_s,
             server_s=latency.server_s,
-            energy_j=client_energy_j(self.profiles[pid], latency),
+            energy_j=client_energy_j(profile, latency),
         )
         metrics = reply.content.get(keys.METRICS)
         for name, value in metrics.items() if metrics is not None else ():
             if name.startswith(keys.LOG_PREFIX):  # a client's own log fields (e.g. DFL's beta)
                 row.setdefault(name[len(keys.LOG_PREFIX) :], value)
-        return latency.total_s
+        if self.fleet.phones is not None and self.fleet.phones.battery is not None:
+            self._drain(row, start_s)
+        return None if row.get("outcome") == INTERRUPTED else latency.total_s
+
+    def _phone_round(
+        self, row: dict[str, Any], latency: Latency, start_s: float, check_in: CheckIn | None
+    ) -> Latency:
+        """An interruption (fedsim/clock/phones.py) cuts the round short: the time until it."""
+        phones = self.fleet.phones
+        assert phones is not None
+        pid, profile = row["partition_id"], self.profiles[row["partition_id"]]
+        if check_in is None:  # sent without a check-in (a caller outside plan): check in now
+            check_in = self._check_in(pid, int(row[keys.ROUND]), row)
+            assert check_in is not None
+        level = None
+        if phones.battery is not None:
+            level = phones.level_at(self.seed, pid, self.batteries.get(pid), start_s)
+        phases = (latency.download_s, latency.compute_s, latency.upload_s)
+        powers = (profile.radio_rx_power_w, profile.compute_power_w, profile.radio_tx_power_w)
+        cut = phones.interruption(
+            self.seed, pid, int(row[keys.ROUND]), phases, powers, start_s, check_in, level
+        )
+        if cut is None:
+            return latency
+        row.update(outcome=INTERRUPTED, failed_phase=cut.phase, failure_cause=cut.cause)
+        # Each phase runs until the interruption point, none after it; no server time.
+        starts = (0.0, latency.download_s, latency.download_s + latency.compute_s)
+        done = [min(max(cut.at_s - a, 0.0), d) for a, d in zip(starts, phases, strict=True)]
+        return Latency(done[0], done[1], done[2], 0.0, cut.at_s)
+
+    def _drain(self, row: dict[str, Any], start_s: float) -> None:
+        """The battery after the client's round: charged/idle over it, less its energy."""
+        phones = self.fleet.phones
+        assert phones is not None and phones.battery is not None
+        pid = row["partition_id"]
+        end_s = start_s + row["latency_s"]
+        level = phones.level_at(self.seed, pid, self.batteries.get(pid), end_s)
+        level = max(0.0, level - row["energy_j"])
+        self.batteries[pid] = [level, end_s]
+        row["battery_level_end"] = level / phones.battery.capacity_j
 
     def settle(
         self,
@@ -243,15 +400,22 @@ class RoundScheduler:
         kept = set(timing.kept)
         for pid in latencies:
             plan.records[pid]["outcome"] = OK if pid in kept else STRAGGLER
-        self.clock.advance(timing.round_time_s)
+        round_time_s = timing.round_time_s
+        if not kept:  # only drop-outs (or nothing): the round lasted until the last was seen
+            cut = [r["latency_s"] for r in plan.records.values() if r["outcome"] == INTERRUPTED]
+            limit = math.inf if self.deadline_s is None else self.deadline_s
+            round_time_s = max(round_time_s, min(max(cut, default=0.0), limit) + server_time_s)
+        self.clock.advance(round_time_s)
         rows = [{k: v for k, v in row.items() if k != "_state"} for row in plan.records.values()]
-        outcomes = (OK, STRAGGLER, OFFLINE, INFEASIBLE, FAILED)
+        outcomes: tuple[str, ...] = (OK, STRAGGLER, OFFLINE, INFEASIBLE, FAILED)
+        if self.fleet.phones is not None:  # drop-outs are counted only where they can happen
+            outcomes += (INTERRUPTED,)
         counts = {o: sum(r["outcome"] == o for r in rows) for o in outcomes}
         for observe in self.observers:
             observe(rows)
         return RoundSettlement(
             kept=[by_pid[pid] for pid in sorted(kept)],
-            round_time_s=timing.round_time_s,
+            round_time_s=round_time_s,
             records=sorted(rows, key=lambda r: r["partition_id"]),
             counts=counts,
             energy_j=sum(r.get("energy_j", 0.0) for r in rows),

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import ConfigError
+from fedsim.learning.cost_backbone import check_cost_seq_len, load_cost_backbone
 from fedsim.learning.slicing import AxisDim, SlimLayout, scaled_size
 
 if TYPE_CHECKING:
@@ -94,6 +95,15 @@ def _check_lr(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigError("model.sgd_lr", value, "must be a number > 0")
     return float(value)
+
+
+def _check_cost(
+    cost_backbone: str | None, cost_seq_len: int | None
+) -> tuple[str | None, int | None]:
+    """``model.cost_backbone`` (null or a shipped name) and ``model.cost_seq_len``, checked."""
+    if cost_backbone is not None:
+        load_cost_backbone(cost_backbone)  # an unknown name is a ConfigError naming the key
+    return cost_backbone, check_cost_seq_len(cost_seq_len)
 
 
 def check_full_width(width: float, what: str) -> None:
@@ -211,6 +221,9 @@ class SmallCNN:
     sgd_lr
         The learning rate plain local SGD (``client=local_sgd``) trains this model with: its
         ``lr`` follows the model's (``${model.sgd_lr}``) unless set.
+    cost_backbone, cost_seq_len
+        The architecture the simulated clock charges instead of this model, and its tokens per
+        sample (fedsim/learning/cost_backbone.py); checked here, read by the client behaviour.
 
     """
 
@@ -224,8 +237,13 @@ class SmallCNN:
         kernel_size: int = 3,
         hidden_size: int = 128,
         sgd_lr: float = 0.2,
+        cost_backbone: str | None = None,
+        cost_seq_len: int | None = None,
     ) -> None:
         self.sgd_lr = _check_lr(sgd_lr)
+        self.cost_backbone, self.cost_seq_len = _check_cost(cost_backbone, cost_seq_len)
+        if cost_backbone is not None and cost_seq_len is None:
+            raise ConfigError("model.cost_seq_len", None, "must be set: model=cnn has no tokens")
         self.in_channels = _check_positive_int("model.in_channels", in_channels)
         self.image_size = _check_positive_int("model.image_size", image_size)
         self.channels = tuple(_check_positive_int("model.channels", int(c)) for c in channels)
@@ -247,8 +265,16 @@ class SmallCNN:
         """Return a fresh :class:`ConvNet`, PyTorch's default init under the caller's seed.
 
         ``width`` scales every conv's channels and the hidden units to ``ceil(width * n)``
-        (the HeteroFL sub-model; width 1 is the full model).
+        (the HeteroFL sub-model; width 1 is the full model). With a cost backbone only width
+        1: the clock would charge the whole LLM for every sub-model (no width rule for it yet).
         """
+        if width != 1.0 and self.cost_backbone is not None:
+            raise ConfigError(
+                "model.cost_backbone",
+                self.cost_backbone,
+                "not supported with width-sliced sub-models "
+                "(strategy=heterofl, fedrolex, whale_fl) yet; null to run them",
+            )
         return ConvNet(
             num_classes=_check_positive_int("num_classes", num_classes),
             in_channels=self.in_channels,
@@ -615,6 +641,9 @@ class TextClassifier:
     sgd_lr
         The learning rate plain local SGD (``client=local_sgd``) trains this model with: its
         ``lr`` follows the model's (``${model.sgd_lr}``) unless set.
+    cost_backbone, cost_seq_len
+        The architecture the simulated clock charges instead of this model, and its tokens per
+        sample (fedsim/learning/cost_backbone.py); checked here, read by the client behaviour.
 
     """
 
@@ -631,8 +660,11 @@ class TextClassifier:
         architecture: Mapping[str, object] | None = None,
         init_seed: int = 0,
         sgd_lr: float = 0.05,
+        cost_backbone: str | None = None,
+        cost_seq_len: int | None = None,
     ) -> None:
         self.sgd_lr = _check_lr(sgd_lr)
+        self.cost_backbone, self.cost_seq_len = _check_cost(cost_backbone, cost_seq_len)
         if pooling not in ("mean", "cls"):
             raise ConfigError("model.pooling", pooling, "must be one of: mean, cls")
         if init not in ("pretrained", "random"):

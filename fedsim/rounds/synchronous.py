@@ -9,6 +9,7 @@ only aggregated metrics (landscape.md A.1.6), which a simulator cannot work with
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
 from fedsim.clock.devices import SimClock
@@ -33,11 +34,19 @@ from fedsim.clock.scheduler import (
     DeviceCost,
     RoundScheduler,
     RoundSettlement,
+    charged_bytes,
 )
 from fedsim.clock.server_view import FederationView, ObservationLog, slim_layout_of
 from fedsim.config import build, config_hash
 from fedsim.learning.evaluation import evaluate, evaluate_clients, sample_eval_clients
 from fedsim.learning.params import arrays_nbytes, keep_dtypes, load_arrays, to_arrays
+from fedsim.learning.placement import (
+    CPU,
+    apply_determinism,
+    computing_on,
+    server_device,
+    to_device,
+)
 from fedsim.learning.workload import get_workload
 from fedsim.records.checkpoint import RunState, save_checkpoint
 from fedsim.records.progress import RoundProgress, StartupLog, format_sim_time
@@ -162,17 +171,25 @@ class Federation:
     cost_fn: Callable[[int, float], DeviceCost]  # (partition id, sub-model width) -> cost
     num_examples: Callable[[int], int]  # partition id -> its training examples
     distillation: Distillation = field(default_factory=NoDistillation)
+    # ``runtime.server_device`` other than CPU: a copy of ``model`` there that scores the global
+    # model (``test`` is then on that device too); ``model`` stays on CPU for the cost model.
+    eval_model: torch.nn.Module | None = None
 
     @classmethod
     def build(cls, grid: Grid, cfg: DictConfig, strategy: Strategy) -> Federation:
         """Workload, model, client behaviour, device scheduler and lanes of ``cfg``."""
         # More threads than the cores the workers leave idle only slow everything down.
         torch.set_num_threads(int(cfg.runtime.server_num_threads))
+        device = server_device(OmegaConf.select(cfg, "runtime.server_device"))
+        apply_determinism(
+            device, bool(OmegaConf.select(cfg, "runtime.deterministic_gpu", default=True))
+        )
         workload = get_workload(cfg)
         model = workload.build_model()
         distillation = distillation_of(cfg)
         behaviour = behaviour_of(cfg, distillation)  # as the workers build it
-        batch = workload.example_batch(behaviour.batch_size)
+        with computing_on(device):  # frozen features on the server's GPU, if any; kept on CPU
+            batch = workload.example_batch(behaviour.batch_size)
 
         models = {1.0: model}  # width -> the (sub-)model the cost model counts on
 
@@ -197,6 +214,9 @@ class Federation:
         bind = getattr(strategy, "bind", None)  # strategies that adapt to devices (view.py)
         if bind is not None:
             bind(federation_view(scheduler, model_at, cost_fn))
+        with computing_on(device):
+            test = workload.test_features()
+        eval_model = None if device == CPU else copy.deepcopy(model).to(device)
         return cls(
             cfg=cfg,
             strategy=strategy,
@@ -210,11 +230,21 @@ class Federation:
                 cost=lambda pid: float(workload.num_examples(pid)),
                 timeout_s=float(cfg.runtime.round_timeout_s),
             ),
-            test=workload.test_features(),
+            # on the server's GPU once, so that every round scores the same tensors
+            test=test if eval_model is None else to_device(test, device),
             cost_fn=cost_fn,
             num_examples=workload.num_examples,
             distillation=distillation,
+            eval_model=eval_model,
         )
+
+    def scored(self, arrays: ArrayRecord) -> torch.nn.Module:
+        """``model`` with ``arrays`` installed, or its copy on the server's device with them."""
+        load_arrays(self.model, arrays)
+        if self.eval_model is None:
+            return self.model
+        load_arrays(self.eval_model, arrays)
+        return self.eval_model
 
 
 def federation_view(
@@ -238,8 +268,9 @@ def federation_view(
 
     def payload_bytes(width: float) -> int:  # on the device's link: 0 for a server-side model
         if width not in payloads:
-            on_server = cost_fn(0, width).model_on_server
-            payloads[width] = 0 if on_server else arrays_nbytes(to_arrays(model_at(width)))
+            cost = cost_fn(0, width)  # a cost backbone scales the bytes (DeviceCost.payload_scale)
+            measured = arrays_nbytes(to_arrays(model_at(width)))
+            payloads[width] = 0 if cost.model_on_server else charged_bytes(measured, cost)
         return payloads[width]
 
     return FederationView(
@@ -288,8 +319,7 @@ def close_round(
     cycles differ there). Only ``train`` rows count for the best and final accuracy: a warm
     start's cycles (round 0) add their traffic and time, not their scores.
     """
-    load_arrays(fed.model, arrays)
-    scores = evaluate(fed.model, fed.test)
+    scores = evaluate(fed.scored(arrays), fed.test)
     state.arrays, state.server_round = arrays, server_round
     state.sim_time_s = fed.scheduler.clock.now_s
     bytes_up, bytes_down, energy_j = traffic
@@ -306,7 +336,7 @@ def close_round(
             final_loss=scores["loss"],
             final_macro_f1=scores["macro_f1"],
         )
-    return {
+    row = {
         keys.ROUND: server_round,
         keys.PHASE: phase,
         keys.ACCURACY: scores["accuracy"],
@@ -316,6 +346,40 @@ def close_round(
         keys.BYTES_DOWN: bytes_down,
         keys.ENERGY_J: energy_j,
     }
+    cost_backbone = cost_backbone_of(fed.cfg)
+    if cost_backbone is not None:  # the clock's numbers are of that model, not of this one
+        row[keys.COST_BACKBONE] = cost_backbone
+    return row
+
+
+def cost_backbone_of(cfg: DictConfig) -> str | None:
+    """The architecture the clock charges (``model.cost_backbone``), None for the trained one.
+
+    Read with a default: a run folder saved before the key existed has none.
+    """
+    name = OmegaConf.select(cfg, "model.cost_backbone", default=None)
+    return None if name is None else str(name)
+
+
+def report_feasibility(fed: Federation) -> int | None:
+    """With a cost backbone, say before round 1 how many devices can hold a round; return it.
+
+    One line on the log: ``N of M devices can train <client> on <backbone> (needs X GiB)``,
+    an error when N is 0 (every client would be set aside as infeasible, round after round).
+    The memory is that of a full batch (a client with fewer examples needs less).
+    """
+    name = cost_backbone_of(fed.cfg)
+    if name is None:
+        return None
+    cost = fed.cost_fn(0, 1.0)
+    fitting, total = fed.scheduler.count_fitting(cost), len(fed.scheduler.profiles)
+    method = OmegaConf.select(fed.cfg, "client.method", default=None)
+    client = type(fed.behaviour).__name__ + (f" ({method})" if method else "")
+    line = "%d of %d devices can train %s on %s (needs %.2f GiB; the fleet's largest: %.2f GB)"
+    largest = max(p.memory_gb for p in fed.scheduler.fleet.profiles)
+    args = (fitting, total, client, name, cost.peak_memory_bytes / 2**30, largest)
+    (log.error if fitting == 0 else log.info)(line, *args)
+    return fitting
 
 
 def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dict, RoundSettlement]:
@@ -376,6 +440,8 @@ def run_rounds(
     startup_s = None if startup is None else startup.done("Ray workers")
     state = resume if resume is not None else initial_state(fed)
     fed.scheduler.clock = SimClock(state.sim_time_s)
+    fed.scheduler.keep_state(state.extra)  # phones' batteries (if any) travel in checkpoints
+    num_fitting = report_feasibility(fed)  # a cost backbone: who can hold a round at all
     warm_start_of(cfg).run(fed, state, writer)  # CyclicFL's stage; none / resumed: nothing
     num_rounds, every = int(cfg.num_rounds), int(cfg.checkpoint_every)
     progress = RoundProgress(num_rounds, enabled=bool(cfg.runtime.progress))
@@ -478,6 +544,9 @@ def run_rounds(
         summary["final_download_bytes"] = final_bytes
         summary["bytes_down_total"] += final_bytes
     summary[keys.STARTUP_S] = startup_s
+    if num_fitting is not None:  # named, so that nobody mistakes it for training that model
+        summary[keys.COST_BACKBONE] = cost_backbone_of(cfg)
+        summary["num_clients_fitting"] = num_fitting
     writer.finish(summary)
     return summary
 
@@ -489,6 +558,6 @@ def evaluate_final_clients(fed: Federation, state: RunState) -> list[dict[str, A
     """
     cfg = fed.cfg
     pids = sample_eval_clients(int(cfg.num_clients), cfg.eval.num_clients_final, int(cfg.seed))
-    load_arrays(fed.model, state.arrays)  # a resumed run may have played no round here
-    rows = evaluate_clients(fed.model, get_workload(cfg).client_data, pids)
+    model = fed.scored(state.arrays)  # a resumed run may have played no round here
+    rows = evaluate_clients(model, get_workload(cfg).client_data, pids)
     return [{keys.ROUND: state.server_round, **row} for row in rows]

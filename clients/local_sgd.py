@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fedsim.checks import is_int, is_number
 from fedsim.clock.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
@@ -27,14 +28,6 @@ from fedsim.training.contract import TrainContext, TrainOutcome
 from fedsim.training.loop import check_max_grad_norm, train_loop
 
 __all__ = ["LocalSGD"]
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_num(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class LocalSGD:
@@ -78,12 +71,12 @@ class LocalSGD:
         cost_seq_len: int | None = None,
     ) -> None:
         for key, value, ok, accepted in (
-            ("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1"),
-            ("batch_size", batch_size, _is_int(batch_size, 1), "an integer >= 1"),
-            ("lr", lr, _is_num(lr) and lr > 0, "a number > 0"),
-            ("momentum", momentum, _is_num(momentum) and 0 <= momentum < 1, "in [0, 1)"),
-            ("weight_decay", weight_decay, _is_num(weight_decay) and weight_decay >= 0, ">= 0"),
-            ("max_steps", max_steps, max_steps is None or _is_int(max_steps, 1), "null or >= 1"),
+            ("local_epochs", local_epochs, is_int(local_epochs, 1), "an integer >= 1"),
+            ("batch_size", batch_size, is_int(batch_size, 1), "an integer >= 1"),
+            ("lr", lr, is_number(lr) and lr > 0, "a number > 0"),
+            ("momentum", momentum, is_number(momentum) and 0 <= momentum < 1, "in [0, 1)"),
+            ("weight_decay", weight_decay, is_number(weight_decay) and weight_decay >= 0, ">= 0"),
+            ("max_steps", max_steps, max_steps is None or is_int(max_steps, 1), "null or >= 1"),
         ):
             if not ok:
                 raise ConfigError(f"client.{key}", value, f"must be {accepted}")

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fedsim.checks import is_int
 from fedsim.clock.devices import count_train_flops, estimate_train_memory_bytes
 from fedsim.clock.scheduler import DeviceCost
 from fedsim.errors import ConfigError
@@ -94,10 +95,6 @@ class PeftFactory:
         return self.inner.featurize(ds)
 
 
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 class PeftTuning:
     """Local AdamW training of a peft-adapted (or fully trainable) classifier on the device.
 
@@ -136,8 +133,8 @@ class PeftTuning:
         if method not in _METHODS:
             raise ConfigError("client.method", method, f"must be one of {list(_METHODS)}")
         for key, value, ok, accepted in (
-            ("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1"),
-            ("batch_size", batch_size, _is_int(batch_size, 1), "an integer >= 1"),
+            ("local_epochs", local_epochs, is_int(local_epochs, 1), "an integer >= 1"),
+            ("batch_size", batch_size, is_int(batch_size, 1), "an integer >= 1"),
             ("lr", lr, isinstance(lr, int | float) and lr > 0, "a number > 0"),
             (
                 "weight_decay",
@@ -145,7 +142,7 @@ class PeftTuning:
                 isinstance(weight_decay, int | float) and weight_decay >= 0,
                 "a number >= 0",
             ),
-            ("max_steps", max_steps, max_steps is None or _is_int(max_steps, 1), "null or >= 1"),
+            ("max_steps", max_steps, max_steps is None or is_int(max_steps, 1), "null or >= 1"),
         ):
             if not ok:
                 raise ConfigError(f"client.{key}", value, f"must be {accepted}")

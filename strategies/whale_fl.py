@@ -67,6 +67,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedsim import keys
+from fedsim.checks import require_number
 from fedsim.clock.devices import ClientWork, DeviceState, client_latency
 from fedsim.errors import ConfigError
 from fedsim.keys import partition_id_of
@@ -198,13 +199,8 @@ def pseudo_gradient_fisher(
 
 
 def _number(key: str, value: Any, *, allow_zero: bool = True) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ConfigError(
-            f"strategy.{key}", value, f"must be a number {'>=' if allow_zero else '>'} 0"
-        )
-    return float(value)
+    """``strategy.<key>`` as a float: a finite number >= 0 (> 0 without ``allow_zero``)."""
+    return require_number(f"strategy.{key}", value, low=0.0, low_inclusive=allow_zero)
 
 
 def _compute_upload_s(

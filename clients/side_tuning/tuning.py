@@ -70,6 +70,7 @@ from functools import partial
 import torch
 from flwr.app import ArrayRecord
 
+from fedsim.checks import is_int
 from fedsim.clients.side_tuning.link import LinkMemo
 from fedsim.clients.side_tuning.network import (
     BASE_KEY,
@@ -275,10 +276,6 @@ def _check(key: str, value: object, ok: bool, accepted: str) -> None:
         raise ConfigError(f"client.{key}", value, f"must be {accepted}")
 
 
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 class SideTuning:
     """MobiLLM side-tuning client; YAML keys = these arguments (see conf/client/side_tuning.yaml).
 
@@ -345,8 +342,8 @@ class SideTuning:
         cost_seq_len: int | None = None,
     ) -> None:
         num = (int, float)
-        _check("local_epochs", local_epochs, _is_int(local_epochs, 1), "an integer >= 1")
-        _check("batch_size", batch_size, _is_int(batch_size, 1), "an integer >= 1")
+        _check("local_epochs", local_epochs, is_int(local_epochs, 1), "an integer >= 1")
+        _check("batch_size", batch_size, is_int(batch_size, 1), "an integer >= 1")
         _check("lr", lr, isinstance(lr, num) and lr > 0, "a number > 0")
         _check(
             "weight_decay",
@@ -354,9 +351,9 @@ class SideTuning:
             isinstance(weight_decay, num) and weight_decay >= 0,
             "a number >= 0",
         )
-        _check("max_steps", max_steps, max_steps is None or _is_int(max_steps, 1), "null or >= 1")
-        _check("num_taps", num_taps, num_taps is None or _is_int(num_taps, 1), "null or >= 1")
-        _check("reduction_factor", reduction_factor, _is_int(reduction_factor, 1), ">= 1")
+        _check("max_steps", max_steps, max_steps is None or is_int(max_steps, 1), "null or >= 1")
+        _check("num_taps", num_taps, num_taps is None or is_int(num_taps, 1), "null or >= 1")
+        _check("reduction_factor", reduction_factor, is_int(reduction_factor, 1), ">= 1")
         _check(
             "gate_temperature",
             gate_temperature,
@@ -369,7 +366,7 @@ class SideTuning:
         _check(
             "label_key_seed",
             label_key_seed,
-            label_key_seed is None or _is_int(label_key_seed, 0),
+            label_key_seed is None or is_int(label_key_seed, 0),
             "null or an integer >= 0",
         )
         _check("base_head", base_head, base_head in _BASE_HEADS, f"one of {_BASE_HEADS}")

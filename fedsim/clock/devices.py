@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedsim.checks import require_number
 from fedsim.clock.phones import PhoneModel
 from fedsim.config import CONF_DIR
 from fedsim.errors import ConfigError
@@ -138,30 +139,6 @@ class DeviceState:
     channel_good: bool
 
 
-def _number(
-    key: str,
-    value: Any,
-    *,
-    low: float,
-    low_inclusive: bool,
-    high: float | None = None,
-    high_inclusive: bool = True,
-) -> float:
-    """Return ``value`` as a float, or raise a one-line ConfigError naming ``key``."""
-    lo = ">=" if low_inclusive else ">"
-    accepted = f"must be a number {lo} {low:g}"
-    if high is not None:
-        accepted += f" and {'<=' if high_inclusive else '<'} {high:g}"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(key, value, accepted)
-    ok = value >= low if low_inclusive else value > low
-    if high is not None:
-        ok = ok and (value <= high if high_inclusive else value < high)
-    if not ok:
-        raise ConfigError(key, value, accepted)
-    return float(value)
-
-
 #: Profile keys a YAML may leave out (their defaults keep the fleet as it was).
 _OPTIONAL_PROFILE_KEYS = ("train_s_per_example",)
 
@@ -175,8 +152,8 @@ def _measured_table(key: str, raw: Any) -> tuple[tuple[float, float], ...]:
     for pair in raw:
         if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise ConfigError(key, pair, accepted)
-        width = _number(key, pair[0], low=0.0, low_inclusive=False, high=1.0)
-        seconds = _number(key, pair[1], low=0.0, low_inclusive=False)
+        width = require_number(key, pair[0], low=0.0, low_inclusive=False, high=1.0)
+        seconds = require_number(key, pair[1], low=0.0, low_inclusive=False)
         table.append((width, seconds))
     if len({w for w, _ in table}) != len(table):
         raise ConfigError(key, [list(p) for p in table], accepted)
@@ -202,10 +179,10 @@ def _profile_from_dict(index: int, raw: Any) -> DeviceProfile:
     power = ("compute_power_w", "radio_tx_power_w", "radio_rx_power_w")
     values: dict[str, Any] = {"name": raw["name"], "tier": raw["tier"]}
     for name in positive:
-        values[name] = _number(f"{key}.{name}", raw[name], low=0.0, low_inclusive=False)
+        values[name] = require_number(f"{key}.{name}", raw[name], low=0.0, low_inclusive=False)
     for name in power:
-        values[name] = _number(f"{key}.{name}", raw[name], low=0.0, low_inclusive=True)
-    values["availability"] = _number(
+        values[name] = require_number(f"{key}.{name}", raw[name], low=0.0, low_inclusive=True)
+    values["availability"] = require_number(
         f"{key}.availability", raw["availability"], low=0.0, low_inclusive=False, high=1.0
     )
     if "train_s_per_example" in raw:
@@ -222,19 +199,19 @@ def _dynamics_from_dict(raw: Any) -> Dynamics:
         raise ConfigError("devices.dynamics", got, f"must be a mapping with exactly {names}")
     key = "devices.dynamics."
     return Dynamics(
-        compute_sigma=_number(
+        compute_sigma=require_number(
             key + "compute_sigma", raw["compute_sigma"], low=0.0, low_inclusive=True
         ),
-        bandwidth_sigma=_number(
+        bandwidth_sigma=require_number(
             key + "bandwidth_sigma", raw["bandwidth_sigma"], low=0.0, low_inclusive=True
         ),
-        p_good_to_bad=_number(
+        p_good_to_bad=require_number(
             key + "p_good_to_bad", raw["p_good_to_bad"], low=0.0, low_inclusive=True, high=1.0
         ),
-        p_bad_to_good=_number(
+        p_bad_to_good=require_number(
             key + "p_bad_to_good", raw["p_bad_to_good"], low=0.0, low_inclusive=True, high=1.0
         ),
-        bad_bandwidth_factor=_number(
+        bad_bandwidth_factor=require_number(
             key + "bad_bandwidth_factor",
             raw["bad_bandwidth_factor"],
             low=0.0,
@@ -297,13 +274,13 @@ class Fleet:
                 f"must be a list of {len(self.profiles)} numbers, one per profile",
             )
         self.shares = tuple(
-            _number(f"devices.shares[{i}]", s, low=0.0, low_inclusive=True)
+            require_number(f"devices.shares[{i}]", s, low=0.0, low_inclusive=True)
             for i, s in enumerate(shares)
         )
         if abs(sum(self.shares) - 1.0) > _SHARE_SUM_TOLERANCE:
             raise ConfigError("devices.shares", list(shares), "must sum to 1")
         self.dynamics = _dynamics_from_dict(dynamics)
-        self.server_gflops = _number(
+        self.server_gflops = require_number(
             "devices.server_gflops", server_gflops, low=0.0, low_inclusive=False
         )
         cumulative = np.cumsum(self.shares)

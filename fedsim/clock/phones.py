@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.checks import is_number
 from fedsim.errors import ConfigError
 from fedsim.seeding import numpy_rng
 
@@ -65,8 +66,7 @@ _TRACE_COLUMNS = ("client", "start_s", "end_s")
 
 def _num(key: str, raw: Mapping[str, Any], name: str, default: Any, lo: float, hi: float) -> float:
     value = raw.get(name, default)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not lo <= value <= hi:
+    if not is_number(value) or not math.isfinite(value) or not lo <= value <= hi:
         raise ConfigError(f"{key}.{name}", value, f"must be a number in [{lo:g}, {hi:g}]")
     return float(value)
 

@@ -209,12 +209,16 @@ def _finished_status(run_dir: Path) -> str | None:
     return status if status in FINAL_STATUSES else None
 
 
-#: (message regex, category, module regex) of warnings that say nothing a fedsim user can act on.
-#: Empty today: with no filter at all, digits and side-tuning runs, the bad-input table and an
-#: Optuna sweep print no warning (2026-12). Noise known to one part is filtered where it arises,
-#: by message and module: peft's in clients/peft_tuning.py, MLflow's in fedsim/records/tracking.py.
-#: Python's own defaults already hide DeprecationWarnings outside ``__main__``.
-KNOWN_NOISE: list[tuple[str, type[Warning], str]] = []
+#: (message regex, category, module regex) of warnings that say nothing a fedsim user can act on,
+#: each found in a run and named here with its cause. Noise known to one part is filtered where it
+#: arises, by message and module: peft's in clients/peft_tuning.py, MLflow's in
+#: fedsim/records/tracking.py. Python's own defaults already hide DeprecationWarnings outside
+#: ``__main__``.
+KNOWN_NOISE: list[tuple[str, type[Warning], str]] = [
+    # datasets' Dataset.sort (flwr-datasets' ShardPartitioner sorts by label) passes pyarrow 25's
+    # deprecated SortOptions(null_placement=...): the library's call, not the user's.
+    ("Specifying null_placement in SortOptions is deprecated", FutureWarning, "pyarrow"),
+]
 
 
 def _quiet_libraries() -> None:

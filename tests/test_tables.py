@@ -35,8 +35,9 @@ def test_provenance_names_each_groups_choice_and_leaves_the_config_as_composed()
     assert made_by == {
         "choices": {
             "client": "side_tuning", "data": "chatterbot", "devices": "phones_mixed",
-            "distillation": "none", "experiment": "mobile_side_tuning", "model": "text_classifier",
-            "partition": "dirichlet", "strategy": "fedprox", "warm_start": "none",
+            "distillation": "none", "experiment": "mobile_side_tuning", "logger": "none",
+            "model": "text_classifier", "partition": "dirichlet", "strategy": "fedprox",
+            "warm_start": "none",
         },
         "overrides": overrides,
     }  # fmt: skip
@@ -93,6 +94,7 @@ def test_runs_written_before_choices_yaml_have_empty_choice_columns(tmp_path: Pa
             "devices": None,
             "warm_start": None,
             "distillation": None,
+            "logger": None,
             "experiment": None,
             "overrides": None,
             "round": 1,

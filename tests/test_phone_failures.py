@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fleets import STILL
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsim import keys
@@ -20,13 +21,6 @@ from fedsim.keys import node_id_of
 from fedsim.seeding import numpy_rng
 
 MB = 1_000_000
-STILL = {
-    "compute_sigma": 0.0,
-    "bandwidth_sigma": 0.0,
-    "p_good_to_bad": 0.0,
-    "p_bad_to_good": 1.0,
-    "bad_bandwidth_factor": 1.0,
-}
 # 8 Mbit/s both ways, 10 GFLOP/s; 1 W radio both ways, 2 W compute: hand-checkable energies
 PHONE = {
     "name": "phone",

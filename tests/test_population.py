@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import pytest
 from datasets import Dataset
+from fleets import STILL
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
@@ -41,13 +42,6 @@ PHONE = {
     "compute_power_w": 1.0,
     "radio_tx_power_w": 1.0,
     "radio_rx_power_w": 1.0,
-}
-STILL = {
-    "compute_sigma": 0.0,
-    "bandwidth_sigma": 0.0,
-    "p_good_to_bad": 0.0,
-    "p_bad_to_good": 1.0,
-    "bad_bandwidth_factor": 1.0,
 }
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from fleets import STILL
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 
@@ -14,13 +15,6 @@ from fedsim.learning.params import content_nbytes
 
 MB = 1_000_000  # bytes
 NPY_HEADER = 128  # bytes Flower's Array adds per tensor (numpy .npy format header)
-STILL = {
-    "compute_sigma": 0.0,
-    "bandwidth_sigma": 0.0,
-    "p_good_to_bad": 0.0,
-    "p_bad_to_good": 1.0,
-    "bad_bandwidth_factor": 1.0,
-}
 PHONE = {
     "name": "fast",
     "tier": "high",

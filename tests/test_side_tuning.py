@@ -15,6 +15,7 @@ import datasets
 import huggingface_hub.constants
 import pytest
 import torch
+from fleets import STILL
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from hydra.utils import instantiate
 from scipy.stats import binomtest
@@ -613,13 +614,6 @@ PHONE = {
     "compute_power_w": 2.0,
     "radio_tx_power_w": 3.0,
     "radio_rx_power_w": 1.0,
-}
-STILL = {
-    "compute_sigma": 0.0,
-    "bandwidth_sigma": 0.0,
-    "p_good_to_bad": 0.0,
-    "p_bad_to_good": 1.0,
-    "bad_bandwidth_factor": 1.0,
 }
 # The side network on the wire: per tapped layer (K = 6) down (r=48 x d=384 + 48) and up
 # (384 x 48 + 384) = 37,296 floats; 6 x 37,296 + 5 gates + head (21 x 384 + 21) = 231,866

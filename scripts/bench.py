@@ -122,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--reuse", action="store_true", help="compare: keep finished runs")
     parser.add_argument(
+        "--overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="compare: Hydra overrides added to every run (model.cost_backbone=Qwen2.5-0.5B)",
+    )
+    parser.add_argument(
         "--flower-rounds", type=int, default=20, help="speedup_vs_flower: rounds of both runs"
     )
     parser.add_argument(

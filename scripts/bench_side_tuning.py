@@ -260,29 +260,53 @@ def _run_row(name: str, seed: int, args: argparse.Namespace, work: Path) -> dict
 
     slug = name.replace(" ", "_").replace("(", "").replace(")", "")
     run_dir = work / slug / f"seed{seed}"
-    overrides = [EXPERIMENT, *VARIANTS[name], f"num_rounds={args.rounds}", f"seed={seed}"]
+    overrides = [
+        EXPERIMENT,
+        *VARIANTS[name],
+        f"num_rounds={args.rounds}",
+        f"seed={seed}",
+        *(args.overrides or []),
+    ]
     summary = run_fedsim(overrides, run_dir, reuse=args.reuse)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    clients = [r for r in read_jsonl(run_dir / "clients.jsonl") if "bytes_up" in r]
+    every = read_jsonl(run_dir / "clients.jsonl")
+    clients = [r for r in every if "bytes_up" in r]  # the client-rounds that trained
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     reached = [m["sim_time_s"] for m in metrics if m["accuracy"] >= args.target_accuracy]
+
+    def per_client_round(field: str) -> float | None:
+        return sum(r[field] for r in clients) / len(clients) if clients else None
+
+    peak = [r["peak_memory_bytes"] for r in every if "peak_memory_bytes" in r]
     row = {
         "final_accuracy": summary["final_accuracy"],
         "final_macro_f1": summary["final_macro_f1"],
         "best_accuracy": summary["best_accuracy"],
-        "device_peak_estimate_bytes": clients[0]["peak_memory_bytes"],
-        "bytes_up_per_client_round": sum(r["bytes_up"] for r in clients) / len(clients),
-        "bytes_down_per_client_round": sum(r["bytes_down"] for r in clients) / len(clients),
+        "device_peak_estimate_bytes": peak[0] if peak else None,
+        "bytes_up_per_client_round": per_client_round("bytes_up"),
+        "bytes_down_per_client_round": per_client_round("bytes_down"),
         # what a client sent besides its trainable tensors (same size as what it downloaded)
-        "activation_bytes_up_per_client_round": sum(
-            r["bytes_up"] - r["bytes_down"] for r in clients
-        )
-        / len(clients),
+        "activation_bytes_up_per_client_round": (
+            sum(r["bytes_up"] - r["bytes_down"] for r in clients) / len(clients)
+            if clients
+            else None
+        ),
+        "energy_j_per_client_round": per_client_round("energy_j"),
+        "client_rounds_trained": len(clients),
+        "client_rounds_sent": len(every),
         "sim_time_to_target_s": reached[0] if reached else None,
+        "rounds_to_target": next(
+            (m["round"] for m in metrics if m["accuracy"] >= args.target_accuracy), None
+        ),
         "sim_time_total_s": summary["sim_time_s"],
         "wall_time_s": summary["process_wall_s"],
         "overrides": overrides,
     }
+    if "num_clients_fitting" in summary:  # a cost backbone: who can hold a round at all
+        row["cost_backbone"] = summary["cost_backbone"]
+        row["share_of_clients_fitting"] = summary["num_clients_fitting"] / int(
+            config["num_clients"]
+        )
     if config["client"].get("activation_cache"):
         row["cache_hit_rate"] = _hit_rate(run_dir, clients, config["client"]["local_epochs"])
     return row
@@ -298,10 +322,26 @@ def _mean_ci(values: Sequence[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {half_width:.{digits}f}"
 
 
+def _cell(values: Sequence[float | None], digits: int, scale: float = 1.0) -> str:
+    """``_mean_ci`` of the values that exist (a run in which nobody trained has none), or -."""
+    present = [v / scale for v in values if v is not None]
+    return _mean_ci(present, digits) if present else "-"
+
+
+def _reached(runs: Sequence[dict[str, Any]], key: str, digits: int, scale: float = 1.0) -> str:
+    """Mean ± CI over the seeds that reached the target, "never", and "(k/n)" when not all did."""
+    reached = [r[key] / scale for r in runs if r[key] is not None]
+    cell = _mean_ci(reached, digits) if reached else "never"
+    return cell + (f" ({len(reached)}/{len(runs)})" if reached and len(reached) < len(runs) else "")
+
+
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Every variant on the default task for every seed; a markdown table of the numbers.
 
     Columns over seeds are mean ± the half-width of the 95% confidence interval (Student t).
+    ``--overrides`` go to every run (``model.cost_backbone=Qwen2.5-0.5B``: the clock, memory
+    and energy of that architecture, issue 20 item 4); the table then says which share of the
+    clients can hold a round at all.
     """
     from fedsim.scripts.runs import markdown_table
 
@@ -315,21 +355,25 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             name, "side_tuning pivot" if "pivot" in name or "all" in name else "side_tuning"
         )
         measured = memory.get(key, {}).get("measured_bytes")
-        reached = [r["sim_time_to_target_s"] / 60 for r in runs if r["sim_time_to_target_s"]]
         results[name] = {"device_peak_measured_bytes": measured, "seeds": args.seeds, "runs": runs}
         hit = [r["cache_hit_rate"] for r in runs if "cache_hit_rate" in r]
+        estimate = runs[0]["device_peak_estimate_bytes"]
+        fitting = runs[0].get("share_of_clients_fitting")
         table.append(
             [
                 name,
                 _mean_ci([r["final_accuracy"] for r in runs], 3),
                 _mean_ci([r["final_macro_f1"] for r in runs], 3),
                 f"{measured / MiB:.0f}" if measured else "-",
-                f"{runs[0]['device_peak_estimate_bytes'] / MiB:.0f}",
-                _mean_ci([r["bytes_up_per_client_round"] / MiB for r in runs], 2),
-                _mean_ci([r["activation_bytes_up_per_client_round"] / MiB for r in runs], 2),
-                f"{runs[0]['bytes_down_per_client_round'] / MiB:.2f}",
-                (_mean_ci(reached, 1) if reached else "never")
-                + (f" ({len(reached)}/{len(runs)})" if len(reached) < len(runs) else ""),
+                f"{estimate / MiB:.0f}" if estimate else "-",
+                f"{fitting:.0%}" if fitting is not None else "all",
+                _cell([r["client_rounds_trained"] / args.rounds for r in runs], 1),
+                _cell([r["bytes_up_per_client_round"] for r in runs], 2, MiB),
+                _cell([r["activation_bytes_up_per_client_round"] for r in runs], 2, MiB),
+                _cell([r["bytes_down_per_client_round"] for r in runs], 2, MiB),
+                _cell([r["energy_j_per_client_round"] for r in runs], 1),
+                _reached(runs, "rounds_to_target", 1),
+                _reached(runs, "sim_time_to_target_s", 1, 60),
                 _mean_ci([r["sim_time_total_s"] / 60 for r in runs], 1),
                 f"{hit[0]:.2f}" if hit else "-",
                 f"{sum(r['wall_time_s'] for r in runs) / len(runs):.0f}",
@@ -343,9 +387,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             "macro-F1",
             "device peak MiB (measured)",
             "device peak MiB (cost model)",
+            "clients that fit",
+            "trained / round",
             "MiB up / client-round",
             "of which activations",
             "MiB down / client-round",
+            "J / client-round",
+            f"rounds to acc {args.target_accuracy}",
             f"sim min to acc {args.target_accuracy}",
             "sim min total",
             "cache hit rate",
@@ -358,6 +406,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "seeds": args.seeds,
         "target_accuracy": args.target_accuracy,
+        "overrides": args.overrides or [],
         "memory": memory,
         "variants": results,
         "table_markdown": text,

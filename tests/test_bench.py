@@ -64,3 +64,61 @@ def test_bench_cli_writes_cases_and_targets(tmp_path: Path) -> None:
     assert target["value"] == case["later_runs_mean_startup_s"]
     assert target["met"] == (case["later_over_first"] < 0.1)
     assert "[bench] sweep_startup_s =" in proc.stdout
+
+
+def test_compare_with_a_cost_backbone_reports_who_can_train(tmp_path: Path) -> None:
+    """Issue 20 item 4's table: with TinyLlama's costs nobody can fully fine-tune (0%, nothing
+    trained, no bytes, never at the target) while PAE's rows are the run's own files."""
+    from fedsim.records.results import read_jsonl
+
+    out, work = tmp_path / "bench.json", tmp_path / "work"
+    small = ["model.max_length=16", "client.max_steps=2", "num_clients=6", "num_rounds=2"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsim.scripts.bench",
+            "--cases",
+            "compare",
+            "--variants",
+            "PAE all three",
+            "full_ft",
+            "--rounds",
+            "2",
+            "--no-memory",
+            "--target-accuracy",
+            "0.99",
+            "--overrides",
+            "model.cost_backbone=TinyLlama-1.1B",
+            *small,
+            "--work-dir",
+            str(work),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())["compare"]
+    assert report["overrides"] == ["model.cost_backbone=TinyLlama-1.1B", *small]
+    full_ft = report["variants"]["full_ft"]["runs"][0]
+    assert full_ft["cost_backbone"] == "TinyLlama-1.1B"
+    assert full_ft["share_of_clients_fitting"] == 0.0
+    assert full_ft["client_rounds_trained"] == 0 and full_ft["client_rounds_sent"] > 0
+    assert full_ft["bytes_up_per_client_round"] is None
+    assert full_ft["energy_j_per_client_round"] is None
+    assert "| full_ft |" in report["table_markdown"]
+    line = next(r for r in report["table_markdown"].splitlines() if r.startswith("| full_ft |"))
+    assert "| 0% | 0.0 | - | - | - | - | never | never |" in line
+
+    pae = report["variants"]["PAE all three"]["runs"][0]
+    run_dir = work / "compare" / "PAE_all_three" / "seed0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert pae["share_of_clients_fitting"] == summary["num_clients_fitting"] / 6 > 0
+    trained = [r for r in read_jsonl(run_dir / "clients.jsonl") if r["outcome"] == "ok"]
+    assert pae["client_rounds_trained"] == len(trained) > 0
+    energy = sum(r["energy_j"] for r in trained) / len(trained)
+    assert pae["energy_j_per_client_round"] == pytest.approx(energy)
+    assert pae["rounds_to_target"] is None  # 0.99 is out of reach in two rounds

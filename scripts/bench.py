@@ -8,6 +8,8 @@ its dict goes into the ``--out`` JSON under the case's name. Cases live beside t
   the start-up each run of a sweep pays;
 * side-tuning (``bench_side_tuning.py``): ``cache_speedup``, ``device_memory``, ``compare``;
 * ``soak`` (``soak.py``): 500 rounds, memory growth, open files, leftover processes;
+* ``peers`` (``bench_peers.py``): the same FedAvg in fedsim, Flower, pfl and FLGo (each peer in
+  a venv of its own, built by the case), cold and in a sweep; BlazeFL's published ratio beside;
 * ``gpu`` (``bench_gpu.py``): side-tuning and LoRA client-rounds per second on one GPU against
   the CPU, peak GPU memory per worker, workers per GPU (without CUDA: skipped, with the reason).
 
@@ -28,6 +30,7 @@ from typing import Any
 
 from fedsim.scripts.bench_engine import overhead_vs_plain, scale, speedup_vs_flower, sweep_startup
 from fedsim.scripts.bench_gpu import gpu
+from fedsim.scripts.bench_peers import PEERS, PEERS_DIR, WORKLOADS, peers
 from fedsim.scripts.bench_side_tuning import VARIANTS, cache_speedup, compare, device_memory
 from fedsim.scripts.soak import soak
 
@@ -43,6 +46,7 @@ CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "compare": compare,
     "soak": soak,
     "gpu": gpu,
+    "peers": peers,
 }
 
 
@@ -96,6 +100,17 @@ def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the option, exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the chosen cases; print their figures and write one JSON file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,6 +156,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs="+",
         default=[1.0, 0.25],
         help="gpu: runtime.client_num_gpus values (0.25: four workers per GPU)",
+    )
+    parser.add_argument(
+        "--peers", nargs="+", choices=list(PEERS), default=list(PEERS), help="peers: frameworks"
+    )
+    parser.add_argument(
+        "--peer-workload", choices=list(WORKLOADS), default="digits", help="peers: the work"
+    )
+    parser.add_argument(
+        "--peer-examples",
+        type=_at_least_one,
+        default=500,
+        help="peers: rows per client of the blazefl workload (CIFAR-10: 500)",
+    )
+    parser.add_argument(
+        "--peers-dir", type=Path, default=PEERS_DIR, help="peers: where their venvs are kept"
     )
     args = parser.parse_args(argv)
     report: dict[str, Any] = {}

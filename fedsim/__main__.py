@@ -259,7 +259,7 @@ def version_line() -> str:
 
 def main() -> None:
     """Console entry point: reject bad overrides in one line, then hand over to Hydra."""
-    from fedsim.config import precheck_overrides
+    from fedsim.rounds.precheck import precheck_overrides
 
     argv = sys.argv[1:]
     if argv in (["--version"], ["-V"]):  # Hydra's own --version would print Hydra's

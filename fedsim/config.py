@@ -2,10 +2,12 @@
 
 Three layers, cheapest first:
 
-1. :func:`precheck_overrides` reads the command line before Hydra does: an unknown option in a
-   group (``strategy=fedavgg``), an unknown key or a syntax error become one line naming the
-   override and what is accepted (Hydra's own messages span several lines and exit with 1).
-2. :func:`validate` checks the composed config's top-level scalars.
+1. ``fedsim.rounds.precheck.precheck_overrides`` reads the command line before Hydra does: an
+   unknown option in a group (``strategy=fedavgg``), an unknown key or a syntax error become one
+   line naming the override and what is accepted (Hydra's own messages span several lines and
+   exit with 1). It lives a layer up, since checking a sweep's jobs builds what the run builds.
+2. :func:`validate` checks the composed config's top-level scalars (and
+   ``fedsim.rounds.precheck.validate_run`` those that depend on the strategy's kind).
 3. :func:`build` instantiates a group's object; the classes validate their own arguments and
    raise ``ConfigError`` (Hydra wraps it; we unwrap), and an unknown argument is named.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -23,19 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
 from fedsim.errors import ConfigError
 
 __all__ = [
     "CONF_DIR",
     "GROUPS",
-    "precheck_overrides",
     "validate",
+    "compose_error",
+    "check_run_dir",
+    "group_options",
     "build",
     "compose_config",
     "compose_with_provenance",
@@ -118,102 +119,6 @@ def group_options(group: str) -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
-def precheck_overrides(argv: Sequence[str]) -> None:
-    """Reject bad command-line overrides with one line, before Hydra prints its own report."""
-    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(
-            "override", " ".join(overrides), f"not valid Hydra syntax ({first})"
-        ) from None
-    single: list[str] = []
-    sweeps: list[tuple[str, list[str]]] = []  # (override key as typed, every value)
-    for override, text in zip(parsed, overrides, strict=True):
-        if override.is_hydra_override():
-            if override.key_or_group in ("hydra.run.dir", "hydra.sweep.dir"):
-                check_run_dir(override.key_or_group, override.get_value_element_as_str())
-            continue
-        key = override.key_or_group
-        values = (
-            [str(v) for v in override.sweep_string_iterator()]
-            if override.is_sweep_override()
-            else [override.get_value_element_as_str()]
-            if not override.is_delete()
-            else []
-        )
-        if key in GROUPS:
-            options = group_options(key)
-            for value in values:
-                if value not in options:  # (Hydra cannot set a group to null either)
-                    raise ConfigError(key, value, f"unknown option; accepted: {', '.join(options)}")
-        single.append(f"{text.split('=', 1)[0]}={values[0]}" if values else text)
-        if override.is_sweep_override() and len(values) > 1:
-            sweeps.append((text.split("=", 1)[0], values))
-    try:
-        compose_config(single)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise _compose_error(exc, single) from None
-    if sweeps:
-        check_sweep_jobs(single, sweeps)
-
-
-#: A sweep up to this many jobs is checked job by job; a larger one value by value.
-MAX_JOBS_CHECKED = 256
-
-
-def check_sweep_jobs(base: Sequence[str], sweeps: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """Check every job of a ``--multirun`` before job 0 starts: compose, validate, build.
-
-    Without this, ``num_rounds=2,0`` would run job 0 to the end and only then refuse job 1.
-    Each job is composed and its run scalars and cheap groups (strategy, devices, faults,
-    client, distillation, warm start) are built, about 0.1 s a job; data and models are not
-    loaded. A sweep of more than :data:`MAX_JOBS_CHECKED` jobs checks each value once instead.
-    """
-    import itertools
-    import logging
-
-    import flwr.common.logger  # noqa: F401 - it sets Flower's level on import: import it first
-
-    logging.getLogger("flwr").setLevel(logging.CRITICAL)  # FedAvg's notes are not for here
-    keys = [key for key, _ in sweeps]
-    if math.prod(len(values) for _, values in sweeps) <= MAX_JOBS_CHECKED:
-        jobs = [
-            dict(zip(keys, combo, strict=True))
-            for combo in itertools.product(*(values for _, values in sweeps))
-        ]
-    else:
-        jobs = [{key: value} for key, values in sweeps for value in values]
-    plain = {o.split("=", 1)[0]: o for o in base}
-    for job in jobs:
-        overrides = {**plain, **{key: f"{key}={value}" for key, value in job.items()}}
-        try:
-            cfg = compose_config(list(overrides.values()))
-        except (HydraException, OmegaConfBaseException) as exc:
-            raise _compose_error(exc, list(overrides.values())) from None
-        validate(cfg)
-        check_cheap_groups(cfg)
-
-
-def check_cheap_groups(cfg: DictConfig) -> Any:
-    """Build, as the run does, the groups it checks before loading data; return the strategy.
-
-    Strategy, devices, faults, the client wrapped by its distillation, the warm start (which
-    needs ``num_clients``): one path for the run and for a sweep's precheck.
-    """
-    from fedsim.rounds.warm_start import warm_start_of
-    from fedsim.training.contract import behaviour_of
-
-    strategy = build(cfg, "strategy")
-    build(cfg, "devices")  # the fleet checks its profiles and shares
-    build(cfg, "faults")
-    # The workers build the client too; check its arguments and DFL's fit with it here, once.
-    behaviour_of(cfg)
-    warm_start_of(cfg)
-    return strategy
-
-
 def check_run_dir(key: str, value: str) -> None:
     """A run folder must be a folder (or not exist yet) inside a folder the user can write to."""
     path = Path(value).expanduser()
@@ -232,7 +137,8 @@ def check_run_dir(key: str, value: str) -> None:
         ) from None
 
 
-def _compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigError:
+def compose_error(exc: Exception, overrides: Sequence[str]) -> ConfigError:
+    """Hydra's or OmegaConf's error on composing ``overrides``, as one line naming the key."""
     text = " ".join(str(exc).split())
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
@@ -322,7 +228,6 @@ def validate(cfg: DictConfig) -> None:
     if lanes is not None:
         _int(cfg, "runtime.num_lanes", 1)
     _check_devices(cfg)
-    _check_asynchronous(cfg, deadline, over)
     _check_objective(cfg)
     final = OmegaConf.select(cfg, "eval.num_clients_final")
     if final != "all" and (isinstance(final, bool) or not isinstance(final, int) or final < 0):
@@ -380,25 +285,6 @@ def check_server_device(spec: Any) -> None:
         )
     if text != "cuda" and int(index) >= count:
         raise ConfigError(key, spec, f"must name a visible GPU: cuda:0 to cuda:{count - 1} here")
-
-
-def _check_asynchronous(cfg: DictConfig, deadline: Any, over: Any) -> None:
-    """An asynchronous strategy never waits for a round: round-only clock knobs are refused."""
-    target = OmegaConf.select(cfg, "strategy._target_")
-    try:
-        cls = get_class(str(target))
-    except Exception:  # noqa: BLE001 - build() reports an unimportable target in one line
-        return
-    from fedsim.rounds.asynchronous import AsyncStrategy  # noqa: PLC0415 - config.py stays light
-
-    if not (isinstance(cls, type) and issubclass(cls, AsyncStrategy)):
-        return
-    if deadline is not None:
-        raise ConfigError(
-            "clock.deadline_s", deadline, "must be null with an asynchronous strategy"
-        )
-    if over != 1:
-        raise ConfigError("clock.over_selection", over, "must be 1 with an asynchronous strategy")
 
 
 #: Top-level keys that change what a run reports, never what it computes: out of its hash.

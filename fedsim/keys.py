@@ -1,6 +1,7 @@
 """Every string key fedsim puts in messages, records and metrics, defined once."""
 
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
 # --- records inside a Flower Message ------------------------------------------------------------
@@ -93,6 +94,27 @@ STALENESS_MEAN = "staleness_mean"  # asynchronous rows: global updates between d
 STALENESS_MAX = "staleness_max"
 CYCLE = "cycle"  # warm-start rows (phase "warm_start", round 0): which cycle of the stage
 WARM_START_CYCLES = "warm_start_cycles"  # totals: warm-start cycles done (a resumed run skips them)
+
+
+# --- clients.jsonl: what became of one client-round ---------------------------------------------
+class Outcome(StrEnum):
+    """The ``outcome`` of a client-round (clients.jsonl), every one there is, defined once.
+
+    A ``StrEnum``: a member equals its string, so rows written before this type existed (and
+    read back from JSON as plain strings) compare, count and hash the same.
+    """
+
+    OK = "ok"  # trained, and its update was aggregated
+    STRAGGLER = "straggler"  # trained, but past the round's deadline (clock.deadline_s): dropped
+    OFFLINE = "offline"  # did not check in (availability; a phone's charging, network, battery)
+    INFEASIBLE = "infeasible"  # its memory cannot hold the round: set aside, never sent
+    FAILED = "failed"  # the client's code raised (an engine failure: see runtime.max_failed_rounds)
+    # a phone that checked in and dropped out mid-round (fedsim/clock/phones.py): a failed
+    # client-round, not an engine failure
+    INTERRUPTED = "interrupted"
+    # asynchronous loop (fedsim/rounds/asynchronous.py) only:
+    LATE = "late"  # arrived after its group's latest time (FedCompass's general buffer); merged
+    STALE = "stale"  # staler than the strategy accepts (FedBuff's max_staleness): dropped
 
 
 # --- reading numbers back ------------------------------------------------------------------

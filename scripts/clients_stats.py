@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.errors import ConfigError
+from fedsim.keys import Outcome
 from fedsim.scripts.runs import CLIENTS_FILE, Run, is_finite, read_jsonl
 
 __all__ = [
@@ -27,10 +28,10 @@ __all__ = [
     "tier_stats",
 ]
 
-# The scheduler's outcomes (fedsim/clock/scheduler.py), in the order plots and tables show them:
-# aggregated, dropped (deadline / over-selection), not sent (offline, too little memory),
-# sent but the client raised.
-OUTCOMES = ("ok", "straggler", "offline", "infeasible", "failed")
+# The synchronous scheduler's outcomes (fedsim.keys.Outcome), in the order plots and tables show
+# them: aggregated, dropped (deadline / over-selection), not sent (offline, too little memory),
+# sent but the client raised. Others (a phone's interruption, the asynchronous loop's) follow.
+OUTCOMES = (Outcome.OK, Outcome.STRAGGLER, Outcome.OFFLINE, Outcome.INFEASIBLE, Outcome.FAILED)
 LATENCY_PARTS = ("download_s", "compute_s", "upload_s")
 
 

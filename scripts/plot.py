@@ -47,6 +47,7 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import MaxNLocator
 
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
+from fedsim.keys import Outcome
 from fedsim.scripts.clients_stats import (
     LATENCY_PARTS,
     TierStats,
@@ -133,8 +134,10 @@ BYTE_UNITS = (("B", 1.0), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
 TIME_UNITS = (("s", 1.0, 0.0), ("min", 60.0, 120.0), ("h", 3600.0, 7200.0))
 # --latency: the dashed lines of the runs' distinct clock.deadline_s, in this order.
 DEADLINE_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")
-OUTCOME_COLORS = {"ok": "tab:green", "straggler": "tab:orange", "offline": "tab:gray",
-                  "infeasible": "tab:red", "failed": "tab:purple"}  # fmt: skip
+OUTCOME_COLORS = {Outcome.OK: "tab:green", Outcome.STRAGGLER: "tab:orange",
+                  Outcome.OFFLINE: "tab:gray", Outcome.INFEASIBLE: "tab:red",
+                  Outcome.FAILED: "tab:purple", Outcome.INTERRUPTED: "tab:brown",
+                  Outcome.LATE: "tab:olive", Outcome.STALE: "tab:pink"}  # fmt: skip
 # Table columns for runs.TOTAL_KEYS: a run's sum over rounds, mean over seeds.
 TOTAL_COLUMNS = {"num_stragglers": "stragglers", "num_offline": "offline",
                  "num_infeasible": "infeasible", "num_failed": "failed",

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from fedsim.errors import ConfigError
+from fedsim.keys import Outcome
 from fedsim.rounds.asynchronous import (
-    STALE,
+    Arrival,
     AsyncLoop,
     AsyncStrategy,
     Tensors,
@@ -124,13 +125,13 @@ class FedBuff(AsyncStrategy):
         """Fill every slot."""
         self._fill(loop)
 
-    def on_arrival(self, loop: AsyncLoop, job: dict[str, Any]) -> None:
+    def on_arrival(self, loop: AsyncLoop, job: Arrival) -> None:
         """Buffer the update (or drop it as too stale); step at K; refill the freed slot."""
-        if self.max_staleness is not None and job["staleness"] > self.max_staleness:
-            job["outcome"] = STALE
+        if self.max_staleness is not None and job.staleness > self.max_staleness:
+            job.outcome = Outcome.STALE
         else:
             self.buffer.append(
-                {k: job[k] for k in ("pid", "base", "delta", "num_examples", "train_loss")}
+                {k: getattr(job, k) for k in ("pid", "base", "delta", "num_examples", "train_loss")}
             )
         if len(self.buffer) >= self.buffer_size:
             deltas = [

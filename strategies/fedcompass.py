@@ -45,8 +45,9 @@ import numpy as np
 
 from fedsim.checks import is_int
 from fedsim.errors import ConfigError
+from fedsim.keys import Outcome
 from fedsim.rounds.asynchronous import (
-    LATE,
+    Arrival,
     AsyncLoop,
     AsyncStrategy,
     apply_step,
@@ -147,21 +148,23 @@ class FedCompass(AsyncStrategy):
         for pid in pids:
             self._send(loop, pid, self.q_max, -1)
 
-    def on_arrival(self, loop: AsyncLoop, job: dict[str, Any]) -> None:
+    def on_arrival(self, loop: AsyncLoop, job: Arrival) -> None:
         """Update the client's speed; merge alone, buffer in its group, or buffer as late."""
-        pid = job["pid"]
-        measured = (job["arrival_s"] - job["sent_s"]) / job["steps"]
+        pid = job.pid
+        if job.steps is None:  # every dispatch of FedCompass names its Q_i
+            raise RuntimeError(f"client {pid} arrived without the step count it was sent")
+        measured = (job.arrival_s - job.sent_s) / job.steps
         old = self.speed.get(pid)
         m = self.speed_momentum
         self.speed[pid] = measured if old is None else (1 - m) * old + m * measured
-        entry = {k: job[k] for k in ("pid", "base", "delta", "train_loss")}
+        entry = {k: getattr(job, k) for k in ("pid", "base", "delta", "train_loss")}
         gid = self.group_of.get(pid, -1)
         group = self.groups.get(gid)
         if gid == -1:  # first contact: merged on its own, then grouped
             self._merge(loop, [entry])
             self._assign(loop, pid)
         elif group is None or loop.now > group["latest"]:
-            job["outcome"] = LATE
+            job.outcome = Outcome.LATE
             if group is not None:
                 group["clients"].remove(pid)
                 if not group["clients"]:
@@ -262,7 +265,7 @@ class FedCompass(AsyncStrategy):
             self.groups[gid]["clients"].remove(pid)
             if not self.groups[gid]["clients"] and not self.groups[gid]["arrived"]:
                 self._close_group(gid)
-        if pid not in loop.ex["infeasible"]:
+        if pid not in loop.infeasible:
             self.waiting.append(pid)
 
     def _retry(self, loop: AsyncLoop) -> None:

@@ -1,7 +1,8 @@
 """Small examples of ARCHITECTURE.md's recipes, written as a user would (tests/test_recipes.py).
 
-They live outside fedsim's packages on purpose: a strategy and a client behaviour of one's own,
-importable by the Ray workers (the test folder is on their path), built from the config.
+They live outside fedsim's packages on purpose: a strategy, a client behaviour and a device
+effect of one's own, importable by the Ray workers (the test folder is on their path), built
+from the config.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.clients.local_sgd import LocalSGD
+from fedsim.clock.devices import DeviceProfile
 from fedsim.learning.models import ModelFactory
+from fedsim.seeding import numpy_rng
 from fedsim.strategies.common import client_models, to_record
 from fedsim.training.contract import DeviceCost, TrainContext, TrainOutcome
 from fedsim.training.loop import train_loop
@@ -70,3 +73,24 @@ class FrozenFirstLayer:
     ) -> DeviceCost:
         """What local SGD of the same budget costs the device."""
         return self._cost.device_cost(model, batch, num_examples)
+
+
+class OwnerBusy:
+    """The device-effect recipe: a phone whose owner is using it does not take a round.
+
+    In use with probability ``p`` in each round, drawn from the stream named by (seed,
+    "owner-busy", client, round): reproducible, and no other draw of the run moves. ``tiers``
+    limits the effect to some device tiers (all when empty).
+    """
+
+    def __init__(self, *, p: float, tiers: Iterable[str] = ()) -> None:
+        self.p, self.tiers = float(p), frozenset(tiers)
+
+    def check_in(
+        self, seed: int, partition_id: int, server_round: int, now_s: float, profile: DeviceProfile
+    ) -> str | None:
+        """``"in_use"`` when the owner is on the phone this round, else None."""
+        if self.tiers and profile.tier not in self.tiers:
+            return None
+        busy = numpy_rng(seed, "owner-busy", partition_id, server_round).random() < self.p
+        return "in_use" if busy else None

@@ -14,8 +14,9 @@ from conftest import strip_wall_time
 from fedsim.config import compose_config
 from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
+from fedsim.keys import Outcome
 from fedsim.records.results import read_metrics
-from fedsim.rounds.asynchronous import LATE, staleness_weight
+from fedsim.rounds.asynchronous import Arrival, staleness_weight
 from fedsim.strategies.fedbuff import FedBuff, fedbuff_step
 from fedsim.strategies.fedcompass import FedCompass, compass_step
 
@@ -75,7 +76,7 @@ class Driver:
     def __init__(self, speeds: list[float], model_size: int = 3) -> None:
         self.speeds, self.num_clients, self.seed = speeds, len(speeds), 0
         self.now, self.version = 0.0, 0
-        self.ex = {"infeasible": []}
+        self.infeasible: frozenset[int] = frozenset()
         self.w = {"w": np.zeros(model_size)}
         self.events: list = []
         self.order = 0
@@ -83,23 +84,23 @@ class Driver:
         self.sent: list[tuple[int, int]] = []  # (client, steps)
 
     def busy(self) -> set[int]:
-        return {e[3]["pid"] for e in self.events if e[2] == "arrival"}
+        return {e[3].pid for e in self.events if e[2] == "arrival"}
 
     def global_tensors(self) -> dict:
         return self.w
 
     def dispatch(self, pid: int, steps: int | None = None) -> bool:
         self.sent.append((pid, steps))
-        job = {
-            "pid": pid,
-            "base": self.version,
-            "sent_s": self.now,
-            "steps": steps,
-            "arrival_s": self.now + steps * self.speeds[pid],
-            "train_loss": None,
-            "delta": {"w": np.full(3, 1.0)},
-        }
-        self._push(job["arrival_s"], "arrival", job)
+        job = Arrival(
+            pid=pid,
+            base=self.version,
+            steps=steps,
+            sent_s=self.now,
+            arrival_s=self.now + steps * self.speeds[pid],
+            train_loss=None,
+            delta={"w": np.full(3, 1.0)},
+        )
+        self._push(job.arrival_s, "arrival", job)
         return True
 
     def set_timer(self, at_s: float, tag: int) -> None:
@@ -121,7 +122,7 @@ class Driver:
             at_s, _, kind, payload = heapq.heappop(self.events)
             self.now = at_s
             if kind == "arrival":
-                payload["staleness"] = self.version - payload["base"]
+                payload.staleness = self.version - payload.base
                 strategy.on_arrival(self, payload)
             else:
                 strategy.on_timer(self, payload)
@@ -174,18 +175,11 @@ def test_compass_late_arrival_goes_to_the_general_buffer() -> None:
     strategy.groups = {0: {"clients": [0, 1], "arrived": [], "expected": 5.0, "latest": 7.5}}
     driver.events.clear()
     driver.now = 8.0  # past the latest arrival time
-    job = {
-        "pid": 0,
-        "base": 0,
-        "sent_s": 0.0,
-        "arrival_s": 8.0,
-        "steps": 8,
-        "train_loss": None,
-        "delta": {"w": np.ones(3)},
-        "staleness": 0,
-    }
+    job = Arrival(
+        pid=0, base=0, steps=8, sent_s=0.0, arrival_s=8.0, train_loss=None, delta={"w": np.ones(3)}
+    )
     strategy.on_arrival(driver, job)
-    assert job["outcome"] == LATE
+    assert job.outcome == Outcome.LATE
     assert [e["pid"] for e in strategy.general_buffer] == [0]
     assert driver.version == 0  # buffered, not merged
     assert driver.busy() == {0}  # reassigned at once

@@ -14,10 +14,10 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fedsim import keys
 from fedsim.clock.devices import Fleet
 from fedsim.clock.phones import PHASES, Battery, PhoneModel, battery_after
-from fedsim.clock.scheduler import INTERRUPTED, DeviceCost, RoundScheduler
+from fedsim.clock.scheduler import DeviceCost, RoundScheduler
 from fedsim.config import build, compose_config
 from fedsim.errors import ConfigError
-from fedsim.keys import node_id_of
+from fedsim.keys import Outcome, node_id_of
 from fedsim.seeding import numpy_rng
 
 MB = 1_000_000
@@ -167,14 +167,14 @@ def test_interrupted_phone_is_charged_until_the_interruption_and_its_update_is_d
     (row,) = settled.records
     # the drop point: the train phase's second draw on the stream (seed, "interrupt", 0, 1)
     point = numpy_rng(0, "interrupt", 0, 1).random((3, 2))[1, 1]
-    assert row["outcome"] == INTERRUPTED and row["failed_phase"] == "train"
+    assert row["outcome"] == Outcome.INTERRUPTED and row["failed_phase"] == "train"
     assert row["failure_cause"] == "random"
     # 1.000128 s of download, then `point` of the 1 s of compute; no upload, no server time
     assert row["latency_s"] == pytest.approx(1.000128 + point)
     assert row["compute_s"] == pytest.approx(point) and row["upload_s"] == 0.0
     assert row["energy_j"] == pytest.approx(1.000128 * 1.0 + point * 2.0)
     assert row["bytes_up"] == 0 and row["bytes_down"] == MB + 128
-    assert settled.kept == [] and settled.counts[INTERRUPTED] == 1
+    assert settled.kept == [] and settled.counts[Outcome.INTERRUPTED] == 1
     # the round lasted until the drop-out was seen
     assert settled.round_time_s == pytest.approx(row["latency_s"])
 
@@ -182,7 +182,7 @@ def test_interrupted_phone_is_charged_until_the_interruption_and_its_update_is_d
 def test_no_phone_settings_no_new_columns_or_counts() -> None:
     scheduler = RoundScheduler(_fleet(), seed=0, num_clients=2)
     _, settled = _round(scheduler, [0, 1])
-    assert INTERRUPTED not in settled.counts
+    assert Outcome.INTERRUPTED not in settled.counts
     assert not {"battery_level", "failed_phase", "plugged"} & set(settled.records[0])
 
 
@@ -204,7 +204,7 @@ def test_trace_csv_is_read_and_respected(tmp_path: Path) -> None:
     scheduler.clock.now_s = 97.0
     _, settled = _round(scheduler, [0, 1], server_round=3, flops=10**13)
     rows = {r["partition_id"]: r for r in settled.records}
-    assert rows[0]["outcome"] == INTERRUPTED and rows[0]["failed_phase"] == "train"
+    assert rows[0]["outcome"] == Outcome.INTERRUPTED and rows[0]["failed_phase"] == "train"
     assert rows[0]["failure_cause"] == "unavailable"
     assert rows[0]["latency_s"] == pytest.approx(3.0)
     assert rows[1]["latency_s"] == pytest.approx(103.0)
@@ -302,7 +302,7 @@ def test_server_view_of_round_r_is_blind_to_round_rs_phone_draws() -> None:
     assert rows["as drawn", 3] != rows["redrawn", 3]  # round 3 played out differently ...
     assert views["as drawn"][:3] == views["redrawn"][:3]  # ... yet rounds 1-3 were seen alike
     assert views["as drawn"][3] != views["redrawn"][3]  # round 4 sees round 3's drop-outs
-    dropped = [i for i, (o, _) in enumerate(rows["as drawn", 3]) if o == INTERRUPTED]
+    dropped = [i for i, (o, _) in enumerate(rows["as drawn", 3]) if o == Outcome.INTERRUPTED]
     assert dropped
 
 
@@ -373,7 +373,7 @@ def test_small_run_with_failures_completes_and_logs_each_failures_phase(tmp_path
     )
     assert summary["status"] == "completed"
     rows = [json.loads(line) for line in (tmp_path / "run" / "clients.jsonl").open()]
-    dropped = [r for r in rows if r["outcome"] == INTERRUPTED]
+    dropped = [r for r in rows if r["outcome"] == Outcome.INTERRUPTED]
     assert dropped and all(r["failed_phase"] in PHASES for r in dropped)
     assert all(r["failed_phase"] is None for r in rows if r["outcome"] == "ok")
     assert all(0 <= r["battery_level"] <= 1 for r in rows if "battery_level" in r)

@@ -926,3 +926,13 @@ def test_list_valued_knobs_stay_out_of_legends_and_tables(
     assert "[" not in table.split("\n\n")[0]  # no JSON in the table
     legend = [text.get_text() for text in figures[1].legends[0].get_texts()]
     assert legend == ["widths=1/0.5 (n=2)", "widths=1/0.5/0.25 (n=2)"]
+
+
+def test_every_outcome_has_its_own_colour() -> None:
+    """The clients plot colours each outcome (fedsim.keys.Outcome) apart; none falls back to
+    matplotlib's cycle, which could give an interrupted phone the colour of another outcome."""
+    from fedsim.keys import Outcome
+    from fedsim.scripts.plot import OUTCOME_COLORS
+
+    assert set(OUTCOME_COLORS) == set(Outcome)
+    assert len(set(OUTCOME_COLORS.values())) == len(Outcome)

@@ -1,5 +1,6 @@
-"""ARCHITECTURE.md's recipes, each followed once: a strategy, a client behaviour and a device
-fleet of one's own, built from the config and run by fedsim as its own options are."""
+"""ARCHITECTURE.md's recipes, each followed once: a strategy, a client behaviour, a device fleet
+and a device effect of one's own, built from the config and run by fedsim as its own options
+are."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import torch
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from omegaconf import OmegaConf
-from recipe_examples import FrozenFirstLayer, MeanOfClients
+from recipe_examples import FrozenFirstLayer, MeanOfClients, OwnerBusy
 
+from fedsim.clock.devices import DeviceEffect
 from fedsim.config import compose_config
 from fedsim.engine.simulation import simulate
+from fedsim.errors import ConfigError
 from fedsim.records.results import read_metrics
 from fedsim.training.contract import ClientBehaviour, TrainContext
 
@@ -87,3 +90,53 @@ def cfg_path(group: str, option: str) -> Path:
     from fedsim.config import CONF_DIR
 
     return CONF_DIR / group / f"{option}.yaml"
+
+
+def test_the_device_effect_recipe_is_a_device_effect_and_a_bad_one_is_named() -> None:
+    from fedsim.clock.devices import Fleet
+
+    assert isinstance(OwnerBusy(p=0.5), DeviceEffect)
+    fleet = yaml.safe_load(cfg_path("devices", "uniform").read_text())
+    fleet.pop("_target_")
+    with pytest.raises(ConfigError) as error:
+        Fleet(**fleet, effects=[OwnerBusy(p=0.5), {"p": 0.5}])  # a _target_ left out
+    assert str(error.value).startswith("devices.effects[1]=")
+
+
+@pytest.mark.slow
+def test_a_device_effect_of_ones_own_keeps_phones_out_as_drawn(tmp_path: Path) -> None:
+    """OwnerBusy on the low-end phones of phones_mixed: exactly the rows its draws name are
+    offline with its reason, nobody else is, and the same config gives the same rows."""
+    overrides = ["num_clients=12", "num_rounds=3", "devices=phones_mixed", "seed=3"]
+    # as on the command line: fedsim devices=phones_mixed '+devices.effects=[...]'
+    effect = "+devices.effects=[{_target_:recipe_examples.OwnerBusy,p:0.5,tiers:[low]}]"
+    cfg = compose_config([*TINY, *overrides, effect])
+    plain = compose_config([*TINY, *overrides])
+    for name, config in (("busy", cfg), ("again", cfg), ("plain", plain)):
+        assert simulate(config, tmp_path / name)["status"] == "completed"
+    rows = read_metrics(tmp_path / "busy", "clients.jsonl")
+    assert rows == read_metrics(tmp_path / "again", "clients.jsonl")
+    plain_rows = {
+        (r["round"], r["partition_id"]): r
+        for r in read_metrics(tmp_path / "plain", "clients.jsonl")
+    }
+    busy = OwnerBusy(p=0.5, tiers=["low"])
+    expected = 0
+    for row in rows:
+        was = plain_rows[(row["round"], row["partition_id"])]
+        in_use = was["outcome"] != "offline" and busy.check_in(
+            3, row["partition_id"], row["round"], 0.0, _profile(row["device"])
+        )
+        if in_use:
+            expected += 1
+            assert row["outcome"] == "offline" and row["offline_reason"] == "in_use", row
+        else:
+            assert row["outcome"] == was["outcome"] and "offline_reason" not in row
+    assert expected > 0  # seed 3 keeps some low-end phones out
+
+
+def _profile(name: str):  # noqa: ANN202 - the fleet's profile of that name
+    from fedsim.config import build
+
+    fleet = build(compose_config(["devices=phones_mixed"]), "devices")
+    return next(p for p in fleet.profiles if p.name == name)

@@ -332,7 +332,7 @@ def test_a_sweep_checks_every_job_before_the_first_starts(tmp_path: Path) -> Non
 def test_the_sweep_check_builds_groups_as_the_run_does(tmp_path: Path) -> None:
     """The precheck once built the warm start without ``num_clients`` and refused every sweep
     over ``warm_start=none,cyclic`` (results/README.md's CyclicFL commands)."""
-    from fedsim.config import check_sweep_jobs
+    from fedsim.rounds.precheck import check_sweep_jobs
 
     check_sweep_jobs(
         ["num_clients=12"], [("warm_start", ["none", "cyclic"]), ("distillation", ["none", "dfl"])]

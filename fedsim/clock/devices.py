@@ -21,7 +21,7 @@ import math
 import operator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, overload
+from typing import Any, Protocol, overload, runtime_checkable
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from fedsim.errors import ConfigError
 from fedsim.seeding import numpy_rng
 
 __all__ = [
+    "DeviceEffect",
     "DeviceProfile",
     "DeviceState",
     "DeviceAssignment",
@@ -229,6 +230,25 @@ class _ChannelTrace:
     good: bytearray  # good[r - 1] == 1 iff the channel is good in round r
 
 
+@runtime_checkable
+class DeviceEffect(Protocol):
+    """Something of a device's life that can keep it from a round: ARCHITECTURE.md's recipe.
+
+    A fleet lists its effects under ``effects:`` in ``conf/devices/<fleet>.yaml``, each with its
+    ``_target_`` and arguments. Before a round, every device that is online and passed the
+    phones' check-in (``fedsim/clock/phones.py``) asks each effect in turn; the first reason
+    given sets the device aside as ``offline`` with that ``offline_reason`` in clients.jsonl,
+    as a real server sees a device that does not check in. An effect draws its randomness from
+    ``fedsim.seeding.numpy_rng(seed, <its name>, client, round)``, so a run is reproducible
+    and one effect's draws never shift another's.
+    """
+
+    def check_in(
+        self, seed: int, partition_id: int, server_round: int, now_s: float, profile: DeviceProfile
+    ) -> str | None:
+        """None to let the device take the round, or why it does not (a short word)."""
+
+
 class Fleet:
     """A population of device profiles with shares and dynamics (Hydra target of conf/devices).
 
@@ -246,6 +266,9 @@ class Fleet:
         Optional: the failures phones have (``fedsim/clock/phones.py``: when devices are
         plugged in and on Wi-Fi, their battery, drop-outs by phase). All absent (the default):
         none of it, and every number is what it was without these keys.
+    effects
+        Optional: :class:`DeviceEffect` objects (Hydra builds them from their ``_target_``),
+        asked in order whether a device checks in. Empty (the default): nothing changes.
 
     """
 
@@ -259,6 +282,7 @@ class Fleet:
         availability: Mapping[str, Any] | None = None,
         battery: Mapping[str, Any] | None = None,
         interruptions: Mapping[str, float] | None = None,
+        effects: Sequence[Any] = (),
     ) -> None:
         if isinstance(profiles, str | bytes) or not isinstance(profiles, Sequence) or not profiles:
             raise ConfigError("devices.profiles", profiles, "must be a non-empty list of mappings")
@@ -289,6 +313,18 @@ class Fleet:
         self._channels: dict[tuple[int, int], _ChannelTrace] = {}
         # None unless the YAML sets one of the three keys: then nothing below changes.
         self.phones = PhoneModel.from_config(availability, battery, interruptions, CONF_DIR)
+        if isinstance(effects, str | bytes | Mapping) or not isinstance(effects, Sequence):
+            raise ConfigError("devices.effects", effects, "must be a list of effects")
+        for i, effect in enumerate(effects):
+            if not isinstance(effect, DeviceEffect):
+                raise ConfigError(
+                    f"devices.effects[{i}]",
+                    effect,
+                    "must be built from a _target_ whose class has check_in(seed, "
+                    "partition_id, server_round, now_s, profile) -> str | None "
+                    "(fedsim.clock.devices.DeviceEffect)",
+                )
+        self.effects: tuple[DeviceEffect, ...] = tuple(effects)
 
     # -- assignment: client i's device depends only on (seed, i) ------------------------------
     def device_for(self, partition_id: int, seed: int) -> DeviceProfile:

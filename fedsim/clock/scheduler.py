@@ -29,6 +29,8 @@ from fedsim import keys
 from fedsim.clock.devices import (
     ClientWork,
     DeviceAssignment,
+    DeviceProfile,
+    DeviceState,
     Fleet,
     Latency,
     SimClock,
@@ -40,24 +42,18 @@ from fedsim.clock.devices import (
 )
 from fedsim.clock.phones import CheckIn
 from fedsim.errors import ConfigError
-from fedsim.keys import partition_id_of
+from fedsim.keys import Outcome, partition_id_of
 from fedsim.learning.params import arrays_nbytes, content_nbytes
 
 __all__ = [
     "RoundScheduler",
     "DeviceCost",
-    "INTERRUPTED",
     "RoundPlan",
     "RoundSettlement",
     "CostModel",
     "charged_bytes",
     "device_link_bytes",
 ]
-
-OK, STRAGGLER, OFFLINE, INFEASIBLE, FAILED = "ok", "straggler", "offline", "infeasible", "failed"
-# A device that checked in and dropped out mid-round (fedsim/clock/phones.py): not an engine
-# failure (FAILED stops a run whose every client fails), a failed client-round.
-INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -110,6 +106,19 @@ class RoundPlan:
 
     to_send: list[Message]
     records: dict[int, dict[str, Any]]  # partition id -> clients.jsonl row so far
+    # partition id -> the conditions drawn for it (compute, bandwidth, channel): the clock's own
+    # draw, which the strategies never see (fedsim/clock/server_view.py)
+    conditions: dict[int, DeviceState] = field(default_factory=dict)
+
+
+@dataclass
+class _InFlight:
+    """What the scheduler keeps of a client sent work until :meth:`RoundScheduler.measure`."""
+
+    start_s: float  # the clock when it was sent
+    width: float  # the sub-model width it trains (1: the whole model)
+    check_in: CheckIn | None  # its phone's check-in (None without phones)
+    conditions: DeviceState  # drawn in plan()
 
 
 @dataclass
@@ -203,9 +212,9 @@ class RoundScheduler:
         # what the server measured, for the strategies' view of later rounds).
         self.observers: list[Callable[[Sequence[dict[str, Any]]], None]] = []
         # Phones (fleet.phones): each battery's last [level J, at s] (plain lists: checkpointed
-        # through keep_state), and per client sent work: (round start s, width, check-in).
+        # through keep_state), and each client sent work until its reply is measured.
         self.batteries: dict[int, list[float]] = {}
-        self._jobs: dict[int, tuple[float, float, CheckIn | None]] = {}
+        self._jobs: dict[int, _InFlight] = {}
 
     def keep_state(self, extra: dict[str, Any]) -> None:
         """Keep the batteries in a checkpointed dict (``RunState.extra``); take back a resumed one.
@@ -240,7 +249,7 @@ class RoundScheduler:
         self, server_round: int, messages: Sequence[Message], costs: dict[int, DeviceCost]
     ) -> RoundPlan:
         """Set aside offline and infeasible devices; the rest are sent their messages."""
-        to_send, records = [], {}
+        to_send, records, conditions = [], {}, {}
         for msg in messages:
             pid = partition_id_of(msg.metadata.dst_node_id)
             profile = self.profiles[pid]
@@ -266,17 +275,27 @@ class RoundScheduler:
             work = ClientWork(cost.train_flops, row["bytes_down"], 0, cost.peak_memory_bytes)
             check_in = self._check_in(pid, server_round, row) if state.online else None
             if not state.online:
-                row["outcome"] = OFFLINE
+                row["outcome"] = Outcome.OFFLINE
             elif check_in is not None and check_in.reason is not None:
-                row["outcome"], row["offline_reason"] = OFFLINE, check_in.reason
+                row["outcome"], row["offline_reason"] = Outcome.OFFLINE, check_in.reason
+            elif (reason := self._effect_reason(pid, server_round, profile)) is not None:
+                row["outcome"], row["offline_reason"] = Outcome.OFFLINE, reason
             elif not fits_in_memory(profile, work):
-                row["outcome"] = INFEASIBLE
+                row["outcome"] = Outcome.INFEASIBLE
             else:
                 to_send.append(msg)
                 width = float(keys.number(config, keys.WIDTH, 1.0)) if config is not None else 1.0
-                self._jobs[pid] = (self.clock.now_s, width, check_in)
-            records[pid] = row | {"_state": state}
-        return RoundPlan(to_send, records)
+                self._jobs[pid] = _InFlight(self.clock.now_s, width, check_in, state)
+            records[pid], conditions[pid] = row, state
+        return RoundPlan(to_send, records, conditions)
+
+    def _effect_reason(self, pid: int, server_round: int, profile: DeviceProfile) -> str | None:
+        """The first reason a fleet's effect gives for keeping the device out (None: none)."""
+        for effect in self.fleet.effects:
+            reason = effect.check_in(self.seed, pid, server_round, self.clock.now_s, profile)
+            if reason is not None:
+                return str(reason)
+        return None
 
     def count_fitting(self, cost: DeviceCost) -> int:
         """How many of the run's devices can hold ``cost``'s peak memory (:meth:`plan`'s check).
@@ -294,13 +313,14 @@ class RoundScheduler:
         gets outcome ``failed`` and its reason, and no latency (None).
         """
         pid = row["partition_id"]
-        start_s, width, check_in = self._jobs.pop(pid, (self.clock.now_s, 1.0, None))
+        sent = self._jobs.pop(pid)
+        start_s, width, check_in, state = sent.start_s, sent.width, sent.check_in, sent.conditions
         if reply.has_error():
-            row["outcome"] = FAILED
+            row["outcome"] = Outcome.FAILED
             assert reply.error.reason is not None  # VirtualGrid's errors all give one
             row["error"] = " ".join(reply.error.reason.split())[:300]
             return None
-        profile, state = self.profiles[pid], row["_state"]
+        profile = self.profiles[pid]
         extra_up = _extra_upload_bytes(reply)
         extra_up = charged_bytes(extra_up, cost) if cost.scale_extra_upload else extra_up
         work = ClientWork(
@@ -337,7 +357,7 @@ class RoundScheduler:
                 row.setdefault(name[len(keys.LOG_PREFIX) :], value)
         if self.fleet.phones is not None and self.fleet.phones.battery is not None:
             self._drain(row, start_s)
-        return None if row.get("outcome") == INTERRUPTED else latency.total_s
+        return None if row.get("outcome") == Outcome.INTERRUPTED else latency.total_s
 
     def _phone_round(
         self, row: dict[str, Any], latency: Latency, start_s: float, check_in: CheckIn | None
@@ -359,7 +379,7 @@ class RoundScheduler:
         )
         if cut is None:
             return latency
-        row.update(outcome=INTERRUPTED, failed_phase=cut.phase, failure_cause=cut.cause)
+        row.update(outcome=Outcome.INTERRUPTED, failed_phase=cut.phase, failure_cause=cut.cause)
         # Each phase runs until the interruption point, none after it; no server time.
         starts = (0.0, latency.download_s, latency.download_s + latency.compute_s)
         done = [min(max(cut.at_s - a, 0.0), d) for a, d in zip(starts, phases, strict=True)]
@@ -399,17 +419,25 @@ class RoundScheduler:
         )
         kept = set(timing.kept)
         for pid in latencies:
-            plan.records[pid]["outcome"] = OK if pid in kept else STRAGGLER
+            plan.records[pid]["outcome"] = Outcome.OK if pid in kept else Outcome.STRAGGLER
         round_time_s = timing.round_time_s
         if not kept:  # only drop-outs (or nothing): the round lasted until the last was seen
-            cut = [r["latency_s"] for r in plan.records.values() if r["outcome"] == INTERRUPTED]
+            cut = [
+                r["latency_s"] for r in plan.records.values() if r["outcome"] == Outcome.INTERRUPTED
+            ]
             limit = math.inf if self.deadline_s is None else self.deadline_s
             round_time_s = max(round_time_s, min(max(cut, default=0.0), limit) + server_time_s)
         self.clock.advance(round_time_s)
-        rows = [{k: v for k, v in row.items() if k != "_state"} for row in plan.records.values()]
-        outcomes: tuple[str, ...] = (OK, STRAGGLER, OFFLINE, INFEASIBLE, FAILED)
+        rows = [dict(row) for row in plan.records.values()]
+        outcomes: tuple[str, ...] = (
+            Outcome.OK,
+            Outcome.STRAGGLER,
+            Outcome.OFFLINE,
+            Outcome.INFEASIBLE,
+            Outcome.FAILED,
+        )
         if self.fleet.phones is not None:  # drop-outs are counted only where they can happen
-            outcomes += (INTERRUPTED,)
+            outcomes += (Outcome.INTERRUPTED,)
         counts = {o: sum(r["outcome"] == o for r in rows) for o in outcomes}
         for observe in self.observers:
             observe(rows)

@@ -101,9 +101,9 @@ def nominal_observation(profile: DeviceProfile) -> Observation:
 
 
 #: Outcomes whose reply came back with measured times (a dropped straggler's too).
-MEASURED = ("ok", "straggler")
-#: A phone's drop-out mid-round (fedsim.clock.scheduler.INTERRUPTED): seen after the fact.
-DROPPED = "interrupted"
+MEASURED = (keys.Outcome.OK, keys.Outcome.STRAGGLER)
+#: A phone's drop-out mid-round (fedsim/clock/phones.py): seen after the fact.
+DROPPED = keys.Outcome.INTERRUPTED
 #: The fields of a stored entry, in order (plain lists: checkpointable,
 # fedsim/records/checkpoint.py).
 _ENTRY = (

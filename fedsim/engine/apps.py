@@ -77,13 +77,14 @@ server_app = ServerApp()
 @server_app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: compose the config from run-config overrides and run."""
-    from fedsim.config import build, compose_with_provenance, validate
+    from fedsim.config import build, compose_with_provenance
     from fedsim.records.tracking import tracker_of
+    from fedsim.rounds.precheck import validate_run
 
     quiet_flower()
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
     cfg, made_by = compose_with_provenance(overrides)
-    validate(cfg)
+    validate_run(cfg)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
     folder = Path(str(context.run_config.get("results-dir", "results/runs"))) / stamp
     writer = RunWriter(folder, tracker_of(cfg))  # logger=...: as `fedsim` tracks a run

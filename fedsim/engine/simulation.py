@@ -35,7 +35,7 @@ from flwr.server.superlink.fleet.vce.backend import raybackend  # noqa: E402
 from flwr.server.superlink.linkstate import LinkState  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
-from fedsim.config import check_cheap_groups, config_hash, validate  # noqa: E402
+from fedsim.config import config_hash  # noqa: E402
 from fedsim.engine.apps import client_app, make_server_app, quiet_flower  # noqa: E402
 from fedsim.errors import ConfigError  # noqa: E402
 from fedsim.learning.params import to_arrays  # noqa: E402
@@ -45,6 +45,8 @@ from fedsim.records.progress import StartupLog, keep_transcript, notices, transc
 from fedsim.records.results import RunWriter  # noqa: E402
 from fedsim.records.tracking import tracker_of  # noqa: E402
 from fedsim.rounds import interrupt  # noqa: E402
+from fedsim.rounds.hooks import ChecksModel  # noqa: E402
+from fedsim.rounds.precheck import check_cheap_groups, validate_run  # noqa: E402
 from fedsim.rounds.virtual_grid import MESSAGES_PUSHED  # noqa: E402
 
 __all__ = ["simulate", "num_lanes", "backend_config", "release_engine"]
@@ -322,15 +324,14 @@ def _simulate(
 ) -> dict:
     startup = StartupLog(enabled=bool(cfg.runtime.progress), hold=True)
     with notices(bool(cfg.runtime.progress)), transcript():
-        validate(cfg)
+        validate_run(cfg)
         quiet_flower()
         workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
         model = workload.build_model()
         startup.lap("data and model")
         strategy = check_cheap_groups(cfg)
-        check_model = getattr(strategy, "check_model", None)  # width slicing needs width axes
-        if check_model is not None:
-            check_model(model)
+        if isinstance(strategy, ChecksModel):  # width slicing needs width axes
+            strategy.check_model(model)
         _check_sampling(cfg, strategy)
         started = _start_ray(cfg)  # unreachable cluster, or no node fits a client: ConfigError
         startup.lap("Ray" if started else "Ray (kept from the last run)")

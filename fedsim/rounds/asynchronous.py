@@ -41,49 +41,97 @@ import heapq
 import math
 import operator
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, overload
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedsim import keys
 from fedsim.clock.devices import ClientWork, client_latency
-from fedsim.clock.scheduler import (
-    FAILED,
-    INFEASIBLE,
-    OFFLINE,
-    OK,
-    STRAGGLER,
-    DeviceCost,
-    RoundSettlement,
-)
+from fedsim.clock.scheduler import DeviceCost, RoundSettlement
 from fedsim.errors import ConfigError
-from fedsim.keys import node_id_of, partition_id_of
+from fedsim.keys import Outcome, node_id_of, partition_id_of
 from fedsim.learning.params import array_record
 from fedsim.seeding import derive_seed
 
-if TYPE_CHECKING:  # the loop only reads the Federation; server.py imports this module
+if TYPE_CHECKING:  # the loop only reads the Federation; synchronous.py imports this module
     from fedsim.records.checkpoint import RunState
+    from fedsim.rounds.synchronous import Federation
 
 __all__ = [
+    "Arrival",
     "ClientIdsExcept",
     "AsyncLoop",
+    "Event",
     "AsyncStalled",
     "AsyncStrategy",
-    "LATE",
-    "STALE",
     "is_asynchronous",
     "staleness_weight",
 ]
 
-LATE = "late"  # arrived after its group's latest time (FedCompass's general buffer); still merged
-STALE = "stale"  # dropped: staler than the strategy accepts (FedBuff's max_staleness)
-OUTCOMES = (OK, LATE, STALE, OFFLINE, INFEASIBLE, FAILED)
+# what a job of the loop can end as (Outcome.STRAGGLER and INTERRUPTED are synchronous only)
+OUTCOMES = (
+    Outcome.OK,
+    Outcome.LATE,
+    Outcome.STALE,
+    Outcome.OFFLINE,
+    Outcome.INFEASIBLE,
+    Outcome.FAILED,
+)
 STALENESS_FNS = ("constant", "polynomial", "hinge")
 MAX_IDLE_RETRIES = 1000  # retries with nothing in flight before a run is declared stalled
 Tensors = dict[str, np.ndarray]
+
+
+class Event(NamedTuple):
+    """One entry of the loop's queue, ordered by simulated time, then by when it was queued.
+
+    ``kind`` is ``arrival`` (``payload``: an :class:`Arrival`'s saved form, a plain dict),
+    ``timer`` (the strategy's tag) or ``idle`` (0). A checkpoint saves the queue as lists; the
+    loop turns them back into events when it resumes.
+    """
+
+    at_s: float
+    order: int
+    kind: str
+    payload: Any
+
+
+@dataclass
+class Arrival:
+    """A client's update on its way back to the server, then landed (``on_arrival``'s argument).
+
+    A strategy reads it and may set ``outcome`` (``Outcome.LATE``: merged from a later buffer;
+    ``Outcome.STALE``: dropped, and the client's new state is not kept).
+    """
+
+    pid: int  # the client (partition id)
+    base: int  # the global version it was sent and trained from
+    steps: int | None  # local steps it was asked for (None: its own epochs)
+    sent_s: float  # simulated time of the dispatch
+    arrival_s: float  # sent_s + its latency (download, compute, upload, offloaded server time)
+    train_loss: float | None  # its mean training loss, if it reported one
+    delta: Tensors  # w_sent - w_trained, per tensor
+    seq: int = 0  # the dispatch number (the server-round the client saw)
+    num_examples: int = 0  # examples it trained on
+    state: RecordDict | None = None  # its new client state (kept when it lands, unless stale)
+    row: dict[str, Any] = field(default_factory=dict)  # its clients.jsonl row, completed on landing
+    staleness: int = 0  # global updates between its dispatch and its landing (set on landing)
+    outcome: str = Outcome.OK  # a strategy may set Outcome.LATE or Outcome.STALE
+
+    def saved(self) -> dict[str, Any]:
+        """The plain dict the event queue (and so a checkpoint) holds while it is in flight."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _LANDING}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> Arrival:
+        """Back from :meth:`saved` (a resumed run's queue holds the same keys)."""
+        return cls(**saved)
+
+
+_LANDING = ("staleness", "outcome")  # set when an update lands: not part of the queue
 
 
 class AsyncStalled(RuntimeError):
@@ -134,8 +182,8 @@ class AsyncStrategy:
         """Start the first clients."""
         raise NotImplementedError
 
-    def on_arrival(self, loop: AsyncLoop, job: dict[str, Any]) -> None:
-        """A client's update arrived (``job``: see :meth:`AsyncLoop._arrive`)."""
+    def on_arrival(self, loop: AsyncLoop, job: Arrival) -> None:
+        """A client's update arrived (see :class:`Arrival`)."""
         raise NotImplementedError
 
     def on_timer(self, loop: AsyncLoop, tag: int) -> None:
@@ -229,26 +277,32 @@ class AsyncLoop:
 
     def __init__(
         self,
-        fed: Any,
+        fed: Federation,
         state: RunState,
         close: Callable[[RunState, ArrayRecord, int, tuple[int, int, float]], dict[str, Any]],
     ) -> None:
+        if not isinstance(fed.strategy, AsyncStrategy):
+            raise TypeError(f"{type(fed.strategy).__name__} plays rounds: it has no event loop")
         self.fed, self.state, self._close = fed, state, close
         self.strategy: AsyncStrategy = fed.strategy
         self.seed = int(fed.cfg.seed)
         self.num_clients = int(fed.cfg.num_clients)
         self.max_failed = int(fed.cfg.runtime.max_failed_rounds)
-        ex = state.extra
-        ex.setdefault("events", [])  # heap of [time, order, kind, payload]
+        # What the loop keeps across a checkpoint (``state.extra``, plain data): the event queue,
+        # counters, the clients that never fit their device. Its keys are those of run folders
+        # already written, so they do not change.
+        saved = state.extra
+        # the queue, a heap of Events (a checkpoint gives them back as lists)
+        saved["events"] = [Event(*event) for event in saved.get("events", [])]
         for name in ("order", "seq", "failed_streak", "idle_streak", "latency_n", "last_update_s"):
-            ex.setdefault(name, 0)
-        ex.setdefault("latency_sum", 0.0)
-        ex.setdefault("infeasible", [])
-        ex.setdefault("began", False)
-        self.ex = ex
+            saved.setdefault(name, 0)
+        saved.setdefault("latency_sum", 0.0)
+        saved.setdefault("infeasible", [])
+        saved.setdefault("began", False)
+        self.saved = saved
         # dispatched, not trained yet: (message, row, cost, steps, earliest possible arrival)
         self._sends: list[tuple[Message, dict[str, Any], DeviceCost, int | None, float]] = []
-        self._update: tuple[ArrayRecord, list[dict[str, Any]]] | None = None
+        self._update: tuple[ArrayRecord, Sequence[Mapping[str, Any]]] | None = None
         self._new_step()
         self._base: tuple[int, Tensors] | None = None  # the global model as NumPy, by version
         self._default_steps: dict[int, int] = {}
@@ -277,23 +331,30 @@ class AsyncLoop:
 
     def busy(self) -> set[int]:
         """Partition ids of the clients in flight (their update has not arrived yet)."""
-        in_flight = {e[3]["pid"] for e in self.ex["events"] if e[2] == "arrival"}
+        in_flight = {e.payload["pid"] for e in self.saved["events"] if e.kind == "arrival"}
         return in_flight | {partition_id_of(m.metadata.dst_node_id) for m, *_ in self._sends}
+
+    @property
+    def infeasible(self) -> frozenset[int]:
+        """Clients whose training does not fit their device's memory: never offered work again."""
+        return frozenset(self.saved["infeasible"])
 
     def idle(self) -> ClientIdsExcept:
         """Clients that may be sent work now (not in flight, not too big for their device)."""
-        return ClientIdsExcept(self.num_clients, self.busy() | set(self.ex["infeasible"]))
+        return ClientIdsExcept(self.num_clients, self.busy() | self.infeasible)
 
     def sample_idle(self, count: int) -> list[int]:
         """Up to ``count`` idle clients, drawn by (seed, the event's order)."""
         pool = self.idle()
-        rng = random.Random(derive_seed(self.seed, "async-sample", self.ex["order"], self.version))
+        rng = random.Random(
+            derive_seed(self.seed, "async-sample", self.saved["order"], self.version)
+        )
         return rng.sample(pool, min(count, len(pool)))
 
     def mean_latency_s(self) -> float | None:
         """Mean latency of the updates that arrived so far (None before the first)."""
-        n = self.ex["latency_n"]
-        return self.ex["latency_sum"] / n if n else None
+        n = self.saved["latency_n"]
+        return self.saved["latency_sum"] / n if n else None
 
     # --- what a strategy does -------------------------------------------------------------------
     def dispatch(self, pid: int, steps: int | None = None) -> bool:
@@ -305,8 +366,8 @@ class AsyncLoop:
         """
         if pid in self.busy():
             raise ValueError(f"client {pid} is already in flight")
-        self.ex["seq"] += 1
-        seq = self.ex["seq"]
+        self.saved["seq"] += 1
+        seq = self.saved["seq"]
         config: dict[str, Any] = {keys.SERVER_ROUND: seq, **self.strategy.train_config()}
         if steps is not None:
             config[keys.LOCAL_STEPS] = int(steps)
@@ -319,8 +380,8 @@ class AsyncLoop:
         row.update(dispatch=seq, base_version=self.version, sent_s=self.now, local_steps=steps)
         self.step["num_sampled"] += 1
         if not plan.to_send:
-            if row["outcome"] == INFEASIBLE:
-                self.ex["infeasible"].append(pid)
+            if row["outcome"] == Outcome.INFEASIBLE:
+                self.saved["infeasible"].append(pid)
             self._log(row)
             return False
         # Download + compute (+ offloaded server time) are known now; the upload is not (it is the
@@ -328,17 +389,21 @@ class AsyncLoop:
         work = ClientWork(
             cost.train_flops, row["bytes_down"], 0, cost.peak_memory_bytes, cost.server_flops
         )
-        bound = client_latency(row["_state"], work, self.fed.scheduler.fleet.server_gflops)
+        bound = client_latency(plan.conditions[pid], work, self.fed.scheduler.fleet.server_gflops)
         self._sends.append((message, row, cost, steps, self.now + bound.total_s))
-        self.ex["idle_streak"] = 0
+        self.saved["idle_streak"] = 0
         return True
 
     def set_timer(self, at_s: float, tag: int) -> None:
         """Call the strategy's ``on_timer(loop, tag)`` at simulated time ``at_s`` (>= now)."""
         self._push(max(at_s, self.now), "timer", int(tag))
 
-    def update(self, arrays: ArrayRecord, jobs: list[dict[str, Any]]) -> None:
-        """Make ``arrays`` the new global model, merged from ``jobs`` (one update per event)."""
+    def update(self, arrays: ArrayRecord, jobs: Sequence[Mapping[str, Any]]) -> None:
+        """Make ``arrays`` the new global model, merged from ``jobs`` (one update per event).
+
+        ``jobs``: what the strategy kept of each merged arrival (plain dicts, since it keeps them
+        in its checkpointed state), with at least ``base`` and ``train_loss``.
+        """
         if self._update is not None:
             raise RuntimeError("a strategy may make one global update per event")
         self._update = (arrays, jobs)
@@ -346,16 +411,16 @@ class AsyncLoop:
     # --- the loop ---------------------------------------------------------------------------------
     def steps(self, num_rounds: int) -> Iterator[tuple[dict[str, Any], RoundSettlement]]:
         """Run events until ``num_rounds`` global updates; yield each update's row and records."""
-        if not self.ex["began"]:
-            self.ex["began"] = True
-            self.ex["last_update_s"] = self.now
+        if not self.saved["began"]:
+            self.saved["began"] = True
+            self.saved["last_update_s"] = self.now
             self.strategy.begin(self)
         while self.version < num_rounds:
-            events = self.ex["events"]
+            events = self.saved["events"]
             # Training is deferred until a dispatched client could arrive before the next event:
             # the clients dispatched in between are trained together (one exchange), and a
             # client's update depends only on what it was sent, not on when it is computed.
-            if self._sends and (not events or min(s[4] for s in self._sends) <= events[0][0]):
+            if self._sends and (not events or min(s[4] for s in self._sends) <= events[0].at_s):
                 self._flush()
             if not events:  # nobody in flight, no timer: look again after a typical latency
                 self._check_progress()
@@ -363,7 +428,7 @@ class AsyncLoop:
             at_s, _, kind, payload = heapq.heappop(events)
             self.fed.scheduler.clock.now_s = max(self.now, float(at_s))
             if kind == "arrival":
-                self._arrive(payload)
+                self._arrive(Arrival.from_saved(payload))
             elif kind == "timer":
                 self.strategy.on_timer(self, payload)
             else:
@@ -379,13 +444,13 @@ class AsyncLoop:
                 "no client can take work: every device is too small for its training job "
                 "(infeasible in clients.jsonl)"
             )
-        self.ex["idle_streak"] += 1
-        if self.ex["idle_streak"] > MAX_IDLE_RETRIES:
+        self.saved["idle_streak"] += 1
+        if self.saved["idle_streak"] > MAX_IDLE_RETRIES:
             raise AsyncStalled(f"no device took work in {MAX_IDLE_RETRIES} tries (all offline)")
 
     def _push(self, at_s: float, kind: str, payload: Any) -> None:
-        self.ex["order"] += 1
-        heapq.heappush(self.ex["events"], [float(at_s), self.ex["order"], kind, payload])
+        self.saved["order"] += 1
+        heapq.heappush(self.saved["events"], Event(float(at_s), self.saved["order"], kind, payload))
 
     def _cost(self, pid: int, steps: int | None) -> DeviceCost:
         """The device cost of a client-round, scaled to ``steps`` local steps if given.
@@ -444,51 +509,49 @@ class AsyncLoop:
                 self._log(row)
                 self.strategy.on_failure(self, pid)
                 continue
-            trained = to_tensors(reply.content[keys.ARRAYS])
+            trained = to_tensors(array_record(reply.content, keys.ARRAYS))
             metrics = reply.content.get(keys.METRICS)
-            row.pop("_state", None)
-            job = {
-                "pid": pid,
-                "base": row["base_version"],
-                "seq": row["dispatch"],
-                "steps": steps,
-                "sent_s": row["sent_s"],
-                "arrival_s": row["sent_s"] + latency,
-                "num_examples": int(metrics[keys.NUM_EXAMPLES]) if metrics else 0,
-                "train_loss": float(metrics[keys.TRAIN_LOSS])
+            job = Arrival(
+                pid=pid,
+                base=row["base_version"],
+                seq=row["dispatch"],
+                steps=steps,
+                sent_s=row["sent_s"],
+                arrival_s=row["sent_s"] + latency,
+                num_examples=int(keys.number(metrics, keys.NUM_EXAMPLES)) if metrics else 0,
+                train_loss=float(keys.number(metrics, keys.TRAIN_LOSS))
                 if metrics and keys.TRAIN_LOSS in metrics
                 else None,
-                "delta": {k: base[k] - trained[k] for k in base},  # w_sent - w_trained
-                "state": new_states.get(pid),
-                "row": row,
-            }
-            self._push(job["arrival_s"], "arrival", job)
-        streak = self.ex["failed_streak"] + 1 if failed == len(sends) else 0
-        self.ex["failed_streak"] = streak
+                delta={k: base[k] - trained[k] for k in base},  # w_sent - w_trained
+                state=new_states.get(pid),
+                row=row,
+            )
+            self._push(job.arrival_s, "arrival", job.saved())
+        streak = self.saved["failed_streak"] + 1 if failed == len(sends) else 0
+        self.saved["failed_streak"] = streak
         if self.max_failed and streak >= self.max_failed:
             raise AsyncStalled(
                 f"every client sent work failed {streak} times in a row "
                 f"(last: {sends[-1][1].get('error', '?')})"
             )
 
-    def _arrive(self, job: dict[str, Any]) -> None:
+    def _arrive(self, job: Arrival) -> None:
         """A client's update lands: its state is kept, the strategy decides what to do with it."""
-        pid, row = job["pid"], job["row"]
-        job["staleness"] = self.version - job["base"]
-        self.ex["latency_sum"] += job["arrival_s"] - job["sent_s"]
-        self.ex["latency_n"] += 1
-        new_state = job.pop("state", None)
+        pid, row = job.pid, job.row
+        job.staleness = self.version - job.base
+        self.saved["latency_sum"] += job.arrival_s - job.sent_s
+        self.saved["latency_n"] += 1
+        new_state, job.state = job.state, None  # the client's to keep, not the strategy's
         self.strategy.on_arrival(self, job)
-        outcome = job.get("outcome", OK)
-        if outcome != STALE and new_state is not None:
+        if job.outcome != Outcome.STALE and new_state is not None:
             self.state.client_states[pid] = new_state
-        row.update(outcome=outcome, staleness=job["staleness"], arrival_s=job["arrival_s"])
+        row.update(outcome=job.outcome, staleness=job.staleness, arrival_s=job.arrival_s)
         self.step["bytes_up"] += int(row.get("bytes_up", 0))
         self.step["energy_j"] += float(row.get("energy_j", 0.0))
         self._log(row)
 
     def _log(self, row: dict[str, Any]) -> None:
-        clean = {k: v for k, v in row.items() if k != "_state"}
+        clean = dict(row)
         clean[keys.ROUND] = self.state.server_round + 1  # the update this step leads to
         self.step["rows"].append(clean)
 
@@ -511,21 +574,21 @@ class AsyncLoop:
         losses = [job["train_loss"] for job in jobs if job.get("train_loss") is not None]
         step, rows = self.step, self.step["rows"]
         counts = {o: sum(r.get("outcome") == o for r in rows) for o in OUTCOMES}
-        round_time_s = self.now - self.ex["last_update_s"]
-        self.ex["last_update_s"] = self.now
+        round_time_s = self.now - self.saved["last_update_s"]
+        self.saved["last_update_s"] = self.now
         traffic = (step["bytes_up"], step["bytes_down"], step["energy_j"])
         row = self._close(self.state, arrays, version, traffic)
         row.update(
             {
                 keys.NUM_CLIENTS: len(jobs),
                 keys.NUM_SAMPLED: step["num_sampled"],
-                keys.NUM_FAILED: counts[FAILED],
+                keys.NUM_FAILED: counts[Outcome.FAILED],
                 keys.TRAIN_LOSS: float(np.mean(losses)) if losses else None,
                 keys.SIM_TIME_S: self.state.sim_time_s,
                 keys.ROUND_TIME_S: round_time_s,
-                keys.NUM_STRAGGLERS: counts[LATE] + counts[STALE],
-                keys.NUM_OFFLINE: counts[OFFLINE],
-                keys.NUM_INFEASIBLE: counts[INFEASIBLE],
+                keys.NUM_STRAGGLERS: counts[Outcome.LATE] + counts[Outcome.STALE],
+                keys.NUM_OFFLINE: counts[Outcome.OFFLINE],
+                keys.NUM_INFEASIBLE: counts[Outcome.INFEASIBLE],
                 keys.STALENESS_MEAN: float(np.mean(staleness)) if staleness else None,
                 keys.STALENESS_MAX: max(staleness) if staleness else None,
             }
@@ -535,8 +598,8 @@ class AsyncLoop:
             round_time_s=round_time_s,
             records=sorted(rows, key=lambda r: (r.get("arrival_s", r["sent_s"]), r["dispatch"])),
             counts={
-                STRAGGLER: counts[LATE] + counts[STALE],
-                **{o: counts[o] for o in (OFFLINE, INFEASIBLE, FAILED)},
+                Outcome.STRAGGLER: counts[Outcome.LATE] + counts[Outcome.STALE],
+                **{o: counts[o] for o in (Outcome.OFFLINE, Outcome.INFEASIBLE, Outcome.FAILED)},
             },
             energy_j=step["energy_j"],
         )

@@ -26,18 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
 from fedsim.clock.devices import SimClock
-from fedsim.clock.scheduler import (
-    FAILED,
-    INFEASIBLE,
-    OFFLINE,
-    STRAGGLER,
-    DeviceCost,
-    RoundScheduler,
-    RoundSettlement,
-    charged_bytes,
-)
+from fedsim.clock.scheduler import DeviceCost, RoundScheduler, RoundSettlement, charged_bytes
 from fedsim.clock.server_view import FederationView, ObservationLog, slim_layout_of
 from fedsim.config import build, config_hash
+from fedsim.keys import Outcome
 from fedsim.learning.evaluation import evaluate, evaluate_clients, sample_eval_clients
 from fedsim.learning.params import arrays_nbytes, keep_dtypes, load_arrays, to_arrays
 from fedsim.learning.placement import (
@@ -52,7 +44,8 @@ from fedsim.records.checkpoint import RunState, save_checkpoint
 from fedsim.records.progress import RoundProgress, StartupLog, format_sim_time
 from fedsim.records.results import CLIENT_EVAL_FILE, CLIENTS_FILE, RunWriter
 from fedsim.rounds import interrupt
-from fedsim.rounds.asynchronous import AsyncLoop, AsyncStalled, is_asynchronous
+from fedsim.rounds.asynchronous import AsyncLoop, AsyncStalled, AsyncStrategy, is_asynchronous
+from fedsim.rounds.hooks import AdaptsToDevices
 from fedsim.rounds.virtual_grid import VirtualGrid, job_record, partition_id_of
 from fedsim.rounds.warm_start import warm_start_of
 from fedsim.seeding import derive_seed, python_random_seeded
@@ -143,7 +136,7 @@ def train_round(
     record = RoundRecord(
         num_sampled=len(messages),
         num_ok=len(settled.kept),
-        num_failed=settled.counts[FAILED],
+        num_failed=settled.counts[Outcome.FAILED],
         # Each device downloads its own copy and uploads its own update (stragglers too), as the
         # scheduler charged its link (nothing for a model that stays on the server).
         bytes_down=sum(
@@ -162,7 +155,7 @@ class Federation:
     """What the round loop works with: built once per run from the config."""
 
     cfg: DictConfig
-    strategy: Strategy
+    strategy: Strategy | AsyncStrategy  # a Flower strategy plays rounds; an AsyncStrategy events
     model: torch.nn.Module  # the server's copy of the global model (evaluation, cost model)
     behaviour: ClientBehaviour
     scheduler: RoundScheduler
@@ -176,7 +169,7 @@ class Federation:
     eval_model: torch.nn.Module | None = None
 
     @classmethod
-    def build(cls, grid: Grid, cfg: DictConfig, strategy: Strategy) -> Federation:
+    def build(cls, grid: Grid, cfg: DictConfig, strategy: Strategy | AsyncStrategy) -> Federation:
         """Workload, model, client behaviour, device scheduler and lanes of ``cfg``."""
         # More threads than the cores the workers leave idle only slow everything down.
         torch.set_num_threads(int(cfg.runtime.server_num_threads))
@@ -211,9 +204,8 @@ class Federation:
             deadline_s=cfg.clock.deadline_s,
             over_selection=cfg.clock.over_selection,
         )
-        bind = getattr(strategy, "bind", None)  # strategies that adapt to devices (view.py)
-        if bind is not None:
-            bind(federation_view(scheduler, model_at, cost_fn))
+        if isinstance(strategy, AdaptsToDevices):  # HeteroFL, WHALE-FL: per-device decisions
+            strategy.bind(federation_view(scheduler, model_at, cost_fn))
         with computing_on(device):
             test = workload.test_features()
         eval_model = None if device == CPU else copy.deepcopy(model).to(device)
@@ -382,8 +374,12 @@ def report_feasibility(fed: Federation) -> int | None:
     return fitting
 
 
-def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dict, RoundSettlement]:
+def advance_one_round(
+    fed: Federation, state: RunState, server_round: int
+) -> tuple[dict, RoundSettlement]:
     """Train, aggregate and evaluate one round; advance ``state``; return the metrics row."""
+    if isinstance(fed.strategy, AsyncStrategy):
+        raise TypeError(f"{type(fed.strategy).__name__} runs on AsyncLoop: it has no rounds")
     arrays, record = train_round(
         fed.strategy,
         server_round,
@@ -407,9 +403,9 @@ def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dic
             keys.TRAIN_LOSS: record.train_metrics.get(keys.TRAIN_LOSS),
             keys.SIM_TIME_S: state.sim_time_s,
             keys.ROUND_TIME_S: settled.round_time_s,
-            keys.NUM_STRAGGLERS: settled.counts[STRAGGLER],
-            keys.NUM_OFFLINE: settled.counts[OFFLINE],
-            keys.NUM_INFEASIBLE: settled.counts[INFEASIBLE],
+            keys.NUM_STRAGGLERS: settled.counts[Outcome.STRAGGLER],
+            keys.NUM_OFFLINE: settled.counts[Outcome.OFFLINE],
+            keys.NUM_INFEASIBLE: settled.counts[Outcome.INFEASIBLE],
         }
     )
     return row, settled
@@ -418,7 +414,7 @@ def play_round(fed: Federation, state: RunState, server_round: int) -> tuple[dic
 def run_rounds(
     grid: Grid,
     cfg: DictConfig,
-    strategy: Strategy,
+    strategy: Strategy | AsyncStrategy,
     writer: RunWriter,
     resume: RunState | None = None,
     startup: StartupLog | None = None,
@@ -454,7 +450,9 @@ def run_rounds(
         loop = AsyncLoop(fed, state, partial(close_round, fed))
         rounds: Iterator[tuple[dict, RoundSettlement]] = loop.steps(num_rounds)
     else:
-        rounds = (play_round(fed, state, r) for r in range(state.server_round + 1, num_rounds + 1))
+        rounds = (
+            advance_one_round(fed, state, r) for r in range(state.server_round + 1, num_rounds + 1)
+        )
     if time_budget_s is not None and state.sim_time_s >= time_budget_s:
         rounds = iter(())  # resumed after the round that spent the budget: nothing left to play
     checkpointed = state.server_round  # the round the checkpoint in the folder holds
@@ -488,20 +486,26 @@ def run_rounds(
             f"sim {format_sim_time(state.sim_time_s)}"
             + "".join(
                 f"  {name} {settled.counts[name]}"
-                for name in (STRAGGLER, OFFLINE, INFEASIBLE, FAILED)
+                for name in (Outcome.STRAGGLER, Outcome.OFFLINE, Outcome.INFEASIBLE, Outcome.FAILED)
                 if settled.counts[name]
             ),
         )
-        if settled.counts[FAILED]:
-            reasons = sorted({r["error"] for r in settled.records if r["outcome"] == FAILED})
+        if settled.counts[Outcome.FAILED]:
+            reasons = sorted(
+                {r["error"] for r in settled.records if r["outcome"] == Outcome.FAILED}
+            )
             log.warning(
                 "round %d: %d client(s) failed: %s",
                 server_round,
-                settled.counts[FAILED],
+                settled.counts[Outcome.FAILED],
                 "; ".join(reason[:120] for reason in reasons[:3]),
             )
-        all_failed = settled.counts[FAILED] > 0 and settled.counts[FAILED] == len(
-            [r for r in settled.records if r["outcome"] not in (OFFLINE, INFEASIBLE)]
+        all_failed = settled.counts[Outcome.FAILED] > 0 and settled.counts[Outcome.FAILED] == len(
+            [
+                r
+                for r in settled.records
+                if r["outcome"] not in (Outcome.OFFLINE, Outcome.INFEASIBLE)
+            ]
         )
         failed_streak = failed_streak + 1 if all_failed else 0
         if max_failed and failed_streak >= max_failed:

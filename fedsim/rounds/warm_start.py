@@ -34,10 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim import keys
 from fedsim.checks import is_int
-from fedsim.clock.scheduler import FAILED, INFEASIBLE, OFFLINE, STRAGGLER
 from fedsim.config import build, config_hash
 from fedsim.errors import ConfigError
-from fedsim.keys import node_id_of
+from fedsim.keys import Outcome, node_id_of
 from fedsim.learning.params import array_record
 from fedsim.records.checkpoint import RunState, save_checkpoint
 from fedsim.records.progress import format_sim_time, say
@@ -121,7 +120,9 @@ class CyclicWarmStart:
         seed, visit = int(fed.cfg.seed), 0
         for cycle in range(1, self.num_cycles + 1):
             cycle_start_s = fed.scheduler.clock.now_s
-            counts = dict.fromkeys((OFFLINE, INFEASIBLE, STRAGGLER, FAILED), 0)
+            counts = dict.fromkeys(
+                (Outcome.OFFLINE, Outcome.INFEASIBLE, Outcome.STRAGGLER, Outcome.FAILED), 0
+            )
             kept, bytes_up, bytes_down, energy_j, losses = 0, 0, 0, 0.0, []
             order = cyclic_visit_order(seed, cycle, self.num_clients, self.clients_per_cycle)
             for step, pid in enumerate(order):
@@ -133,7 +134,9 @@ class CyclicWarmStart:
                     )
                     bytes_up += row.get("bytes_up", 0)
                     bytes_down += (
-                        row["bytes_down"] if row["outcome"] not in (OFFLINE, INFEASIBLE) else 0
+                        row["bytes_down"]
+                        if row["outcome"] not in (Outcome.OFFLINE, Outcome.INFEASIBLE)
+                        else 0
                     )
                     energy_j += row.get("energy_j", 0.0)
                     if row["outcome"] in counts:
@@ -149,13 +152,13 @@ class CyclicWarmStart:
                     keys.CYCLE: cycle,
                     keys.NUM_CLIENTS: kept,
                     keys.NUM_SAMPLED: len(order),
-                    keys.NUM_FAILED: counts[FAILED],
+                    keys.NUM_FAILED: counts[Outcome.FAILED],
                     keys.TRAIN_LOSS: float(np.mean(losses)) if losses else None,
                     keys.SIM_TIME_S: state.sim_time_s,
                     keys.ROUND_TIME_S: state.sim_time_s - cycle_start_s,
-                    keys.NUM_STRAGGLERS: counts[STRAGGLER],
-                    keys.NUM_OFFLINE: counts[OFFLINE],
-                    keys.NUM_INFEASIBLE: counts[INFEASIBLE],
+                    keys.NUM_STRAGGLERS: counts[Outcome.STRAGGLER],
+                    keys.NUM_OFFLINE: counts[Outcome.OFFLINE],
+                    keys.NUM_INFEASIBLE: counts[Outcome.INFEASIBLE],
                     keys.WALL_TIME_S: totals[keys.WALL_TIME_S],
                 }
             )

@@ -58,6 +58,18 @@ TARGETS: dict[str, tuple[str, str, str, Callable[[dict[str, Any]], bool]]] = {
         "<= 1.0",
         lambda c: c["overhead_vs_plain"] <= 1.0,
     ),
+    "cold_startup_s": (
+        "overhead_vs_plain",
+        "cold_startup_s",
+        "<= 5",
+        lambda c: c["cold_startup_s"] <= 5,
+    ),
+    "cold_overhead_vs_plain": (
+        "overhead_vs_plain",
+        "cold_overhead_vs_plain",
+        "<= 1.5",
+        lambda c: c["cold_overhead_vs_plain"] <= 1.5,
+    ),
     "speedup_vs_flower": (
         "speedup_vs_flower",
         "speedup_vs_flower",

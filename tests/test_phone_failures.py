@@ -379,3 +379,40 @@ def test_small_run_with_failures_completes_and_logs_each_failures_phase(tmp_path
     assert all(0 <= r["battery_level"] <= 1 for r in rows if "battery_level" in r)
     assert any(r.get("offline_reason") for r in rows)  # phones not plugged in stay home
     assert all(math.isfinite(r["latency_s"]) for r in dropped)
+
+
+@pytest.mark.slow
+def test_asynchronous_dropouts_are_busy_until_they_drop_and_their_cost_is_counted(
+    tmp_path: Path,
+) -> None:
+    """FedBuff on phones that drop out: a dropped phone is not sent work again before the time
+    it dropped, and the energy and upload it spent are in the metrics, as an arrival's are."""
+    from fedsim.api import run
+
+    summary = run(
+        [
+            "devices=phones_failures",
+            "strategy=fedbuff",
+            "num_clients=10",
+            "num_rounds=6",
+            "runtime.progress=false",
+            "devices.interruptions.download_p=0.3",
+            "devices.interruptions.train_p=0.3",
+            "devices.interruptions.upload_p=0.3",
+        ],
+        run_dir=tmp_path / "run",
+    )
+    assert summary["status"] == "completed"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "clients.jsonl").open()]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    dropped = [r for r in rows if r["outcome"] == Outcome.INTERRUPTED]
+    assert dropped
+    for r in dropped:  # its next dispatch, if any, comes after it dropped out
+        later = [x["sent_s"] for x in rows if x["partition_id"] == r["partition_id"]]
+        later = [t for t in later if t > r["sent_s"]]
+        assert all(t >= r["sent_s"] + r["latency_s"] for t in later), r
+    assert sum(m["energy_j"] for m in metrics) == pytest.approx(
+        sum(r.get("energy_j", 0.0) for r in rows)
+    )
+    assert sum(m["bytes_up"] for m in metrics) == sum(r.get("bytes_up", 0) for r in rows)
+    assert any(r.get("energy_j", 0.0) > 0 for r in dropped)  # they did spend something

@@ -89,7 +89,8 @@ class Event(NamedTuple):
     """One entry of the loop's queue, ordered by simulated time, then by when it was queued.
 
     ``kind`` is ``arrival`` (``payload``: an :class:`Arrival`'s saved form, a plain dict),
-    ``timer`` (the strategy's tag) or ``idle`` (0). A checkpoint saves the queue as lists; the
+    ``dropout`` (a phone interrupted mid-round: ``{"pid", "row"}``), ``timer`` (the strategy's
+    tag) or ``idle`` (0). A checkpoint saves the queue as lists; the
     loop turns them back into events when it resumes.
     """
 
@@ -132,6 +133,7 @@ class Arrival:
 
 
 _LANDING = ("staleness", "outcome")  # set when an update lands: not part of the queue
+_IN_FLIGHT = ("arrival", "dropout")  # events whose client is still busy until they fire
 
 
 class AsyncStalled(RuntimeError):
@@ -331,7 +333,7 @@ class AsyncLoop:
 
     def busy(self) -> set[int]:
         """Partition ids of the clients in flight (their update has not arrived yet)."""
-        in_flight = {e.payload["pid"] for e in self.saved["events"] if e.kind == "arrival"}
+        in_flight = {e.payload["pid"] for e in self.saved["events"] if e.kind in _IN_FLIGHT}
         return in_flight | {partition_id_of(m.metadata.dst_node_id) for m, *_ in self._sends}
 
     @property
@@ -429,6 +431,8 @@ class AsyncLoop:
             self.fed.scheduler.clock.now_s = max(self.now, float(at_s))
             if kind == "arrival":
                 self._arrive(Arrival.from_saved(payload))
+            elif kind == "dropout":
+                self._drop_out(payload["pid"], payload["row"])
             elif kind == "timer":
                 self.strategy.on_timer(self, payload)
             else:
@@ -502,9 +506,17 @@ class AsyncLoop:
             if id(sent) not in bases:
                 bases[id(sent)] = self.global_tensors() if sent is self.arrays else to_tensors(sent)
             base = bases[id(sent)]
-            self.step["bytes_down"] += row["bytes_down"]  # as the scheduler charged the link
             latency = self.fed.scheduler.measure(row, reply, cost)
+            # as the scheduler charged the link (a phone that dropped out: the part it carried)
+            self.step["bytes_down"] += row["bytes_down"]
             if latency is None:
+                # A phone that drops out mid-round is busy, and spending, until it drops; as in a
+                # synchronous round, a drop-out is not an engine failure (no stall streak).
+                if row["outcome"] == Outcome.INTERRUPTED:
+                    self._push(
+                        row["sent_s"] + row["latency_s"], "dropout", {"pid": pid, "row": row}
+                    )
+                    continue
                 failed += 1
                 self._log(row)
                 self.strategy.on_failure(self, pid)
@@ -549,6 +561,17 @@ class AsyncLoop:
         self.step["bytes_up"] += int(row.get("bytes_up", 0))
         self.step["energy_j"] += float(row.get("energy_j", 0.0))
         self._log(row)
+
+    def _drop_out(self, pid: int, row: dict[str, Any]) -> None:
+        """A phone drops out mid-round (fedsim/clock/phones.py), at the time its row says.
+
+        Until then it was busy: it is not offered work before, and what it spent (energy, the
+        bytes it carried up) is counted in the step in which it drops, as an arrival's is.
+        """
+        self.step["bytes_up"] += int(row.get("bytes_up", 0))
+        self.step["energy_j"] += float(row.get("energy_j", 0.0))
+        self._log(row)
+        self.strategy.on_failure(self, pid)
 
     def _log(self, row: dict[str, Any]) -> None:
         clean = dict(row)

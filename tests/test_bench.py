@@ -35,35 +35,30 @@ def test_plain_loop_trains_what_fedsim_trains(tmp_path: Path) -> None:
     assert ours[-1] > ours[0]  # it learned
 
 
-def test_bench_cli_writes_cases_and_targets(tmp_path: Path) -> None:
+def _bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """``fedsim.scripts.bench ARGS`` in a fresh process, its work under ``tmp_path``: the JSON
+    report and stdout (the run must succeed)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsim.scripts.bench",
-            "--cases",
-            "sweep_startup",
-            "--sweep-runs",
-            "2",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "fedsim.scripts.bench", *args]
+        + ["--work-dir", str(tmp_path / "work"), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_cli_writes_cases_and_targets(tmp_path: Path) -> None:
+    report, stdout = _bench(tmp_path, "--cases", "sweep_startup", "--sweep-runs", "2")
     case = report["sweep_startup"]
     assert case["runs"] == 2 and len(case["startup_s"]) == 2
     assert all(s > 0 for s in case["startup_s"])
     target = report["targets"]["sweep_startup_s"]
     assert target["value"] == case["later_runs_mean_startup_s"]
     assert target["met"] == (case["later_over_first"] < 0.1)
-    assert "[bench] sweep_startup_s =" in proc.stdout
+    assert "[bench] sweep_startup_s =" in stdout
 
 
 def test_compare_with_a_cost_backbone_reports_who_can_train(tmp_path: Path) -> None:
@@ -71,37 +66,15 @@ def test_compare_with_a_cost_backbone_reports_who_can_train(tmp_path: Path) -> N
     trained, no bytes, never at the target) while PAE's rows are the run's own files."""
     from fedsim.records.results import read_jsonl
 
-    out, work = tmp_path / "bench.json", tmp_path / "work"
+    work = tmp_path / "work"
     small = ["model.max_length=16", "client.max_steps=2", "num_clients=6", "num_rounds=2"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsim.scripts.bench",
-            "--cases",
-            "compare",
-            "--variants",
-            "PAE all three",
-            "full_ft",
-            "--rounds",
-            "2",
-            "--no-memory",
-            "--target-accuracy",
-            "0.99",
-            "--overrides",
-            "model.cost_backbone=TinyLlama-1.1B",
-            *small,
-            "--work-dir",
-            str(work),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    full, _ = _bench(
+        tmp_path,
+        *["--cases", "compare", "--variants", "PAE all three", "full_ft", "--rounds", "2"],
+        *["--no-memory", "--target-accuracy", "0.99"],
+        *["--overrides", "model.cost_backbone=TinyLlama-1.1B", *small],
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())["compare"]
+    report = full["compare"]
     assert report["overrides"] == ["model.cost_backbone=TinyLlama-1.1B", *small]
     full_ft = report["variants"]["full_ft"]["runs"][0]
     assert full_ft["cost_backbone"] == "TinyLlama-1.1B"
@@ -127,27 +100,7 @@ def test_compare_with_a_cost_backbone_reports_who_can_train(tmp_path: Path) -> N
 def test_overhead_case_reports_issue_19s_cold_figures(tmp_path: Path) -> None:
     """cold_startup_s is the cold process outside its rounds, cold_overhead_vs_plain that process
     over the plain loop's own process; both are headline targets with a verdict."""
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsim.scripts.bench",
-            "--cases",
-            "overhead_vs_plain",
-            "--rounds",
-            "2",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    report, _ = _bench(tmp_path, "--cases", "overhead_vs_plain", "--rounds", "2")
     case = report["overhead_vs_plain"]
     cold = case["fedsim_cold"]
     assert case["cold_startup_s"] == pytest.approx(cold["process_s"] - cold["rounds_s"])

@@ -354,20 +354,24 @@ def test_batteries_resume_from_a_checkpoint_as_if_never_stopped(tmp_path: Path) 
 
 
 # --- a run -----------------------------------------------------------------------------------
+#: Ten phones with the failures, and a drop-out probability of 0.3 in every phase.
+OFTEN_DROPPING = [
+    "devices=phones_failures",
+    "num_clients=10",
+    "runtime.progress=false",
+    *(f"devices.interruptions.{phase}_p=0.3" for phase in PHASES),
+]
+
+
 @pytest.mark.slow
 def test_small_run_with_failures_completes_and_logs_each_failures_phase(tmp_path: Path) -> None:
     from fedsim.api import run
 
     summary = run(
         [
-            "devices=phones_failures",
-            "num_clients=10",
+            *OFTEN_DROPPING,
             "num_rounds=2",
-            "runtime.progress=false",
             "strategy.fraction_train=1.0",  # every phone is asked: some check in, some drop out
-            "devices.interruptions.download_p=0.3",
-            "devices.interruptions.train_p=0.3",
-            "devices.interruptions.upload_p=0.3",
         ],
         run_dir=tmp_path / "run",
     )
@@ -390,16 +394,7 @@ def test_asynchronous_dropouts_are_busy_until_they_drop_and_their_cost_is_counte
     from fedsim.api import run
 
     summary = run(
-        [
-            "devices=phones_failures",
-            "strategy=fedbuff",
-            "num_clients=10",
-            "num_rounds=6",
-            "runtime.progress=false",
-            "devices.interruptions.download_p=0.3",
-            "devices.interruptions.train_p=0.3",
-            "devices.interruptions.upload_p=0.3",
-        ],
+        [*OFTEN_DROPPING, "strategy=fedbuff", "num_rounds=6"],
         run_dir=tmp_path / "run",
     )
     assert summary["status"] == "completed"

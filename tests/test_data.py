@@ -28,6 +28,7 @@ from fedsim.learning.data import (
     build_partitioner,
     chatterbot_languages,
     partition_train,
+    read_digits_table,
     stratified_split_indices,
 )
 
@@ -93,6 +94,22 @@ def test_digits_shapes_ranges_and_stratification() -> None:
     for label, num_test in Counter(splits.test["label"][:]).items():
         # each digit has 174..183 images; its test share is round(0.2 * n)
         assert num_test == int(np.floor(0.2 * (num_test + train_counts[label]) + 0.5))
+
+
+def test_digits_are_read_as_scikit_learn_loads_them_without_importing_it() -> None:
+    """The file is read as ``load_digits`` reads it; a process that loads digits skips sklearn."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    table = read_digits_table()
+    assert np.array_equal(table[:, :-1].reshape(-1, 8, 8), bunch.images)
+    assert np.array_equal(table[:, -1].astype(np.int64), bunch.target)
+    code = (
+        "import sys; from fedsim.learning.data import DigitsData; DigitsData().load(); "
+        "print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_digits_seed_decides_split() -> None:

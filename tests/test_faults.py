@@ -19,6 +19,7 @@ from fedsim.records.results import read_metrics
 from fedsim.rounds.virtual_grid import (
     LANE_TIMEOUT_CODE,
     VirtualGrid,
+    WorkerSetupError,
     lane_settings,
     node_id_of,
     pack_replies,
@@ -345,3 +346,15 @@ def test_a_run_whose_every_client_keeps_failing_stops_as_failed(tmp_path: Path) 
     rows = read_metrics(tmp_path / "run")
     assert summary["status"] == "failed"
     assert len(rows) == 3 and all(r["num_clients"] == 0 for r in rows)  # stopped after 3
+
+
+def test_a_run_the_workers_cannot_set_up_fails_at_once_with_their_reason(tmp_path) -> None:
+    """The warm-up raised in every worker: the run stops there, naming the worker's error.
+
+    Before, round 1's lanes failed, and each round probed the workers for recovery_timeout_s
+    (300 s) before giving the round up: a 3-round stall of 15 minutes.
+    """
+    cfg = compose_config([*TINY, "faults._target_=worker_faults.MissingOnWorkers"])
+    with pytest.raises(WorkerSetupError, match=r"/data/shards: not on this node"):
+        simulate(cfg, tmp_path / "run")
+    assert read_metrics(tmp_path / "run") == []  # no round was played

@@ -536,6 +536,19 @@ def count_train_flops(
     return _FLOPS_MEMO[key]
 
 
+def warm_up_flop_counter() -> None:
+    """Pay ``FlopCounterMode``'s first use now (it imports ``torch._dynamo``: 1.3 s on 2 cores).
+
+    A run's first FLOP count happens in round 1, on the server, while every worker waits for
+    it; :func:`fedsim.engine.simulation.simulate` calls this in a thread while Ray starts
+    instead (Ray's start mostly waits on its processes). It counts a tiny step on zeros: no
+    random draw, no model of the run's, nothing memoized.
+    """
+    weight = torch.zeros(2, 2, requires_grad=True)  # not nn.Linear: its init draws from torch's RNG
+    with FlopCounterMode(display=False):
+        torch.autograd.grad(nn.functional.linear(torch.zeros(1, 2), weight).sum(), weight)
+
+
 def count_forward_flops(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> int:
     """FLOPs of one forward pass without autograd (e.g. a forward-only side-tuning device).
 

@@ -169,12 +169,10 @@ class DigitsData:
 
     def load(self) -> DataSplits:
         """Return digits with ``image`` (8x8 float32 in [0, 1]) and ``label`` columns."""
-        from sklearn.datasets import load_digits  # a second of import time, only when used
-
-        bunch = load_digits()
-        images = (bunch.images / self._MAX_PIXEL).astype(np.float32)  # (1797, 8, 8)
-        labels = bunch.target.astype(np.int64)
-        label_names = [str(name) for name in bunch.target_names]
+        table = read_digits_table()
+        images = (table[:, :-1].reshape(-1, 8, 8) / self._MAX_PIXEL).astype(np.float32)
+        labels = table[:, -1].astype(np.int64)  # (1797,), digits 0-9
+        label_names = [str(digit) for digit in range(10)]
         features = datasets.Features(
             {
                 "image": datasets.Array2D(shape=images.shape[1:], dtype="float32"),
@@ -190,6 +188,26 @@ class DigitsData:
             self.test_fraction,
             self.seed,
         )
+
+
+def read_digits_table() -> np.ndarray:
+    """scikit-learn's digits table (1797 rows: 64 pixel counts, then the digit), as float64.
+
+    Read from the file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``) exactly as
+    ``sklearn.datasets.load_digits`` reads it (``np.loadtxt``, comma-separated), without
+    importing scikit-learn: that import cost every process that loads digits (the driver and
+    each Ray worker) 1-1.7 s of its start-up. ``tests/test_data.py`` checks the result equals
+    ``load_digits``.
+    """
+    import gzip
+    from importlib.util import find_spec
+
+    spec = find_spec("sklearn")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("data", "digits", "needs scikit-learn installed (its digits file)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, mode="rt", encoding="utf-8") as text:
+        return np.loadtxt(text, delimiter=",")
 
 
 # Topic file stems that name the same topic as another language's stem (typos, singulars,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.app.error import Error
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
@@ -256,6 +257,24 @@ def listed_population_limit(available_bytes: int, num_clients: int) -> int:
 _ALLOCATION_BLOCK = 16  # CPython's small-object allocator: sizes round up to 16 bytes (64-bit)
 
 
+class WorkerSetupError(RuntimeError):
+    """A worker cannot set up the run (its workload, model or client behaviour raised)."""
+
+
+def _raise_if_cannot_start(replies: Iterable[Message]) -> None:
+    """An empty lane message (a warm-up or a probe) that raised: no send will ever succeed.
+
+    Such a message trains nobody; the worker only builds the run's state (workload, model,
+    behaviour), so the ClientApp raising means that build fails, and would fail again on every
+    send. Raise at once with the worker's reason rather than retry until a timeout. A worker
+    that died or is restarting answers with another code and is waited for.
+    """
+    for reply in replies:
+        if reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
+            reason = " ".join(str(reply.error.reason).split())[:500]
+            raise WorkerSetupError(f"a Ray worker could not set up this run: {reason}")
+
+
 class VirtualGrid(Grid):
     """A Grid of ``num_clients`` virtual nodes multiplexed over the real grid's nodes (lanes).
 
@@ -357,7 +376,8 @@ class VirtualGrid(Grid):
             Message(pack_lane([], self._job), node_id, MessageType.TRAIN, group_id="warm-up")
             for node_id in self.lanes()
         ]
-        self._exchange(pings, timeout_s=None)
+        replies, _ = self._exchange(pings, timeout_s=None)
+        _raise_if_cannot_start(replies)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -491,6 +511,7 @@ class VirtualGrid(Grid):
                 for node_id in self.lanes()
             ]
             replies, stale = self._exchange(probes, max(0.0, deadline - time.monotonic()))
+            _raise_if_cannot_start(replies)
             if not stale and not any(reply.has_error() for reply in replies):
                 return
             time.sleep(self._probe_hold_s)

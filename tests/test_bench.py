@@ -112,3 +112,22 @@ def test_overhead_case_reports_issue_19s_cold_figures(tmp_path: Path) -> None:
     for name, limit in (("cold_startup_s", 5), ("cold_overhead_vs_plain", 1.5)):
         target = report["targets"][name]
         assert target["value"] == case[name] and target["met"] == (case[name] <= limit)
+
+
+def test_cold_start_script_times_each_phase_of_a_cold_process(capsys) -> None:
+    """One cold process: its phases add up to less than the time to round 1, in order."""
+    from fedsim.scripts.cold_start import main
+
+    medians = main(["--runs", "1", "num_rounds=1", "num_clients=4", "eval.num_clients_final=0"])
+    marks = medians["fedsim"]
+    phases = [key for key in marks if key.startswith("phase: ")]
+    assert {"phase: data and model", "phase: Ray workers"} <= set(phases)
+    assert sum(marks[key] for key in phases) < marks["to start-up line"]
+    assert (
+        0
+        < marks["to start-up line"]
+        <= marks["to round 1"]
+        <= marks["to results line"]
+        <= marks["to exit"]
+    )
+    assert "fedsim median of 1:" in capsys.readouterr().out

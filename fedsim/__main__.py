@@ -33,6 +33,7 @@ def _run(cfg: DictConfig) -> float:
 
     from fedsim.config import provenance
     from fedsim.engine.simulation import simulate
+    from fedsim.rounds.virtual_grid import WorkerSetupError
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -54,6 +55,9 @@ def _run(cfg: DictConfig) -> float:
             _stopped(error)
         else:
             _fail(error)
+    except WorkerSetupError as error:  # not the input's fault: the workers' machines lack something
+        print(f"fedsim: error: {error} (folder {run_dir})", file=sys.stderr)
+        sys.exit(1)
     _finish(summary, run_dir)
     return _objective(cfg, summary, run_dir)  # nan: no round finished
 

@@ -1,12 +1,14 @@
 """Injected faults: exactly the drawn clients fail, in their round only, and the run never hangs."""
 
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import strip_wall_time
+from conftest import FEDSIM, strip_wall_time
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.error import Error
 
@@ -358,3 +360,26 @@ def test_a_run_the_workers_cannot_set_up_fails_at_once_with_their_reason(tmp_pat
     with pytest.raises(WorkerSetupError, match=r"/data/shards: not on this node"):
         simulate(cfg, tmp_path / "run")
     assert read_metrics(tmp_path / "run") == []  # no round was played
+
+
+def test_the_cli_names_the_workers_error_in_one_line(tmp_path) -> None:
+    """`fedsim` says what the workers lack in one line (exit 1), not a traceback."""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [
+            *FEDSIM,
+            *TINY,
+            "faults._target_=worker_faults.MissingOnWorkers",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedsim: error: a Ray worker could not set up this run: ")
+    assert "FileNotFoundError('/data/shards: not on this node')" in last
+    assert "Traceback" not in done.stderr

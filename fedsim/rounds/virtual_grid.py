@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 import threading
 import time
@@ -271,8 +272,17 @@ def _raise_if_cannot_start(replies: Iterable[Message]) -> None:
     """
     for reply in replies:
         if reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
-            reason = " ".join(str(reply.error.reason).split())[:500]
-            raise WorkerSetupError(f"a Ray worker could not set up this run: {reason}")
+            raise WorkerSetupError(
+                f"a Ray worker could not set up this run: {_worker_error(reply.error.reason)}"
+            )
+
+
+def _worker_error(reason: str | None) -> str:
+    """The worker's own error out of Flower's and Ray's wrapping (a traceback, colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(reason))
+    if "Message:" in text:  # Flower: "Exception ClientAppException occurred. Message: <error>"
+        text = text.rsplit("Message:", 1)[1]
+    return " ".join(text.strip().removesuffix("'>").split())[:400]
 
 
 class VirtualGrid(Grid):

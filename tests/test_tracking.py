@@ -31,15 +31,25 @@ LOGGERS = ("mlflow", "tensorboard", "wandb")
 
 @pytest.fixture(scope="module")
 def tracked_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One finished run per logger, in one folder (MLflow's default store lies beside them)."""
+    """One finished run per logger, in one folder (MLflow's default store lies beside them).
+
+    MLflow's through ``fedsim.api.run`` (in this process); TensorBoard's and W&B's, which write
+    from background threads, through the ``fedsim`` command, whose exit skips Python's teardown
+    (``fedsim.__main__._end_process``): what they hold is what a user's command leaves.
+    """
     from fedsim.api import run
 
     root = tmp_path_factory.mktemp("tracked")
     runs = {}
     for logger in LOGGERS:
-        summary = run([f"logger={logger}", *TINY], run_dir=root / "runs" / logger)
-        assert summary["status"] == "completed"
-        runs[logger] = Path(summary["run_dir"])
+        run_dir = root / "runs" / logger
+        if logger == "mlflow":
+            assert run([f"logger={logger}", *TINY], run_dir=run_dir)["status"] == "completed"
+        else:
+            command = [sys.executable, "-m", "fedsim", f"logger={logger}", *TINY,
+                       f"hydra.run.dir={run_dir}"]  # fmt: skip
+            subprocess.run(command, check=True, capture_output=True, timeout=600, cwd=root)
+        runs[logger] = run_dir
     return runs
 
 

@@ -376,17 +376,17 @@ def _beside(work: Callable[[], None]) -> Iterator[None]:
     For start-up work that needs the CPU while the block mostly waits (Ray starting its
     processes). ``work`` must draw nothing from a shared random generator.
     """
-    thread = threading.Thread(target=_quietly, args=(work,), name="fedsim-warm-up", daemon=True)
+
+    def quietly() -> None:
+        with suppress(Exception):  # a warm-up only saves time; the real call raises if it must
+            work()
+
+    thread = threading.Thread(target=quietly, name="fedsim-warm-up", daemon=True)
     thread.start()
     try:
         yield
     finally:
         thread.join()
-
-
-def _quietly(work: Callable[[], None]) -> None:
-    with suppress(Exception):  # a warm-up only saves time; the real call raises if it must
-        work()
 
 
 def _check_sampling(cfg: DictConfig, strategy: object) -> None:

@@ -224,6 +224,9 @@ def validate(cfg: DictConfig) -> None:
     over = OmegaConf.select(cfg, "clock.over_selection")
     if isinstance(over, bool) or not isinstance(over, int | float) or over < 1:
         raise ConfigError("clock.over_selection", over, "must be a number >= 1")
+    engine = OmegaConf.select(cfg, "runtime.engine", default="ray")  # older folders: Ray
+    if engine not in ENGINES:
+        raise ConfigError("runtime.engine", engine, f"must be one of: {', '.join(ENGINES)}")
     lanes = OmegaConf.select(cfg, "runtime.num_lanes")
     if lanes is not None:
         _int(cfg, "runtime.num_lanes", 1)
@@ -235,6 +238,10 @@ def validate(cfg: DictConfig) -> None:
             "eval.num_clients_final", final, "must be all or an integer >= 0 (0 = none)"
         )
 
+
+#: ``runtime.engine``: ``ray`` (worker processes on a local Ray, or a cluster) or ``inline``
+#: (the ServerApp and the ClientApp in the driver's process: fedsim/engine/inline.py).
+ENGINES = ("ray", "inline")
 
 #: ``runtime.server_device`` values besides ``cuda:N`` (fedsim/learning/placement.py).
 SERVER_DEVICES = ("cpu", "auto", "cuda")

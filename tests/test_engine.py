@@ -9,7 +9,8 @@ import pytest
 import ray
 
 from fedsim.config import compose_config
-from fedsim.engine.simulation import KeptRayBackend, release_engine, simulate
+from fedsim.engine.ray_engine import KeptRayBackend
+from fedsim.engine.simulation import release_engine, simulate
 from fedsim.records.results import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -380,6 +380,6 @@ def test_the_cli_names_the_workers_error_in_one_line(tmp_path) -> None:
     )
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("fedsim: error: a Ray worker could not set up this run: ")
+    assert last.startswith("fedsim: error: the workers could not set up this run: ")
     assert "FileNotFoundError('/data/shards: not on this node')" in last
     assert "Traceback" not in done.stderr

@@ -150,6 +150,54 @@ def test_second_signal_ends_the_run_at_once(tmp_path: Path) -> None:
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 
 
+# The inline engine (no Ray: the clients train in the driver) stops the same way. Its rounds take
+# about 0.1 s here, so the run is longer for the signal to find it mid-run.
+INLINE_ARGS = ["num_rounds=60", "runtime.engine=inline", "runtime.progress=false"]
+
+
+@pytest.mark.parametrize("second_signal", [False, True], ids=["ctrl-c", "ctrl-c-twice"])
+def test_an_inline_run_stops_on_its_last_round_and_resumes_to_the_same_rows(
+    second_signal: bool, tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        [*FEDSIM, *INLINE_ARGS, f"hydra.run.dir={reference}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _start(INLINE_ARGS, run_dir, log)
+    _wait_for(proc, lambda: _rows(run_dir / "metrics.jsonl") >= 2)
+    sent_at = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    if second_signal:
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+    took_s = _end(proc, sent_at)
+    print(f"inline, {'two SIGINTs' if second_signal else 'SIGINT'}: exit after {took_s:.2f} s")
+    assert proc.returncode == 130
+    assert took_s < SIGNAL_DEADLINE_S
+    assert _left_in_session(proc.pid) == []
+    stderr = log.read_text()
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert f"fedsim: interrupted by SIGINT; resume with: fedsim resume={run_dir}\n" in stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = read_metrics(run_dir)
+    assert summary["status"] == "interrupted"
+    assert 2 <= len(rows) == summary["num_rounds"] < 60
+    assert read_checkpoint(run_dir)[0]["server_round"] == len(rows)
+    resumed = subprocess.run(
+        [*FEDSIM, f"resume={run_dir}"], capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("metrics.jsonl", "clients.jsonl", "client_eval.jsonl"):
+        assert strip_wall_time(read_metrics(run_dir, name)) == strip_wall_time(
+            read_metrics(reference, name)
+        ), name
+
+
 # --- runs that cannot start (items 8 and 9 of issue 15) ----------------------------------------
 def _refused(args: list[str], tmp_path: Path, env: dict | None = None) -> tuple[str, float]:
     """Run ``fedsim ARGS``; assert it is refused in one line with no folder; return line, s."""

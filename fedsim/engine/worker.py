@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import time
 
-import ray
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hydra.utils import instantiate
@@ -36,6 +36,7 @@ from fedsim.learning.placement import (
     release,
 )
 from fedsim.learning.workload import Workload, get_workload
+from fedsim.rounds.interrupt import abandoned
 from fedsim.rounds.virtual_grid import LaneSettings, lane_settings, pack_replies, unpack_lane
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.training.contract import TrainContext, behaviour_of
@@ -64,7 +65,9 @@ def client_device(num_gpus: float) -> torch.device:
             f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
         )
     index = 0
-    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") and ray.is_initialized():
+    ray = sys.modules.get("ray")  # a Ray worker has it; the inline engine never imports it
+    noset = os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES")
+    if noset and ray is not None and ray.is_initialized():
         ids = ray.get_gpu_ids()
         index = int(ids[0]) if ids else 0
     return torch.device("cuda", index)
@@ -192,6 +195,8 @@ def handle_lane(content: RecordDict) -> RecordDict:
     states: dict[int, RecordDict] = {}
     decoded: dict[int, dict[str, torch.Tensor]] = {}  # id(ArrayRecord) -> tensors, per lane
     for partition_id, client_content, state in clients:
+        if abandoned():  # the inline engine, after a signal: the round is dropped (never on Ray)
+            break
         try:
             arrays = array_record(client_content, keys.ARRAYS)
             if id(arrays) not in decoded:

@@ -37,6 +37,7 @@ __all__ = [
     "GRACE_S",
     "AbandonableGrid",
     "RunInterrupted",
+    "abandoned",
     "announce",
     "before_claim",
     "exit_code",
@@ -89,6 +90,11 @@ _state = _Stop()
 def stop_requested() -> bool:
     """True once a signal asked the current run to stop (the round loop checks between rounds)."""
     return _state.stop.is_set()
+
+
+def abandoned() -> bool:
+    """True once the round in progress is to be dropped (never in a Ray worker: no signals)."""
+    return _state.abandon.is_set()
 
 
 def exit_code() -> int:

@@ -427,13 +427,15 @@ def run_rounds(
     report ``startup_s``: what the run paid before its first round (engine, workers, data,
     model), and says so, with the engine's part, on stderr.
     """
+    inline = OmegaConf.select(cfg, "runtime.engine", default="ray") == "inline"
     if startup is not None:
-        startup.lap("Flower engine")
+        startup.lap("engine" if inline else "Flower engine")
     fed = Federation.build(grid, cfg, strategy)
     if startup is not None:
         startup.lap("server (model inputs, strategy, fleet)")
     fed.grid.warm_up()  # worker start-up is not part of round 1 (nor of its timeout)
-    startup_s = None if startup is None else startup.done("Ray workers")
+    workers = "client app (in this process)" if inline else "Ray workers"
+    startup_s = None if startup is None else startup.done(workers)
     state = resume if resume is not None else initial_state(fed)
     fed.scheduler.clock = SimClock(state.sim_time_s)
     fed.scheduler.keep_state(state.extra)  # phones' batteries (if any) travel in checkpoints

@@ -273,7 +273,7 @@ def _raise_if_cannot_start(replies: Iterable[Message]) -> None:
     for reply in replies:
         if reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
             raise WorkerSetupError(
-                f"a Ray worker could not set up this run: {_worker_error(reply.error.reason)}"
+                f"the workers could not set up this run: {_worker_error(reply.error.reason)}"
             )
 
 

@@ -70,6 +70,18 @@ TARGETS: dict[str, tuple[str, str, str, Callable[[dict[str, Any]], bool]]] = {
         "<= 1.5",
         lambda c: c["cold_overhead_vs_plain"] <= 1.5,
     ),
+    "cold_startup_s_inline": (
+        "overhead_vs_plain",
+        "cold_startup_s_inline",
+        "<= 5",
+        lambda c: c["cold_startup_s_inline"] <= 5,
+    ),
+    "cold_overhead_vs_plain_inline": (
+        "overhead_vs_plain",
+        "cold_overhead_vs_plain_inline",
+        "<= 1.5",
+        lambda c: c["cold_overhead_vs_plain_inline"] <= 1.5,
+    ),
     "speedup_vs_flower": (
         "speedup_vs_flower",
         "speedup_vs_flower",

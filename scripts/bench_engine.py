@@ -11,7 +11,10 @@ ratios (issue 8's targets in brackets):
   ``cold_startup_s`` (<= 5), the seconds of a cold ``fedsim`` process outside its rounds
   (imports, Ray and workers, data, final evaluation, exit), and ``cold_overhead_vs_plain``
   (<= 1.5), that process / the plain loop run as a process of its own
-  (``python -m fedsim.scripts.plain_loop``: its imports and data loading included).
+  (``python -m fedsim.scripts.plain_loop``: its imports and data loading included). The same
+  figures for ``runtime.engine=inline`` (no Ray: the clients train in turn in the driver) end
+  in ``_inline`` (``cold_startup_s_inline``, ``cold_overhead_vs_plain_inline``,
+  ``overhead_vs_plain_inline``), with whether its accuracy curve is the Ray engine's.
 * ``speedup_vs_flower`` (>= 2): the same work as a minimal Flower app in the quickstart pattern
   (``scripts/flower_baseline.py``: one SuperNode per client) / fedsim, per run of a sweep:
   Flower starts its process and engine afresh for every run; fedsim's figure is a run inside
@@ -81,7 +84,19 @@ def overhead_vs_plain(args: argparse.Namespace) -> dict[str, Any]:
         capture_output=True,
     )
     plain_cold_s = time.perf_counter() - started
+    # The inline engine (no Ray, the clients in turn in the driver): the same two runs.
+    inline = "runtime.engine=inline"
+    jobs_inline, _ = multirun(
+        [*overrides[:-2], f"seed={args.seed}", inline, f"num_rounds=1,{rounds}"],
+        work / "sweep_inline",
+    )
+    warm_inline = jobs_inline[1]
+    cold_inline = run_fedsim([*overrides, inline], work / "cold_inline")
     curve = [row["accuracy"] for row in read_jsonl(Path(warm["dir"]) / "metrics.jsonl")]
+    curve_inline = [
+        row["accuracy"] for row in read_jsonl(Path(warm_inline["dir"]) / "metrics.jsonl")
+    ]
+    warm_inline_total = warm_inline["startup_s"] + warm_inline["wall_time_s"]
     warm_total = warm["startup_s"] + warm["wall_time_s"]
     out = {
         "clients_per_round": CLIENTS_PER_ROUND,
@@ -105,6 +120,23 @@ def overhead_vs_plain(args: argparse.Namespace) -> dict[str, Any]:
         "cold_startup_s": cold["process_wall_s"] - cold["wall_time_s"],
         "cold_overhead_vs_plain": cold["process_wall_s"] / plain_cold_s,
         "client_rounds_per_s": _throughput(plain.client_rounds, warm_total),
+        # runtime.engine=inline: the same figures, and whether its curve is Ray's
+        "inline": {
+            "in_sweep": {
+                "startup_s": warm_inline["startup_s"],
+                "rounds_s": warm_inline["wall_time_s"],
+            },
+            "cold": {
+                "startup_s": cold_inline["startup_s"],
+                "rounds_s": cold_inline["wall_time_s"],
+                "process_s": cold_inline["process_wall_s"],
+            },
+            "client_rounds_per_s": _throughput(plain.client_rounds, warm_inline_total),
+            "same_accuracy_curve_as_ray": curve_inline == curve,
+        },
+        "overhead_vs_plain_inline": warm_inline_total / plain_total,
+        "cold_startup_s_inline": cold_inline["process_wall_s"] - cold_inline["wall_time_s"],
+        "cold_overhead_vs_plain_inline": cold_inline["process_wall_s"] / plain_cold_s,
         "max_abs_accuracy_diff": max(
             abs(a - b) for a, b in zip(curve, plain.accuracies, strict=True)
         ),
@@ -122,7 +154,14 @@ def overhead_vs_plain(args: argparse.Namespace) -> dict[str, Any]:
         f"{out['cold_overhead_vs_plain']:.2f} (target <= 1.5)\n"
         f"  overhead_vs_plain {out['overhead_vs_plain']:.2f} (target <= 1.0); rounds only "
         f"{out['overhead_rounds_only']:.2f}; cold run {out['overhead_cold_run']:.2f}; "
-        f"max |d accuracy| vs plain {out['max_abs_accuracy_diff']:.4f}"
+        f"max |d accuracy| vs plain {out['max_abs_accuracy_diff']:.4f}\n"
+        f"  runtime.engine=inline in a sweep: start-up {warm_inline['startup_s']:.2f} s + rounds "
+        f"{warm_inline['wall_time_s']:.2f} s ({out['inline']['client_rounds_per_s']:.0f} "
+        f"client-rounds/s; overhead_vs_plain_inline {out['overhead_vs_plain_inline']:.2f})\n"
+        f"  runtime.engine=inline cold: process {cold_inline['process_wall_s']:.1f} s; outside "
+        f"its rounds {out['cold_startup_s_inline']:.1f} s (target <= 5); "
+        f"cold_overhead_vs_plain_inline {out['cold_overhead_vs_plain_inline']:.2f} "
+        f"(target <= 1.5); accuracy curve = Ray's: {out['inline']['same_accuracy_curve_as_ray']}"
     )
     return out
 

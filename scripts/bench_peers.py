@@ -27,9 +27,11 @@ Per framework: ``cold_s`` (a fresh process: imports, start-up, rounds, final eva
 2 of a multirun, as ``overhead_vs_plain`` takes it; pfl's and FLGo's second run in the runner's
 process; Flower starts a process and its engine afresh for every run, as in
 ``speedup_vs_flower``, so its two figures are the same run), client-rounds/s in a sweep and the
-final test accuracy. ``peers`` holds, per peer, fedsim's speedups (peer seconds / fedsim
-seconds) and the peer's accuracy; BlazeFL (Python >= 3.12, not in fedsim's venv) appears with
-its PUBLISHED ratio to Flower only.
+final test accuracy. fedsim runs on both engines: ``fedsim`` (Ray, the default) and
+``fedsim-inline`` (``runtime.engine=inline``: no Ray, the clients in turn in one process, as
+pfl and FLGo train). ``peers`` holds, per peer, fedsim's speedups (peer seconds / fedsim
+seconds; ``_inline``: against the inline engine) and the peer's accuracy; BlazeFL (Python
+>= 3.12, not in fedsim's venv) appears with its PUBLISHED ratio to Flower only.
 """
 
 from __future__ import annotations
@@ -435,11 +437,15 @@ def _fedsim(overrides: list[str], rounds: int, work: Path) -> dict[str, Any]:
     }
 
 
+#: fedsim on ``runtime.engine=inline`` (``fedsim`` alone: the default Ray engine)
+INLINE = "fedsim-inline"
+
+
 def _row(name: str, figures: dict[str, Any], client_rounds: int) -> str:
     rate = client_rounds / figures["in_sweep_s"]
     figures["client_rounds_per_s"] = rate
     return (
-        f"  {name:<7} cold {figures['cold_s']:7.1f} s   in a sweep "
+        f"  {name:<13} cold {figures['cold_s']:7.1f} s   in a sweep "
         f"{figures['in_sweep_s']:7.1f} s   {rate:8.1f} client-rounds/s   "
         f"accuracy {figures['accuracy']:.4f}"
     )
@@ -459,7 +465,11 @@ def peers(args: argparse.Namespace) -> dict[str, Any]:
     settings = export_workload(overrides, work / "workload")
     rounds, clients = settings["num_rounds"], settings["num_clients"]
     client_rounds = rounds * clients
-    frameworks = {"fedsim": _fedsim(overrides, rounds, work), "flower": _flower(overrides, work)}
+    frameworks = {
+        "fedsim": _fedsim(overrides, rounds, work),
+        INLINE: _fedsim([*overrides, "runtime.engine=inline"], rounds, work / "inline"),
+        "flower": _flower(overrides, work),
+    }
     for name, python in pythons.items():
         figures = run_peer(python, name, work / "workload", work / f"{name}.json")
         frameworks[name] = {
@@ -468,7 +478,7 @@ def peers(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy": figures["runs"][-1]["accuracy"],
             "version": figures["version"],
         }
-    ours = frameworks["fedsim"]
+    ours, ours_inline = frameworks["fedsim"], frameworks[INLINE]
     print(
         f"  workload {args.peer_workload}: {WORKLOAD_NOTES[args.peer_workload]}; {clients} "
         f"clients x {rounds} rounds, all sampled, {settings['local_epochs']} local epochs, "
@@ -481,10 +491,12 @@ def peers(args: argparse.Namespace) -> dict[str, Any]:
         name: {
             "speedup_in_sweep": figures["in_sweep_s"] / ours["in_sweep_s"],
             "speedup_cold": figures["cold_s"] / ours["cold_s"],
+            "speedup_in_sweep_inline": figures["in_sweep_s"] / ours_inline["in_sweep_s"],
+            "speedup_cold_inline": figures["cold_s"] / ours_inline["cold_s"],
             "accuracy": figures["accuracy"],
         }
         for name, figures in frameworks.items()
-        if name != "fedsim"
+        if name not in ("fedsim", INLINE)
     }
     flower_ratio = speedups["flower"]["speedup_in_sweep"]
     speedups["blazefl"] = BLAZEFL_PUBLISHED | {"fedsim_vs_flower_measured_in_sweep": flower_ratio}
@@ -492,7 +504,9 @@ def peers(args: argparse.Namespace) -> dict[str, Any]:
         if name != "blazefl":
             print(
                 f"  fedsim vs {name}: {ratio['speedup_in_sweep']:.2f}x in a sweep, "
-                f"{ratio['speedup_cold']:.2f}x cold"
+                f"{ratio['speedup_cold']:.2f}x cold; inline engine "
+                f"{ratio['speedup_in_sweep_inline']:.2f}x in a sweep, "
+                f"{ratio['speedup_cold_inline']:.2f}x cold"
             )
     print(
         f"  BlazeFL vs Flower: {BLAZEFL_PUBLISHED['speedup_vs_flower_published']}x PUBLISHED "

@@ -197,6 +197,7 @@ def test_fedbuff_first_update_with_everyone_in_flight_is_fedavg(tmp_path: Path) 
         "client.batch_size=1000",
         "client.local_epochs=2",
         "runtime.progress=false",
+        "runtime.engine=inline",
         "eval.num_clients_final=0",
     ]
     buff = [
@@ -227,6 +228,7 @@ def test_fedbuff_run_on_the_simulated_clock(tmp_path: Path) -> None:
         "strategy.buffer_size=3",
         "devices=phones_mixed",
         "runtime.progress=false",
+        "runtime.engine=inline",
     ]
     summary = simulate(compose_config(args), tmp_path)
     assert summary["status"] == "completed"
@@ -254,6 +256,7 @@ def test_fedcompass_run_gives_steps_and_groups(tmp_path: Path) -> None:
         "strategy.q_max=8",
         "devices=phones_mixed",
         "runtime.progress=false",
+        "runtime.engine=inline",
     ]
     assert simulate(compose_config(args), tmp_path)["status"] == "completed"
     rows = read_metrics(tmp_path)
@@ -285,6 +288,7 @@ def test_a_fleet_too_small_for_the_job_stops_instead_of_waiting_forever(tmp_path
         "strategy.buffer_size=2",
         "devices.profiles.0.memory_gb=0.0001",
         "runtime.progress=false",
+        "runtime.engine=inline",
         "eval.num_clients_final=0",
     ]
     summary = simulate(compose_config(args), tmp_path)
@@ -300,6 +304,7 @@ def test_max_sim_time_stops_a_run(tmp_path: Path) -> None:
         "strategy.concurrency=5",
         "strategy.buffer_size=2",
         "runtime.progress=false",
+        "runtime.engine=inline",
     ]
     simulate(compose_config(args), tmp_path / "full")
     times = [r["sim_time_s"] for r in read_metrics(tmp_path / "full")]

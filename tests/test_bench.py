@@ -109,7 +109,18 @@ def test_overhead_case_reports_issue_19s_cold_figures(tmp_path: Path) -> None:
     assert case["cold_overhead_vs_plain"] == pytest.approx(
         cold["process_s"] / case["plain_cold_process_s"]
     )
-    for name, limit in (("cold_startup_s", 5), ("cold_overhead_vs_plain", 1.5)):
+    inline = case["inline"]["cold"]  # the same figures on runtime.engine=inline
+    assert case["cold_startup_s_inline"] == pytest.approx(inline["process_s"] - inline["rounds_s"])
+    assert case["cold_overhead_vs_plain_inline"] == pytest.approx(
+        inline["process_s"] / case["plain_cold_process_s"]
+    )
+    assert case["inline"]["same_accuracy_curve_as_ray"] is True
+    for name, limit in (
+        ("cold_startup_s", 5),
+        ("cold_overhead_vs_plain", 1.5),
+        ("cold_startup_s_inline", 5),
+        ("cold_overhead_vs_plain_inline", 1.5),
+    ):
         target = report["targets"][name]
         assert target["value"] == case[name] and target["met"] == (case[name] <= limit)
 

@@ -37,7 +37,7 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     extra = (
         []
         if any(a.startswith("resume=") for a in args)
-        else [f"hydra.run.dir={run_dir}", "runtime.progress=false"]
+        else [f"hydra.run.dir={run_dir}", "runtime.progress=false", "runtime.engine=inline"]
     )
     return subprocess.run(
         [*FEDSIM, *args, *extra],

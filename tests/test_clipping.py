@@ -334,6 +334,7 @@ def test_scaffold_at_lr_0_2_does_not_diverge_with_the_clip(tmp_path: Path) -> No
             "checkpoint_every=0",
             "eval.num_clients_final=0",
             "runtime.progress=false",
+            "runtime.engine=inline",
         ]
     )
     summary = simulate(cfg, tmp_path / "run")

@@ -401,7 +401,13 @@ def test_existing_report_folder_needs_force(grid_sweep: Path, tmp_path: Path, ca
 
 
 # --- a real sweep ---------------------------------------------------------------------------------
-TINY = ["num_clients=6", "num_rounds=2", "strategy.fraction_train=0.5", "runtime.progress=false"]
+TINY = [
+    "num_clients=6",
+    "num_rounds=2",
+    "strategy.fraction_train=0.5",
+    "runtime.progress=false",
+    "runtime.engine=inline",
+]
 
 
 @pytest.fixture(scope="module")
@@ -502,7 +508,8 @@ def test_optuna_sweeper_two_trials_writes_best_params(tmp_path: Path) -> None:
     sweep = tmp_path / "hpo"
     proc = subprocess.run(
         [*FEDSIM, "--multirun", "experiment=hpo_fedprox", "hydra.sweeper.n_trials=2",
-         "num_clients=6", "num_rounds=2", "runtime.progress=false", f"hydra.sweep.dir={sweep}"],
+         "num_clients=6", "num_rounds=2", "runtime.progress=false", "runtime.engine=inline",
+         f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

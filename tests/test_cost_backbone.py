@@ -280,6 +280,7 @@ RUN = [
     "num_rounds=1",
     "strategy.fraction_train=0.5",
     "runtime.progress=false",
+    "runtime.engine=inline",
     "devices=phones_mixed",
     "seed=1",
 ]

@@ -158,6 +158,7 @@ def test_simulation_pae_cache_cuts_round_two_upload(tmp_path: Path) -> None:
             "strategy.fraction_train=1.0",
             "devices=uniform",
             "runtime.progress=false",
+            "runtime.engine=inline",
             f"client.feature_cache_dir={tmp_path / 'cache'}",
         ]
     )

@@ -461,6 +461,7 @@ def test_dfl_composes_with_strategies_and_clients(overrides, teacher, tmp_path: 
             "strategy.fraction_train=1.0",
             "strategy.min_train_nodes=3",
             "runtime.progress=false",
+            "runtime.engine=inline",
         ]
     )
     summary = simulate(cfg, tmp_path / "run")

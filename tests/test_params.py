@@ -83,6 +83,7 @@ def test_flowers_fedadam_keeps_the_model_float32_on_the_wire(tmp_path) -> None:
         "num_rounds=2",
         "strategy.fraction_train=0.5",
         "runtime.progress=false",
+        "runtime.engine=inline",
         "eval.num_clients_final=0",
     ]
     simulate(compose_config(args), tmp_path)

@@ -31,7 +31,7 @@ from fedsim.records.saved_config import check_saved_config, shipped_targets
 pytestmark = pytest.mark.slow
 
 FEDSIM = [sys.executable, "-m", "fedsim"]
-SMALL = ["num_clients=6", "num_rounds=3", "runtime.progress=false"]
+SMALL = ["num_clients=6", "num_rounds=3", "runtime.progress=false", "runtime.engine=inline"]
 
 
 def _fedsim(*args: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:
@@ -256,7 +256,13 @@ def test_a_folder_has_one_writer(tmp_path: Path) -> None:
 def test_resuming_a_running_run_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [*FEDSIM, "num_rounds=500", "runtime.progress=false", f"hydra.run.dir={run}"],
+        [
+            *FEDSIM,
+            "num_rounds=500",
+            "runtime.progress=false",
+            "runtime.engine=inline",
+            f"hydra.run.dir={run}",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

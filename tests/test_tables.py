@@ -18,7 +18,13 @@ from fedsim.config import compose_config, compose_with_provenance
 from fedsim.errors import ConfigError
 from fedsim.records.results import read_metrics
 
-TINY = ["num_clients=4", "num_rounds=2", "strategy.fraction_train=1.0", "runtime.progress=false"]
+TINY = [
+    "num_clients=4",
+    "num_rounds=2",
+    "strategy.fraction_train=1.0",
+    "runtime.progress=false",
+    "runtime.engine=inline",
+]
 
 
 def test_import_fedsim_stays_light() -> None:

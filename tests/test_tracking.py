@@ -25,6 +25,7 @@ from fedsim.records.results import read_metrics
 from fedsim.records.tracking import TRACKING_FILE, _require, flatten, row_metrics
 
 TINY = ["num_clients=4", "num_rounds=2", "strategy.fraction_train=0.5", "runtime.progress=false",
+        "runtime.engine=inline",
         "eval.num_clients_final=2"]  # fmt: skip
 LOGGERS = ("mlflow", "tensorboard", "wandb")
 
@@ -303,7 +304,8 @@ def test_optuna_study_persists_in_the_sweep_folder_and_continues(tmp_path: Path)
     sweep = tmp_path / "hpo"
     args = [sys.executable, "-m", "fedsim", "--multirun", "experiment=hpo_fedprox",
             "objective=best_accuracy", "num_clients=4", "num_rounds=2", "eval.num_clients_final=0",
-            "runtime.progress=false", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+            "runtime.progress=false", "runtime.engine=inline",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
     first = subprocess.run([*args, "hydra.sweeper.n_trials=2"], capture_output=True, text=True,
                            timeout=600)  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
@@ -350,7 +352,7 @@ def test_a_user_warning_during_a_run_is_shown(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedsim", "model._target_=my_plugin.WarningCNN", "num_clients=4",
          "num_rounds=1", "strategy.fraction_train=0.5", "eval.num_clients_final=0",
-         "runtime.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+         "runtime.progress=false", "runtime.engine=inline", f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -313,7 +313,13 @@ def test_paper_latency_counts_what_the_device_sends() -> None:
 
 
 # --- short real runs ---------------------------------------------------------------------------
-RUN = ["num_clients=6", "num_rounds=3", "strategy.fraction_train=0.5", "runtime.progress=false"]
+RUN = [
+    "num_clients=6",
+    "num_rounds=3",
+    "strategy.fraction_train=0.5",
+    "runtime.progress=false",
+    "runtime.engine=inline",
+]
 
 
 @pytest.mark.slow

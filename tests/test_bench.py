@@ -68,6 +68,7 @@ def test_compare_with_a_cost_backbone_reports_who_can_train(tmp_path: Path) -> N
 
     work = tmp_path / "work"
     small = ["model.max_length=16", "client.max_steps=2", "num_clients=6", "num_rounds=2"]
+    small += ["runtime.engine=inline"]  # the table is the point here, not the engine
     full, _ = _bench(
         tmp_path,
         *["--cases", "compare", "--variants", "PAE all three", "full_ft", "--rounds", "2"],

@@ -107,6 +107,14 @@ def test_signal_ends_run_on_last_round_and_resume_finishes_it(
     assert proc.returncode == 128 + signum  # 130 / 143, the shells' convention
     assert took_s < SIGNAL_DEADLINE_S
     assert _left_in_session(proc.pid) == []  # no Ray head, worker or agent outlives the run
+    _assert_stopped_then_resumed(run_dir, log, signum, 8, reference)
+
+
+def _assert_stopped_then_resumed(
+    run_dir: Path, log: Path, signum: int, num_rounds: int, reference: Path
+) -> None:
+    """The run stopped on its last complete round, said how to resume, and resumes to
+    ``reference``'s rows."""
     stderr = log.read_text()
     assert "Traceback" not in stderr, stderr[-3000:]
     name = signal.Signals(signum).name
@@ -114,7 +122,7 @@ def test_signal_ends_run_on_last_round_and_resume_finishes_it(
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = read_metrics(run_dir)
     assert summary["status"] == "interrupted"
-    assert 2 <= len(rows) == summary["num_rounds"] < 8  # every complete round, nothing more
+    assert 2 <= len(rows) == summary["num_rounds"] < num_rounds  # every complete round, no more
     assert read_checkpoint(run_dir)[0]["server_round"] == len(rows)  # ...and checkpointed
 
     resumed = subprocess.run(
@@ -180,22 +188,7 @@ def test_an_inline_run_stops_on_its_last_round_and_resumes_to_the_same_rows(
     assert proc.returncode == 130
     assert took_s < SIGNAL_DEADLINE_S
     assert _left_in_session(proc.pid) == []
-    stderr = log.read_text()
-    assert "Traceback" not in stderr, stderr[-3000:]
-    assert f"fedsim: interrupted by SIGINT; resume with: fedsim resume={run_dir}\n" in stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = read_metrics(run_dir)
-    assert summary["status"] == "interrupted"
-    assert 2 <= len(rows) == summary["num_rounds"] < 60
-    assert read_checkpoint(run_dir)[0]["server_round"] == len(rows)
-    resumed = subprocess.run(
-        [*FEDSIM, f"resume={run_dir}"], capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for name in ("metrics.jsonl", "clients.jsonl", "client_eval.jsonl"):
-        assert strip_wall_time(read_metrics(run_dir, name)) == strip_wall_time(
-            read_metrics(reference, name)
-        ), name
+    _assert_stopped_then_resumed(run_dir, log, signal.SIGINT, 60, reference)
 
 
 # --- runs that cannot start (items 8 and 9 of issue 15) ----------------------------------------

@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsim.engine.apps import client_app, quiet_flower
 from fedsim.errors import ConfigError
+from fedsim.rounds.virtual_grid import PlainMessages
 
 __all__ = ["LANE_NODE_ID", "InlineGrid", "check_inline", "engine_of", "run_inline"]
 
@@ -78,7 +79,7 @@ def check_inline(cfg: DictConfig) -> None:
         )
 
 
-class InlineGrid(Grid):
+class InlineGrid(PlainMessages, Grid):
     """A Flower Grid of one node whose ClientApp runs in this process when its replies are pulled.
 
     ``client_num_cpus``: torch's threads while a client trains (a Ray worker's own setting);
@@ -98,16 +99,6 @@ class InlineGrid(Grid):
     @property
     def run(self) -> Run:  # noqa: D102
         return self._run
-
-    def create_message(  # noqa: D102
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> tuple[int, ...]:  # noqa: D102
         return (LANE_NODE_ID,)

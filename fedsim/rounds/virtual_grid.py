@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from flwr.supercore.run import Run
 
 __all__ = [
+    "PlainMessages",
     "VirtualGrid",
     "listed_population_limit",
     "node_id_of",
@@ -285,7 +286,25 @@ def _worker_error(reason: str | None) -> str:
     return " ".join(text.strip().removesuffix("'>").split())[:400]
 
 
-class VirtualGrid(Grid):
+class PlainMessages:
+    """``Grid.create_message`` as Flower's own grids make it: the ``Message`` constructor.
+
+    Flower deprecates ``create_message`` (build ``Message`` directly) but keeps it abstract;
+    fedsim's grids (this module's :class:`VirtualGrid`, the inline engine's) share this one.
+    """
+
+    def create_message(  # noqa: D102
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+class VirtualGrid(PlainMessages, Grid):
     """A Grid of ``num_clients`` virtual nodes multiplexed over the real grid's nodes (lanes).
 
     Parameters
@@ -344,16 +363,6 @@ class VirtualGrid(Grid):
     @property
     def run(self) -> Run:  # noqa: D102
         return self._grid.run
-
-    def create_message(  # noqa: D102
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> tuple[int, ...]:
         """Virtual node ids, sorted (so seeded sampling over them is reproducible).

@@ -1,4 +1,5 @@
-"""End to end on the real engine: Flower's simulation runtime on a local Ray, real data."""
+"""End to end on the real engine: Flower's simulation runtime on a local Ray, real data (the two
+text-model tests, about composition and learning, run on the inline engine)."""
 
 import json
 import subprocess
@@ -167,6 +168,7 @@ def test_a_text_model_on_local_sgd_learns_a_separable_csv(tmp_path: Path) -> Non
     proc = subprocess.run(
         [*FEDSIM, "data=hf", f"data.path={tmp_path / 'sep.csv'}", "model=text_classifier",
          "model.max_length=16", "num_clients=4", "num_rounds=3", "runtime.progress=false",
+         "runtime.engine=inline",  # what the text model learns is the point, not the engine
          f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -180,7 +182,9 @@ def test_side_tuning_alone_runs_on_a_text_model(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [*FEDSIM, "client=side_tuning", "model.max_length=16", "client.max_steps=2",
-         "num_clients=4", "num_rounds=1", "runtime.progress=false", f"hydra.run.dir={run_dir}"],
+         "num_clients=4", "num_rounds=1", "runtime.progress=false",
+         "runtime.engine=inline",  # the config's composition is the point, not the engine
+         f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -333,6 +333,7 @@ def test_async_run_killed_and_resumed_is_bit_for_bit(
         "num_rounds=40",
         "devices=phones_mixed",
         "runtime.progress=false",
+        "runtime.engine=inline",  # the event queue's state is the point, not the engine
         "client.local_epochs=3",
         *strategy,
     ]

@@ -360,7 +360,7 @@ def test_a_sweep_launched_again_skips_finished_jobs_and_resumes_killed_ones(
 
     sweep = tmp_path / "sweep"
     args = ["--multirun", "seed=0,1", "num_clients=6", "num_rounds=8", "runtime.progress=false",
-            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+            "runtime.engine=inline", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     metrics = sweep / "1" / "metrics.jsonl"
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen([*FEDSIM, *args], stdout=log, stderr=log, start_new_session=True)
@@ -379,7 +379,7 @@ def test_a_sweep_launched_again_skips_finished_jobs_and_resumes_killed_ones(
     assert (sweep / "0" / "metrics.jsonl").read_bytes() == job0  # untouched
     reference = tmp_path / "reference"
     solo = _fedsim("seed=1", "num_clients=6", "num_rounds=8", "runtime.progress=false",
-                   f"hydra.run.dir={reference}")  # fmt: skip
+                   "runtime.engine=inline", f"hydra.run.dir={reference}")  # fmt: skip
     assert solo.returncode == 0, solo.stderr[-2000:]
     assert strip_wall_time(read_metrics(sweep / "1")) == strip_wall_time(read_metrics(reference))
     assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"

@@ -352,6 +352,7 @@ ARGS = [
     "num_rounds=4",
     "strategy.fraction_train=0.5",
     "runtime.progress=false",
+    "runtime.engine=inline",  # the strategy's state is the point; test_resume.py kills Ray runs
 ]
 
 

@@ -246,7 +246,8 @@ def test_resumed_run_continues_its_mlflow_run(kill_and_resume) -> None:
     from mlflow.tracking import MlflowClient
 
     args = ["logger=mlflow", "num_clients=4", "num_rounds=4", "strategy.fraction_train=0.5",
-            "runtime.progress=false", "eval.num_clients_final=0"]  # fmt: skip
+            "runtime.progress=false", "runtime.engine=inline",
+            "eval.num_clients_final=0"]  # fmt: skip
     run_dir, _ = kill_and_resume(args, rows=2)
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
     (tracked,) = client.search_runs([client.get_experiment_by_name("fedsim").experiment_id])

@@ -44,6 +44,7 @@ ARGS = [
     "distillation=dfl",  # soft targets in client state must survive the resume too
     "devices=phones_mixed",
     "runtime.progress=false",
+    "runtime.engine=inline",  # the stage's state is the point; test_resume.py kills Ray runs
 ]
 
 

@@ -359,6 +359,7 @@ def test_killed_whale_fl_run_resumes_bit_for_bit(tmp_path: Path, kill_and_resume
         "strategy.fraction_train=0.5",
         "devices=phones_mixed",
         "runtime.progress=false",
+        "runtime.engine=inline",  # the strategy's state is the point, not the engine
     ]
     simulate(compose_config(args), tmp_path / "reference")
     run, killed_at = kill_and_resume(args, rows=3)

@@ -20,7 +20,7 @@ from conftest import FEDSIM, strip_wall_time
 from flwr.app import Message, MessageType
 
 from fedsim.config import compose_config
-from fedsim.engine.inline import LANE_NODE_ID, InlineGrid
+from fedsim.engine.inline import LANE_NODE_ID, InlineGrid, check_inline
 from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
 from fedsim.records.results import read_metrics
@@ -121,16 +121,24 @@ def test_messages_cross_as_copies_and_replies_name_what_they_answer() -> None:
     [
         ("runtime.ray_address=127.0.0.1:1", "runtime.ray_address"),
         ("faults.kill_worker_prob=0.5", "faults.kill_worker_prob"),
-        ("runtime.client_num_gpus=1", "runtime.client_num_gpus"),
     ],
 )
 def test_what_needs_separate_processes_is_refused_before_anything_starts(
     override: str, key: str, tmp_path: Path
 ) -> None:
-    if key == "runtime.client_num_gpus" and torch.cuda.is_available():
-        pytest.skip("a GPU is here: the inline engine trains on it")
     cfg = compose_config([*TINY, "runtime.engine=inline", override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        simulate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gpu_share_is_refused_only_where_there_is_no_gpu(tmp_path: Path) -> None:
+    """No GPU: one line naming the key, no folder. A GPU: accepted (the client trains on it)."""
+    cfg = compose_config([*TINY, "runtime.engine=inline", "runtime.client_num_gpus=1"])
+    if torch.cuda.device_count() > 0:
+        check_inline(cfg)  # nothing to refuse
+        return
+    with pytest.raises(ConfigError, match=r"runtime\.client_num_gpus=1.*needs a GPU \(0 here\)"):
         simulate(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

@@ -32,11 +32,12 @@ __all__ = ["PlainRun", "plain_fedavg"]
 
 @dataclass(frozen=True)
 class PlainRun:
-    """What the plain loop did: accuracy after each round and the timed seconds."""
+    """What the plain loop did: accuracy after each round, the timed seconds, the final weights."""
 
     accuracies: list[float]
     rounds_wall_s: float  # training + aggregation + evaluation, all rounds
     client_rounds: int
+    weights: dict[str, torch.Tensor]  # the final global model's state_dict
 
 
 def plain_fedavg(cfg: DictConfig, num_threads: int = 1) -> PlainRun:
@@ -83,7 +84,8 @@ def plain_fedavg(cfg: DictConfig, num_threads: int = 1) -> PlainRun:
                 p.copy_(g)
         accuracies.append(evaluate(model, test)["accuracy"])
     wall = time.perf_counter() - started
-    return PlainRun(accuracies, wall, int(cfg.num_rounds) * int(cfg.num_clients))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return PlainRun(accuracies, wall, int(cfg.num_rounds) * int(cfg.num_clients), weights)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -662,23 +662,23 @@ def test_charge_final_download_is_one_side_network(cache_dir, minilm, texts, num
 
 @pytest.mark.slow
 def test_showcase_learns_as_before_with_the_papers_traffic(tmp_path: Path) -> None:
-    cfg = compose_config(
-        [
-            "experiment=mobile_side_tuning",
-            "num_rounds=3",
-            "seed=0",
-            "runtime.progress=false",
-            "client.charge_final_download=true",
-        ]
+    showcase = ["experiment=mobile_side_tuning", "num_rounds=3", "seed=0", "runtime.progress=false"]
+    summary = simulate(
+        compose_config([*showcase, "client.charge_final_download=true"]), tmp_path / "run"
     )
-    summary = simulate(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
+    # What is learned does not depend on what is charged: the same run without the final download
+    # (inline, whose rows equal Ray's) learns bit for bit the same, on this machine.
+    simulate(compose_config([*showcase, "runtime.engine=inline"]), tmp_path / "uncharged")
+    uncharged = read_metrics(tmp_path / "uncharged")
+    assert [r | {"wall_time_s": 0} for r in rows] == [r | {"wall_time_s": 0} for r in uncharged]
     # Golden curve of this run before the side network stayed on the server (issue 14 item 4,
-    # max_grad_norm 10 already in place): what is learned did not change, only the bytes.
-    assert [r["accuracy"] for r in rows] == [0.456, 0.648, 0.5973333333333334]
-    assert [r["loss"] for r in rows] == pytest.approx(
-        [1.9776817626953125, 1.4743011271158855, 1.3295468444824219], rel=1e-6
-    )
+    # max_grad_norm 10 already in place), recorded on one CPU. CI draws machines whose CPUs differ
+    # (one has AMX and AVX512-FP16) and whose float32 kernels sum in other orders: there the loss
+    # after round 1 differs by 5e-5 of itself, round 3's accuracy by 4 rows of 750 and its loss
+    # by 0.3%. Across machines the curve holds to that, not to the bit.
+    assert [r["accuracy"] for r in rows] == pytest.approx([0.456, 0.648, 0.5973], abs=8 / 750)
+    assert [r["loss"] for r in rows] == pytest.approx([1.97768, 1.47430, 1.32955], rel=5e-3)
     clients = read_metrics(tmp_path / "run", "clients.jsonl")
     trained = [c for c in clients if "bytes_up" in c]
     assert trained and all(c["bytes_down"] == 0 for c in clients)

@@ -9,7 +9,8 @@ client's rows, the test split and the initial weights) and starts a runner on it
 
 The runner does ``--runs`` full runs one after the other in its one process (each from the same
 initial weights) and writes, per run, its wall seconds, its final test accuracy and the Unix
-time it finished (the driver subtracts its launch time: a cold run's cost, imports included).
+time it finished (the driver subtracts its launch time: a cold run's cost, imports included),
+and the last run's final global weights beside the figures (``result.npz``, by state_dict name).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def main(framework: str, run_fn: Callable[[FedAvgWork, int], nn.Module]) -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)  # as fedsim's workers and the plain loop: one thread per client
     work = load_work(args.workload)
-    runs = []
+    runs, model = [], None
     for index in range(args.runs):
         started = time.perf_counter()
         model = run_fn(work, index)
@@ -133,5 +134,9 @@ def main(framework: str, run_fn: Callable[[FedAvgWork, int], nn.Module]) -> int:
         "client_rounds": work.client_rounds,
         "runs": runs,
     }
+    if model is not None:  # the last run's global model, for comparing weights with fedsim's
+        weights = args.out.with_suffix(".npz")
+        np.savez(weights, **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+        figures["weights"] = weights.name
     args.out.write_text(json.dumps(figures, indent=2))
     return 0

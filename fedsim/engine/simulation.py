@@ -88,10 +88,10 @@ def _simulate(
     with notices(bool(cfg.runtime.progress)), transcript():
         validate_run(cfg)
         quiet_flower()
+        strategy = check_cheap_groups(cfg)  # a bad strategy or client argument: before any data
         workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here
         model = workload.build_model()
         startup.lap("data and model")
-        strategy = check_cheap_groups(cfg)
         if isinstance(strategy, ChecksModel):  # width slicing needs width axes
             strategy.check_model(model)
         _check_sampling(cfg, strategy)

@@ -77,11 +77,13 @@ def precheck_overrides(argv: Sequence[str]) -> None:
         if override.is_sweep_override() and len(values) > 1:
             sweeps.append((text.split("=", 1)[0], values))
     try:
-        compose_config(single)
+        cfg = compose_config(single)
     except (HydraException, OmegaConfBaseException) as exc:
         raise compose_error(exc, single) from None
     if sweeps:
         check_sweep_jobs(single, sweeps)
+    else:  # the config's own scalars and options, before the run imports torch, Flower and Ray
+        validate(cfg)
 
 
 #: A sweep up to this many jobs is checked job by job; a larger one value by value.

@@ -343,11 +343,24 @@ def gpu_packages(planned: list[str]) -> list[str]:
 
 
 def ensure_env(peer: PeerSpec, peers_dir: Path) -> Path:
-    """The Python of ``peer``'s venv under ``peers_dir``, built on first use; reused after."""
+    """The Python of ``peer``'s venv under ``peers_dir``, built on first use; reused after.
+
+    Two processes asking for the same venv at once (two benchmarks, two test workers) take turns
+    on a lock file beside it: the second finds the first one's venv built.
+    """
+    import fcntl
+
     import torch
 
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # fedsim's torch, the CPU wheel here
     env = peers_dir.expanduser() / f"{peer.name}-{peer.version}"
+    env.parent.mkdir(parents=True, exist_ok=True)
+    with open(env.parent / f"{env.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        return _build_env(peer, env, torch_pin)
+
+
+def _build_env(peer: PeerSpec, env: Path, torch_pin: str) -> Path:
     python = env / "bin" / "python"
     wanted = {
         "requirements": list(peer.requirements),

@@ -163,11 +163,10 @@ def test_second_signal_ends_the_run_at_once(tmp_path: Path) -> None:
 INLINE_ARGS = ["num_rounds=60", "runtime.engine=inline", "runtime.progress=false"]
 
 
-@pytest.mark.parametrize("second_signal", [False, True], ids=["ctrl-c", "ctrl-c-twice"])
-def test_an_inline_run_stops_on_its_last_round_and_resumes_to_the_same_rows(
-    second_signal: bool, tmp_path: Path
-) -> None:
-    reference = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def inline_reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of INLINE_ARGS."""
+    reference = tmp_path_factory.mktemp("inline_reference") / "run"
     done = subprocess.run(
         [*FEDSIM, *INLINE_ARGS, f"hydra.run.dir={reference}"],
         capture_output=True,
@@ -175,6 +174,13 @@ def test_an_inline_run_stops_on_its_last_round_and_resumes_to_the_same_rows(
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return reference
+
+
+@pytest.mark.parametrize("second_signal", [False, True], ids=["ctrl-c", "ctrl-c-twice"])
+def test_an_inline_run_stops_on_its_last_round_and_resumes_to_the_same_rows(
+    second_signal: bool, inline_reference: Path, tmp_path: Path
+) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     proc = _start(INLINE_ARGS, run_dir, log)
     _wait_for(proc, lambda: _rows(run_dir / "metrics.jsonl") >= 2)
@@ -188,7 +194,7 @@ def test_an_inline_run_stops_on_its_last_round_and_resumes_to_the_same_rows(
     assert proc.returncode == 130
     assert took_s < SIGNAL_DEADLINE_S
     assert _left_in_session(proc.pid) == []
-    _assert_stopped_then_resumed(run_dir, log, signal.SIGINT, 60, reference)
+    _assert_stopped_then_resumed(run_dir, log, signal.SIGINT, 60, inline_reference)
 
 
 # --- runs that cannot start (items 8 and 9 of issue 15) ----------------------------------------

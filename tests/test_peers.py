@@ -6,9 +6,11 @@ folder), and check that pfl's and FLGo's FedAvg train what fedsim's plain loop t
 weights, up to the order of float32 sums.
 """
 
+import fcntl
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,10 @@ import torch
 from fedsim.config import compose_config
 from fedsim.learning.workload import get_workload
 from fedsim.scripts.bench_peers import (
+    MARKER,
     PEERS,
     PEERS_DIR,
+    PeerSpec,
     _peer_common,
     ensure_env,
     export_workload,
@@ -49,6 +53,30 @@ TINY = ["num_clients=100", "strategy.fraction_train=1.0", "seed=3", "client.loca
 )
 def test_gpu_packages_names_what_a_cpu_venv_refuses(planned: list[str], bad: list[str]) -> None:
     assert gpu_packages(planned) == bad
+
+
+def test_a_venv_being_built_is_waited_for_not_built_again(tmp_path: Path) -> None:
+    """Two benchmarks (or two test workers) asking for one peer's venv take turns on its lock."""
+    spec = PeerSpec("tinypeer", "1.0", ("tinypeer==1.0",))
+    env = tmp_path / "tinypeer-1.0"
+    (env / "bin").mkdir(parents=True)
+    wanted = {
+        "requirements": ["tinypeer==1.0"],
+        "no_deps": [],
+        "pin": f"torch=={torch.__version__.split('+')[0]}",
+    }
+    got: list[Path] = []
+    with open(tmp_path / "tinypeer-1.0.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is building it
+        asking = threading.Thread(target=lambda: got.append(ensure_env(spec, tmp_path)))
+        asking.start()
+        asking.join(timeout=1.0)
+        assert asking.is_alive() and got == []  # it waits, and does not touch the folder
+        assert sorted(p.name for p in env.iterdir()) == ["bin"]
+        (env / MARKER).write_text(json.dumps({"wanted": wanted, "installed": []}))  # built
+    asking.join(timeout=30)
+    assert got == [env / "bin" / "python"]  # found built: nothing removed, nothing installed
+    assert (env / MARKER).is_file()
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ Each test attacks or damages a real run folder (made by a real run) and checks t
 refuses in one line (exit 2) or does nothing, and that no file inside or outside is touched.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -283,6 +284,37 @@ def test_resuming_a_running_run_is_refused(tmp_path: Path) -> None:
         proc.wait()
     rounds = [row["round"] for row in read_metrics(run)]
     assert rounds == list(range(1, len(rounds) + 1))  # one writer's rows, no second copy
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["being-written", "holding-a-run"])
+def test_a_folder_taken_is_refused_before_the_engine_starts(held: bool, tmp_path: Path) -> None:
+    """A new run into a folder another process writes, or that holds a run, is refused before
+    Ray (or any engine) starts; the folder is left as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / METRICS_FILE).write_text('{"round": 1}\n')
+    code = (
+        "import sys\n"
+        "from fedsim.__main__ import main\n"
+        f"sys.argv = ['fedsim', 'num_rounds=2', 'runtime.progress=false', 'hydra.run.dir={run}']\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n"
+        "    print(stop.code, 'ray' in sys.modules)\n"
+    )
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if held:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running fedsim holds it
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=180
+        )
+    finally:
+        os.close(fd)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
+    why = "is being written by another fedsim process" if held else "never overwritten"
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("fedsim: error: hydra.run.dir=") and why in line
+    assert sorted(p.name for p in run.iterdir()) == [METRICS_FILE]
+    assert (run / METRICS_FILE).read_text() == '{"round": 1}\n'
 
 
 def test_reopen_removes_nothing_until_new_rows_come(finished_run: Path, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from fedsim.learning.params import to_arrays  # noqa: E402
 from fedsim.learning.workload import get_workload  # noqa: E402
 from fedsim.records.checkpoint import load_checkpoint  # noqa: E402
 from fedsim.records.progress import StartupLog, keep_transcript, notices, transcript  # noqa: E402
-from fedsim.records.results import RunWriter  # noqa: E402
+from fedsim.records.results import RunWriter, check_folder_free  # noqa: E402
 from fedsim.records.tracking import tracker_of  # noqa: E402
 from fedsim.rounds import interrupt  # noqa: E402
 from fedsim.rounds.hooks import ChecksModel  # noqa: E402
@@ -87,6 +87,7 @@ def _simulate(
     startup = StartupLog(enabled=bool(cfg.runtime.progress), hold=True)
     with notices(bool(cfg.runtime.progress)), transcript():
         validate_run(cfg)
+        check_folder_free(run_dir, resume)  # a run there, or a writer: before anything starts
         quiet_flower()
         strategy = check_cheap_groups(cfg)  # a bad strategy or client argument: before any data
         workload = get_workload(cfg)  # data, partitions, model factory: ConfigErrors surface here

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHOICES_FILE",
     "RunWriter",
+    "check_folder_free",
     "CONFIG_FILE",
     "METRICS_FILE",
     "SUMMARY_FILE",
@@ -136,6 +137,14 @@ class RunWriter:
             raise ConfigError("hydra.run.dir", self.run_dir, "must be a folder you can write to")
         self._lock_fd = fd
 
+    def _check_new(self) -> None:
+        if (self.run_dir / METRICS_FILE).exists():
+            raise ConfigError(
+                "hydra.run.dir",
+                self.run_dir,
+                "must be a new folder: it already holds a run, which is never overwritten",
+            )
+
     def close(self) -> None:
         """End the tracked run if it is still open, release the folder's lock (exit does too)."""
         if self._tracking and self.tracker is not None:
@@ -151,13 +160,11 @@ class RunWriter:
     def start(self, cfg: DictConfig, made_by: Mapping[str, Any] | None = None) -> None:
         """Claim the folder and save the resolved config (and ``choices.yaml``: what made it)."""
         self._lock()
-        if (self.run_dir / METRICS_FILE).exists():
+        try:
+            self._check_new()
+        except ConfigError:
             self.close()
-            raise ConfigError(
-                "hydra.run.dir",
-                self.run_dir,
-                "must be a new folder: it already holds a run, which is never overwritten",
-            )
+            raise
         atomic_write_text(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
         if made_by is not None:
             atomic_write_text(self.run_dir / CHOICES_FILE, yaml.safe_dump(dict(made_by)))
@@ -226,6 +233,25 @@ class RunWriter:
         if self._tracking:
             self._tracking = False
             self.tracker.finish(summary, self.run_dir)  # type: ignore[union-attr]
+
+
+def check_folder_free(run_dir: Path | str, resume: bool) -> None:
+    """Refuse before the engine starts what :class:`RunWriter` would refuse when it claims.
+
+    In ``run_dir``: a file, a folder another fedsim process is writing, a folder that holds a run
+    (for a new run). Nothing is created or kept: the claim comes later, and refuses whatever
+    changed meanwhile.
+    """
+    path = Path(run_dir)
+    if not path.exists():
+        return
+    probe = RunWriter(path)
+    probe._lock()  # noqa: SLF001 - the writer's own rules, asked early
+    try:
+        if not resume:
+            probe._check_new()  # noqa: SLF001
+    finally:
+        probe.close()
 
 
 def _row_round(line: str) -> float:

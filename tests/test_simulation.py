@@ -100,6 +100,7 @@ def test_multirun_sweep_then_plot(tmp_path: Path) -> None:
             "num_rounds=2",
             "strategy.fraction_train=0.5",
             "runtime.progress=false",
+            "runtime.engine=inline",  # the table and plot; sweeps on Ray: test_engine, test_bench
             f"hydra.sweep.dir={sweep}",
         ],
         capture_output=True,

@@ -6,6 +6,7 @@ Same seed, data, partitions, initial model, batches, clip and learning rate, and
 summation order: the baseline's server sums the replies in partition order as fedsim does (in
 arrival order the float32 sums differed in the last bits, by up to ~1e-6 on a loaded CI machine,
 depending on which worker finished first). So the two global models must be equal to the bit.
+fedsim runs inline here, without Ray's start: its rows and models are its Ray engine's.
 """
 
 import subprocess
@@ -52,6 +53,7 @@ def test_fedsim_fedavg_gives_flowers_global_model(tmp_path: Path) -> None:
             *WORK,
             f"hydra.run.dir={run_dir}",
             "runtime.progress=false",
+            "runtime.engine=inline",  # Ray's rows are inline's (test_inline_engine.py)
         ],
         capture_output=True,
         text=True,

@@ -23,6 +23,7 @@ from fedsim.config import compose_config
 from fedsim.engine.inline import LANE_NODE_ID, InlineGrid, check_inline
 from fedsim.engine.simulation import simulate
 from fedsim.errors import ConfigError
+from fedsim.records.checkpoint import read_checkpoint
 from fedsim.records.results import read_metrics
 from fedsim.rounds.virtual_grid import VirtualGrid, WorkerSetupError, job_record, pack_lane
 
@@ -30,6 +31,7 @@ BASE = ["num_clients=8", "num_rounds=3", "runtime.progress=false"]
 HALF = ["strategy.fraction_train=0.5"]  # a synchronous strategy samples half the clients
 TINY = [*BASE, *HALF]
 TABLES = ("metrics.jsonl", "clients.jsonl", "client_eval.jsonl")
+ENGINES = ("ray", "inline")
 
 
 @pytest.mark.slow
@@ -44,13 +46,18 @@ TABLES = ("metrics.jsonl", "clients.jsonl", "client_eval.jsonl")
     ids=["faults", "scaffold-phones", "fedbuff", "dfl"],
 )
 def test_inline_writes_the_rows_ray_writes(overrides: list[str], tmp_path: Path) -> None:
-    for engine in ("ray", "inline"):
+    for engine in ENGINES:
         cfg = compose_config([*BASE, *overrides, f"runtime.engine={engine}"])
         assert simulate(cfg, tmp_path / engine)["status"] == "completed"
     for table in TABLES:
         ray_rows = strip_wall_time(read_metrics(tmp_path / "ray", table))
         assert ray_rows, table
         assert strip_wall_time(read_metrics(tmp_path / "inline", table)) == ray_rows, table
+    # ...and the same models and client state, to the bit (the last checkpoint holds them all)
+    (_, ray_tensors), (_, inline_tensors) = (read_checkpoint(tmp_path / e) for e in ENGINES)
+    assert ray_tensors.keys() == inline_tensors.keys() and "global/0" in ray_tensors
+    for name, tensor in ray_tensors.items():
+        np.testing.assert_array_equal(inline_tensors[name], tensor, err_msg=name)
 
 
 def test_an_inline_run_starts_no_process_and_leaves_no_ray(tmp_path: Path) -> None:

@@ -90,10 +90,11 @@ def _sweep_job_again(cfg: DictConfig, run_dir: Path) -> str | None:
     """
     from fedsim.config import config_hash
     from fedsim.records.checkpoint import CHECKPOINT_FILE, verify_checkpoint
-    from fedsim.records.results import METRICS_FILE
+    from fedsim.records.results import METRICS_FILE, check_folder_free
 
     if not (run_dir / METRICS_FILE).exists():
         return None
+    check_folder_free(run_dir, resume=True, key="hydra.sweep.dir")  # the same sweep, running
     if not (run_dir / CHECKPOINT_FILE).exists():
         raise ConfigError(
             "hydra.sweep.dir", run_dir,
@@ -170,7 +171,7 @@ def _resume(argument: str, others: list[str]) -> None:
     from fedsim.config import config_hash
     from fedsim.engine.simulation import simulate
     from fedsim.records.checkpoint import verify_checkpoint
-    from fedsim.records.results import CONFIG_FILE
+    from fedsim.records.results import CONFIG_FILE, check_folder_free
     from fedsim.records.saved_config import load_saved_config
 
     run_dir = Path(argument.split("=", 1)[1]).expanduser()
@@ -182,6 +183,8 @@ def _resume(argument: str, others: list[str]) -> None:
                 "resume", override, "only runtime.* settings can change when resuming a run"
             )
     cfg = load_saved_config(run_dir)  # refuses a tampered config before anything is built
+    # A run still writing the folder replaces its checkpoint as it goes: refuse it before reading.
+    check_folder_free(run_dir, resume=True, key="resume")
     meta = verify_checkpoint(run_dir, config_hash(cfg))  # missing, corrupt, another config
     finished = _finished_status(run_dir)
     if finished is not None:

@@ -98,3 +98,40 @@ def test_state_the_checkpoint_cannot_keep_is_refused_not_dropped(tmp_path) -> No
     state.extra = {"queue": [object()]}  # an asynchronous loop's extra: the same rule
     with pytest.raises(UnsavableState, match="extra holds state"):
         save_checkpoint(tmp_path, state, strategy, "h")
+
+
+def _write_in_turn(run_dir, states, stop) -> None:
+    i = 0
+    while not stop.is_set():
+        i += 1
+        save_checkpoint(run_dir, states[i % 2], FedAvgM(), "h")
+
+
+def test_a_reader_never_sees_half_of_two_checkpoints(tmp_path) -> None:
+    """A run replaces its checkpoint each round (atomically); a reader beside it (a resume asked
+    too early, fedsim-compare on a live folder) must get one whole file, never the header of one
+    and the tensors of the next (its checksum then calls the file corrupt)."""
+    import multiprocessing
+
+    from fedsim.records.checkpoint import read_checkpoint
+
+    states = []
+    for server_round in (1, 2):
+        state = _state()
+        state.server_round = server_round
+        state.arrays = ArrayRecord({"w": Array(np.full(50_000, server_round, np.float32))})
+        states.append(state)
+    save_checkpoint(tmp_path, states[0], FedAvgM(), "h")
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    writer = context.Process(target=_write_in_turn, args=(tmp_path, states, stop))
+    writer.start()
+    try:
+        seen = set()
+        for _ in range(300):
+            meta, tensors = read_checkpoint(tmp_path)  # raises if it mixed two files
+            seen.add((meta["server_round"], float(tensors["global/0"][0])))
+    finally:
+        stop.set()
+        writer.join()
+    assert seen == {(1, 1.0), (2, 2.0)}  # both versions read, each whole

@@ -317,6 +317,19 @@ def test_a_folder_taken_is_refused_before_the_engine_starts(held: bool, tmp_path
     assert (run / METRICS_FILE).read_text() == '{"round": 1}\n'
 
 
+def test_resuming_a_folder_being_written_never_reads_its_checkpoint(killed_run: Path) -> None:
+    """The writer replaces its checkpoint as it goes: a resume that read it mid-write called it
+    corrupt (seen once in a suite run). The folder's lock is asked first."""
+    (killed_run / CHECKPOINT_FILE).write_bytes(b"\x00" * 40)  # half-written, as seen mid-write
+    fd = os.open(killed_run, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running fedsim holds it
+        line = _one_line_error(_fedsim(f"resume={killed_run}"), "being written by another")
+    finally:
+        os.close(fd)
+    assert line.startswith(f"fedsim: error: resume={killed_run}: ")
+
+
 def test_reopen_removes_nothing_until_new_rows_come(finished_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save_file
 
 from fedsim.errors import ConfigError
 from fedsim.records.results import apply_umask
@@ -285,11 +286,13 @@ def read_checkpoint(run_dir: Path | str) -> tuple[dict[str, Any], dict[str, np.n
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise ConfigError("resume", run_dir, f"has no {CHECKPOINT_FILE}; nothing to resume")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            header = handle.metadata() or {}
-        meta, tensors = json.loads(header["fedsim"]), load_file(str(path))
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+    try:  # one read: a run writing the folder replaces the file, never changes it in place
+        data = path.read_bytes()
+        tensors = load_safetensors(data)
+        size = int.from_bytes(data[:8], "little")  # the format: u64 header length, JSON header
+        header = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        meta = json.loads(header["fedsim"])
+    except (SafetensorError, OSError, KeyError, ValueError, AttributeError) as exc:
         reason = " ".join(str(exc).split())[:120]
         raise ConfigError(
             "resume", path, f"checkpoint is corrupt or unreadable ({reason})"

@@ -110,31 +110,34 @@ class RunWriter:
         self._lock_fd: int | None = None
         self._resumed_after: int | None = None  # rows past this round go at the first new row
 
-    def _lock(self) -> None:
-        """Take the folder's exclusive lock (``flock`` on the folder itself: no file to leave)."""
+    def _lock(self, key: str = "hydra.run.dir") -> None:
+        """Take the folder's exclusive lock (``flock`` on the folder itself: no file to leave).
+
+        ``key``: what a refusal names (the option that named the folder).
+        """
         if self._lock_fd is not None:
             return  # this writer holds it already (a run that reopens its own folder)
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError("hydra.run.dir", self.run_dir, "must be a folder, not a file")
+            raise ConfigError(key, self.run_dir, "must be a folder, not a file")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise ConfigError(
-                "hydra.run.dir", self.run_dir, f"cannot be created or opened ({exc.strerror})"
+                key, self.run_dir, f"cannot be created or opened ({exc.strerror})"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise ConfigError(
-                "hydra.run.dir",
+                key,
                 self.run_dir,
                 "is being written by another fedsim process; wait for it to end",
             ) from None
         if not os.access(self.run_dir, os.W_OK):
             os.close(fd)
-            raise ConfigError("hydra.run.dir", self.run_dir, "must be a folder you can write to")
+            raise ConfigError(key, self.run_dir, "must be a folder you can write to")
         self._lock_fd = fd
 
     def _check_new(self) -> None:
@@ -235,7 +238,7 @@ class RunWriter:
             self.tracker.finish(summary, self.run_dir)  # type: ignore[union-attr]
 
 
-def check_folder_free(run_dir: Path | str, resume: bool) -> None:
+def check_folder_free(run_dir: Path | str, resume: bool, key: str = "hydra.run.dir") -> None:
     """Refuse before the engine starts what :class:`RunWriter` would refuse when it claims.
 
     In ``run_dir``: a file, a folder another fedsim process is writing, a folder that holds a run
@@ -246,7 +249,7 @@ def check_folder_free(run_dir: Path | str, resume: bool) -> None:
     if not path.exists():
         return
     probe = RunWriter(path)
-    probe._lock()  # noqa: SLF001 - the writer's own rules, asked early
+    probe._lock(key)  # noqa: SLF001 - the writer's own rules, asked early
     try:
         if not resume:
             probe._check_new()  # noqa: SLF001

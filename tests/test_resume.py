@@ -26,7 +26,8 @@ ARGS = [
 
 
 def test_sigkilled_run_resumes_bit_for_bit(tmp_path: Path, kill_and_resume) -> None:
-    simulate(compose_config(ARGS), tmp_path / "reference")
+    # The reference inline (its rows are Ray's); the killed and resumed run is a Ray run.
+    simulate(compose_config([*ARGS, "runtime.engine=inline"]), tmp_path / "reference")
     run, killed_at = kill_and_resume(ARGS, rows=3)
     assert 3 <= killed_at < 6
     for name in ("metrics.jsonl", "clients.jsonl"):

@@ -24,6 +24,23 @@ def flower_identity():
     yield
 
 
+def refused_in_a_fresh_process(argv: list[str]) -> tuple[object, list[str], str]:
+    """``fedsim ARGV`` in a fresh interpreter: its exit code, which of torch, flwr, ray and
+    datasets it had imported by then, and its stderr."""
+    code = (
+        "import sys\n"
+        "from fedsim.__main__ import main\n"
+        f"sys.argv = ['fedsim', *{argv!r}]\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n"
+        "    loaded = sorted({'torch', 'flwr', 'ray', 'datasets'} & set(sys.modules))\n"
+        "    print(repr((stop.code, loaded)), file=sys.__stdout__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.stdout.strip(), proc.stderr[-2000:]  # it exited (a run that ran would say so)
+    exit_code, loaded = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    return exit_code, loaded, proc.stderr
+
+
 def strip_wall_time(rows: list[dict]) -> list[dict]:
     """Rows without ``wall_time_s``, the one column two identical runs may differ in."""
     return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]

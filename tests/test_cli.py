@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import refused_in_a_fresh_process
 
 FEDSIM = [sys.executable, "-m", "fedsim"]
 
@@ -161,17 +162,11 @@ def test_bad_input_exits_2_with_one_line_and_no_folder(args, key, accepted, tmp_
 
 def test_a_bad_run_scalar_is_refused_before_torch_flower_or_ray_load(tmp_path) -> None:
     """The config's own checks come first: a typo costs the time to read the config."""
-    code = (
-        "import sys\n"
-        "from fedsim.__main__ import main\n"
-        f"sys.argv = ['fedsim', 'num_rounds=0', 'hydra.run.dir={tmp_path / 'run'}']\n"
-        "try:\n    main()\nexcept SystemExit as stop:\n"
-        "    loaded = sorted({'torch', 'flwr', 'ray', 'datasets'} & set(sys.modules))\n"
-        "    print(stop.code, loaded)\n"
+    code, loaded, stderr = refused_in_a_fresh_process(
+        ["num_rounds=0", f"hydra.run.dir={tmp_path / 'run'}"]
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
-    assert proc.stderr.strip() == "fedsim: error: num_rounds=0: must be an integer >= 1"
+    assert (code, loaded) == (2, [])
+    assert stderr.strip() == "fedsim: error: num_rounds=0: must be an integer >= 1"
     assert not (tmp_path / "run").exists()
 
 

@@ -4,7 +4,6 @@ Each test attacks or damages a real run folder (made by a real run) and checks t
 refuses in one line (exit 2) or does nothing, and that no file inside or outside is touched.
 """
 
-import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import refused_in_a_fresh_process
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -293,25 +293,17 @@ def test_a_folder_taken_is_refused_before_the_engine_starts(held: bool, tmp_path
     run = tmp_path / "run"
     run.mkdir()
     (run / METRICS_FILE).write_text('{"round": 1}\n')
-    code = (
-        "import sys\n"
-        "from fedsim.__main__ import main\n"
-        f"sys.argv = ['fedsim', 'num_rounds=2', 'runtime.progress=false', 'hydra.run.dir={run}']\n"
-        "try:\n    main()\nexcept SystemExit as stop:\n"
-        "    print(stop.code, 'ray' in sys.modules)\n"
-    )
-    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    writer = RunWriter(run)
+    if held:
+        writer.reopen(1)  # holds the folder's lock, as a running fedsim does
     try:
-        if held:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running fedsim holds it
-        proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=180
-        )
+        argv = ["num_rounds=2", "runtime.progress=false", f"hydra.run.dir={run}"]
+        code, loaded, stderr = refused_in_a_fresh_process(argv)
     finally:
-        os.close(fd)
-    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
+        writer.close()
+    assert code == 2 and "ray" not in loaded, stderr[-2000:]
     why = "is being written by another fedsim process" if held else "never overwritten"
-    (line,) = proc.stderr.strip().splitlines()
+    (line,) = stderr.strip().splitlines()
     assert line.startswith("fedsim: error: hydra.run.dir=") and why in line
     assert sorted(p.name for p in run.iterdir()) == [METRICS_FILE]
     assert (run / METRICS_FILE).read_text() == '{"round": 1}\n'
@@ -321,12 +313,12 @@ def test_resuming_a_folder_being_written_never_reads_its_checkpoint(killed_run: 
     """The writer replaces its checkpoint as it goes: a resume that read it mid-write called it
     corrupt (seen once in a suite run). The folder's lock is asked first."""
     (killed_run / CHECKPOINT_FILE).write_bytes(b"\x00" * 40)  # half-written, as seen mid-write
-    fd = os.open(killed_run, os.O_RDONLY | os.O_DIRECTORY)
+    writer = RunWriter(killed_run)
+    writer.reopen(1)  # holds the folder's lock, as the running fedsim does
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running fedsim holds it
         line = _one_line_error(_fedsim(f"resume={killed_run}"), "being written by another")
     finally:
-        os.close(fd)
+        writer.close()
     assert line.startswith(f"fedsim: error: resume={killed_run}: ")
 
 

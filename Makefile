@@ -8,7 +8,7 @@ ARGS    ?=
 # `make run EXPERIMENT=` (empty) runs conf/config.yaml's plain default (digits CNN, FedAvg).
 EXPERIMENT ?= mobile_side_tuning
 
-.PHONY: run test lint setup clean-venv flwr-run
+.PHONY: run test lint setup clean-venv flwr-run gpu-bundle
 
 run: $(STAMP)
 	$(BIN)/fedsim $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) $(ARGS)
@@ -45,6 +45,11 @@ OVERRIDES ?=
 RESULTS_DIR ?= results/runs
 flwr-run: $(STAMP)
 	$(BIN)/python -m fedsim.scripts.flwr_run --overrides "$(OVERRIDES)" --results-dir "$(RESULTS_DIR)"
+
+# What a lent GPU machine needs for issue 17's check, in one device call (needs the package
+# registry): .gpu/bundle.tar.xz. Then, with the device tool: carry .gpu, run scripts/gpu_check.sh.
+gpu-bundle: $(STAMP)
+	$(BIN)/python scripts/gpu_bundle.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="compare: Hydra overrides added to every run (model.cost_backbone=Qwen2.5-0.5B)",
+        help="compare, gpu: Hydra overrides added to every run (model.cost_backbone=Qwen2.5-0.5B)",
     )
     parser.add_argument(
         "--flower-rounds", type=int, default=20, help="speedup_vs_flower: rounds of both runs"

@@ -14,6 +14,11 @@ reports:
 * concurrent clients per GPU: the most workers a share ran (measured), and how many would fit
   in the GPU's memory at the measured peak plus each process's CUDA context (an estimate).
 
+``--overrides`` are added to every run. ``scripts/gpu_check.sh`` gives
+``model.backbone=<MiniLM's config and tokenizer> model.init=random``: the same architecture at
+random weights, whose speed and memory are the pretrained model's (the weights do not fit in the
+GPU machine's call; results/README.md shows both inits on the CPU).
+
 Without CUDA it prints one line saying so and returns ``skipped`` with the reason (the JSON
 keeps it): nothing here is measured on a CPU-only machine.
 """
@@ -61,7 +66,8 @@ def _peak_mib(run_dir: Path) -> float:
 
 
 def _method(method: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    common = [*BASE, f"client={method}", f"num_rounds={args.gpu_rounds}", f"seed={args.seed}"]
+    common = [*BASE, f"client={method}", f"num_rounds={args.gpu_rounds}", f"seed={args.seed}",
+              *(args.overrides or [])]  # fmt: skip
     run_fedsim(common, work / method / "cpu")
     result: dict[str, Any] = {"cpu_client_rounds_per_s": _throughput(work / method / "cpu")}
     total_mib = torch.cuda.get_device_properties(0).total_memory / MiB
@@ -109,7 +115,12 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": False,
         "device": torch.cuda.get_device_name(0),
         "rounds": args.gpu_rounds,
+        "overrides": list(args.overrides or []),
     }
-    for method in METHODS:
-        report[method] = _method(method, args, work)
+    for method in METHODS:  # one method failing still leaves the other's figures
+        try:
+            report[method] = _method(method, args, work)
+        except RuntimeError as exc:  # run_fedsim: a run exited non-zero (its log's tail)
+            print(f"[bench] gpu {method}: failed: {exc}")
+            report[method] = {"failed": str(exc)}
     return report

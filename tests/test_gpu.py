@@ -294,6 +294,19 @@ def test_quarter_gpu_shares_run_four_workers_with_their_peaks(tmp_path: Path) ->
 
 
 @cuda
+def test_inline_engine_on_cuda_repeats_the_ray_run(tmp_path: Path) -> None:
+    # On CPU the two engines give bit-identical rows (tests/test_inline_engine.py); on one GPU,
+    # with the deterministic switches, the same kernels run in a Ray worker and in this process.
+    gpu = ("runtime.client_num_gpus=1",)
+    on_ray, _ = _gpu_run(tmp_path, "ray", *gpu)
+    inline, _ = _gpu_run(tmp_path, "inline", *gpu, "runtime.engine=inline")
+    assert [r["round"] for r in inline] == [1, 2]
+    for a, b in zip(on_ray, inline, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=GPU_REPEAT_RTOL)
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1 / 360)
+
+
+@cuda
 def test_worker_peak_memory_does_not_grow_across_rounds(tmp_path: Path) -> None:
     gpu = ("runtime.client_num_gpus=0.25", "num_rounds=4", "strategy.fraction_train=1.0")
     _, clients = _gpu_run(tmp_path, "peaks", *gpu)
@@ -319,3 +332,28 @@ def test_bench_gpu_case_says_it_was_skipped_and_why(
     assert json.loads(out.read_text())["gpu"]["skipped"] is True
     assert json.loads(out.read_text())["gpu"]["reason"] == reason
     assert not (tmp_path / "work").exists()  # nothing ran
+
+
+def test_bench_gpu_keeps_one_methods_figures_when_the_other_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a lent GPU the check runs once: a failed side-tuning run must not lose LoRA's figures."""
+    import argparse
+
+    from fedsim.scripts import bench_gpu
+
+    def method(name: str, args: argparse.Namespace, work: Path) -> dict:
+        if name == "side_tuning":  # what run_fedsim raises when a run exits non-zero
+            raise RuntimeError("fedsim failed (1), see side_tuning/cpu.log:\nTraceback ...")
+        return {"cpu_client_rounds_per_s": 1.0}
+
+    # a GPU as far as the case can tell (this machine has none); the runs themselves are faked
+    monkeypatch.setattr(bench_gpu, "skip_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "a GPU")
+    monkeypatch.setattr(bench_gpu, "_method", method)
+    args = argparse.Namespace(work_dir=str(tmp_path), gpu_rounds=2, overrides=["a=b"])
+    report = bench_gpu.gpu(args)
+    assert report["lora"] == {"cpu_client_rounds_per_s": 1.0}
+    assert report["side_tuning"]["failed"].startswith("fedsim failed (1)")
+    assert report["overrides"] == ["a=b"]
+    assert "[bench] gpu side_tuning: failed: fedsim failed (1)" in capsys.readouterr().out

@@ -202,20 +202,15 @@ def _resume(argument: str, others: list[str]) -> None:
     _finish(summary, run_dir)
 
 
-#: Statuses after which a run has nothing left to do (failed and interrupted runs resume).
-FINAL_STATUSES = ("completed", "diverged")
-
-
 def _finished_status(run_dir: Path) -> str | None:
-    """The final status of a run whose summary says it ended for good, else None."""
-    import json
+    """The final status of a run that ended for good (completed, diverged), else None.
 
-    from fedsim.records.results import SUMMARY_FILE
+    Failed, interrupted and crashed runs resume; a folder without a status (killed) too: its
+    checkpoint decides.
+    """
+    from fedsim.records.results import FINAL_STATUSES, run_status
 
-    try:
-        status = json.loads((run_dir / SUMMARY_FILE).read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None  # no summary (killed) or an unreadable one: the checkpoint decides
+    status = run_status(run_dir)
     return status if status in FINAL_STATUSES else None
 
 

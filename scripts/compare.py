@@ -25,14 +25,17 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
+from fedsim.records.results import CRASH_FILE
 from fedsim.scripts.fairness import (
     WORST_SHARE,
     FairnessSummary,
@@ -63,7 +66,6 @@ from fedsim.scripts.plot import (
     wrap_to_width,
 )
 from fedsim.scripts.runs import (
-    SUMMARY_FILE,
     Configuration,
     Run,
     TargetSummary,
@@ -174,8 +176,8 @@ def _check_out(out: Path, force: bool) -> None:
 def _load(sweep_dir: Path) -> tuple[list[Run], list[Run]]:
     """Finished runs under ``sweep_dir``, and the ones the report lists as left out.
 
-    Left out: no ``summary.json`` (crashed, killed or still going). No finished run at all is
-    a one-line error.
+    Left out: runs that did not end for good (:attr:`Run.complete`: interrupted, failed,
+    crashed, killed or still going). No finished run at all is a one-line error.
     """
     if not sweep_dir.is_dir():
         raise ConfigError(
@@ -199,22 +201,42 @@ def _load(sweep_dir: Path) -> tuple[list[Run], list[Run]]:
         raise ConfigError(
             "SWEEP_DIR",
             sweep_dir,
-            f"holds no finished run (none has {SUMMARY_FILE}: they crashed or are still going)",
+            "holds no finished run (none completed or diverged: "
+            f"{_statuses(runs)}; `fedsim --multirun` with the same arguments resumes them)",
         )
     return finished, [run for run in runs if not run.complete]
 
 
+def _statuses(runs: Sequence[Run]) -> str:
+    """``2 interrupted, 1 crashed``: how many runs ended how (no status: killed or going)."""
+    counts = Counter(run.status or "killed or still going" for run in runs)
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+
 def _left_out_note(sweep_dir: Path, left_out: Sequence[Run]) -> list[str]:
-    """A quoted note naming the runs without a summary, which no number below counts."""
+    """A quoted note naming the runs that did not finish, which no number below counts."""
     if not left_out:
         return []
-    names = ", ".join(f"`{run.path.relative_to(sweep_dir.resolve())}`" for run in left_out)
+    names = "; ".join(
+        f"`{run.path.relative_to(sweep_dir.resolve())}` ({run.ending}{_crash_error(run)})"
+        for run in left_out
+    )
     return [
-        f"> Left out: {len(left_out)} run(s) without {SUMMARY_FILE} (crashed, killed or still "
-        f"going; `fedsim --multirun` with the same arguments resumes them): {names}. No "
-        "number below counts them.",
+        f"> Left out: {len(left_out)} run(s) that did not finish ({_statuses(left_out)}; "
+        f"`fedsim --multirun` with the same arguments resumes them): {names}. No number below "
+        "counts them.",
         "",
     ]
+
+
+def _crash_error(run: Run) -> str:
+    """``: ValueError: ...`` from a crashed run's ``crash.json`` (its first 100 characters)."""
+    if run.status != "crashed":
+        return ""
+    try:
+        return ": " + str(json.loads((run.path / CRASH_FILE).read_text())["error"])[:100]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _pm(mean_ci_pair: tuple[float, float], decimals: int = 4) -> str:

@@ -28,7 +28,15 @@ import numpy as np
 import yaml
 
 from fedsim.errors import ConfigError
-from fedsim.records.results import CLIENTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
+from fedsim.records.results import (
+    CLIENTS_FILE,
+    CONFIG_FILE,
+    FINAL_STATUSES,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    read_jsonl,
+    run_status,
+)
 from fedsim.records.tables import find_run_dirs
 from fedsim.scripts.stats import accuracy_time_auc, ci_half_widths, mean_ci
 
@@ -88,7 +96,10 @@ class Run:
     rows
         Train-phase rows of ``metrics.jsonl`` (``phase`` absent or ``"train"``), by round.
     summary
-        ``summary.json``, or ``{}`` when it is missing (the run crashed or is still running).
+        ``summary.json``, or ``{}`` when it is missing (the run was killed or is still running).
+    status
+        :func:`fedsim.records.results.run_status`: completed, diverged, failed, interrupted,
+        crashed, or None (killed or still running).
     stage
         What the rows before round 1 (a warm start's ``phase: warm_start`` rows) moved and
         spent, summed: ``bytes`` (up + down) and each :data:`TOTAL_KEYS` they report. Bytes to
@@ -102,11 +113,26 @@ class Run:
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
     stage: dict[str, float] = field(default_factory=dict)
+    status: str | None = None
 
     @property
     def complete(self) -> bool:
-        """Whether the run wrote its ``summary.json``."""
-        return bool(self.summary)
+        """Whether the run ended for good (:data:`FINAL_STATUSES`: completed or diverged).
+
+        Failed, interrupted and crashed runs stopped early and resume: no table counts them.
+        """
+        return self.status in FINAL_STATUSES
+
+    @property
+    def ending(self) -> str:
+        """How the run ended, in a few words: ``crashed after round 3``, ``killed or running``."""
+        if self.status is None:
+            return f"no summary: killed or still going, after round {self.num_rounds}"
+        return f"{self.status} after round {self.num_rounds}"
+
+    def _summary(self, key: str) -> Any:
+        """A ``summary.json`` value, only where the summary is the run's last word (complete)."""
+        return self.summary.get(key) if self.complete else None
 
     @property
     def clients_path(self) -> Path | None:
@@ -130,7 +156,7 @@ class Run:
 
         ``final_value("accuracy")`` is :attr:`final_accuracy`.
         """
-        if is_finite(self.summary.get(f"final_{metric}")):
+        if is_finite(self._summary(f"final_{metric}")):
             return float(self.summary[f"final_{metric}"])
         values = self.values(metric)
         return values[-1] if values else math.nan
@@ -143,7 +169,7 @@ class Run:
     @property
     def best_accuracy(self) -> float:
         """``summary.best_accuracy``, else the best round's accuracy (nan if none)."""
-        if is_finite(self.summary.get("best_accuracy")):
+        if is_finite(self._summary("best_accuracy")):
             return float(self.summary["best_accuracy"])
         values = self.values("accuracy")
         return max(values) if values else math.nan
@@ -245,7 +271,7 @@ def _stage_totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def load_run(path: str | Path) -> Run:
-    """Read one run folder; a missing ``summary.json`` gives an incomplete run."""
+    """Read one run folder; a run that did not end for good (:attr:`Run.complete`) is incomplete."""
     path = Path(path)
     config = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
     rows, stage = [], []
@@ -256,7 +282,14 @@ def load_run(path: str | Path) -> Run:
     rows.sort(key=lambda row: int(row["round"]))
     summary_path = path / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return Run(path=path, config=config, rows=rows, summary=summary, stage=_stage_totals(stage))
+    return Run(
+        path=path,
+        config=config,
+        rows=rows,
+        summary=summary,
+        stage=_stage_totals(stage),
+        status=run_status(path),
+    )
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
@@ -457,7 +490,7 @@ def _one_run_per_seed(runs: Sequence[Run]) -> tuple[tuple[Run, ...], tuple[Run, 
     """(kept, ignored): per seed, the finished run written last; runs without a seed all kept.
 
     Two runs of one seed in one configuration are one sample, not two (fedsim is deterministic:
-    a repeated seed is a re-run or a copy). We keep the finished one (``summary.json``), and
+    a repeated seed is a re-run or a copy). We keep the finished one (:attr:`Run.complete`), and
     among those the one whose ``metrics.jsonl`` was modified last (path order breaks ties): a
     re-run replaces the run it repeats. The others are returned so that tools can name them.
     """

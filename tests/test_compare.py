@@ -385,7 +385,9 @@ def test_bad_input_exits_2_with_one_line(grid_sweep: Path, tmp_path: Path, capsy
     for summary in grid_sweep.glob("*/summary.json"):
         summary.unlink()
     assert main([str(grid_sweep), "--out", str(out)]) == 2
-    assert "holds no finished run (none has summary.json" in _one_error_line(capsys)
+    assert "holds no finished run (none completed or diverged: 8 killed or still going;" in (
+        _one_error_line(capsys)
+    )
     assert not out.exists()  # nothing written on bad input
 
 
@@ -479,7 +481,7 @@ def test_compare_real_sweep_matches_summaries_and_client_eval(
 def test_compare_real_sweep_reports_a_crashed_run_and_counts_the_rest(
     real_sweep: Path, tmp_path: Path
 ) -> None:
-    """Issue 16 item 4: a run without summary.json (crashed, killed) is listed, not fatal."""
+    """Issue 16 item 4: a run without summary.json (killed) is listed, not fatal."""
     sweep = tmp_path / "copy"
     shutil.copytree(real_sweep, sweep)
     (sweep / "2" / "summary.json").unlink()
@@ -489,8 +491,8 @@ def test_compare_real_sweep_reports_a_crashed_run_and_counts_the_rest(
     )
     assert proc.returncode == 0, proc.stderr
     report = (out / "report.md").read_text()
-    assert "> Left out: 1 run(s) without summary.json (crashed, killed or still going" in report
-    assert ": `2`. No number below counts them." in report
+    assert "> Left out: 1 run(s) that did not finish (1 killed or still going;" in report
+    assert ": `2` (no summary: killed or still going, after round 2). No number below" in report
     assert report.count("3 runs in 2 configurations") == 1
     seeds = {r["method"]: r["seeds"] for r in table_rows(report, "Final accuracy")}
     assert sorted(seeds.values()) == ["1", "2"]  # the crashed run's configuration lost a seed

@@ -22,9 +22,11 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
 from fedsim.engine.worker import handle_lane
-from fedsim.records.checkpoint import RunState
-from fedsim.records.progress import StartupLog
-from fedsim.records.results import RunWriter
+from fedsim.errors import ConfigError
+from fedsim.records.checkpoint import RunState, checkpoint_round
+from fedsim.records.progress import StartupLog, say
+from fedsim.records.results import CRASH_FILE, RunWriter
+from fedsim.records.saved_config import load_saved_config
 from fedsim.rounds.interrupt import AbandonableGrid, round_loop
 from fedsim.rounds.synchronous import run_rounds
 
@@ -70,6 +72,26 @@ def make_server_app(
     return app
 
 
+def record_crash(writer: RunWriter, error: Exception, num_rounds: int) -> None:
+    """``crash.json`` and two lines: what ended the run, and how to continue it once fixed."""
+    record = writer.crashed(error, checkpoint_round(writer.run_dir))
+    if record is None:  # the summary was written: the run ended before this error
+        return
+    say(
+        f"[fedsim] crashed after round {record['last_round']} of {num_rounds}: "
+        f"{record['error']} (traceback: {writer.run_dir / CRASH_FILE})"
+    )
+    kept = record["checkpoint_round"]
+    if not kept:
+        return
+    try:  # a config naming a class of the user's own is not resumable as it stands: say why
+        load_saved_config(writer.run_dir)
+    except ConfigError as refused:
+        say(f"[fedsim] a resume would be refused: {refused.one_line()}")
+        return
+    say(f"[fedsim] to continue after round {kept} once fixed: fedsim resume={writer.run_dir}")
+
+
 # --- `flwr run .` -----------------------------------------------------------------------------
 server_app = ServerApp()
 
@@ -90,4 +112,10 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
     writer = RunWriter(folder, tracker_of(cfg))  # logger=...: as `fedsim` tracks a run
     writer.start(cfg, made_by)
     writer.track(cfg)
-    run_rounds(grid, cfg, build(cfg, "strategy"), writer)
+    try:
+        run_rounds(grid, cfg, build(cfg, "strategy"), writer)
+    except Exception as error:  # the folder says how its run ended, as under `fedsim`
+        record_crash(writer, error, int(cfg.num_rounds))
+        raise
+    finally:
+        writer.close()

@@ -23,7 +23,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from fedsim.clock.devices import warm_up_flop_counter  # noqa: E402
 from fedsim.config import config_hash  # noqa: E402
-from fedsim.engine.apps import make_server_app, quiet_flower  # noqa: E402
+from fedsim.engine.apps import make_server_app, quiet_flower, record_crash  # noqa: E402
 from fedsim.engine.inline import check_inline, engine_of, run_inline  # noqa: E402
 from fedsim.learning.params import to_arrays  # noqa: E402
 from fedsim.learning.workload import get_workload  # noqa: E402
@@ -124,10 +124,13 @@ def _simulate(
             else:
                 lanes = ray_engine.num_lanes(cfg, ray_engine.cluster_cpus(cfg))
                 ray_engine.run_flower(app, lanes, ray_engine.backend_config(cfg))
+            if not summary:
+                raise RuntimeError("the simulation ended without a summary; see the log above")
+        except Exception as error:  # the folder says how its run ended, whatever ended it
+            record_crash(writer, error, int(cfg.num_rounds))
+            raise
         finally:
             writer.close()  # the folder's lock: the next run of a sweep, or a resume, may take it
-    if not summary:
-        raise RuntimeError("the simulation ended without a summary; see the log above")
     return summary
 
 

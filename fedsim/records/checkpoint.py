@@ -313,6 +313,21 @@ def read_checkpoint(run_dir: Path | str) -> tuple[dict[str, Any], dict[str, np.n
     return meta, tensors
 
 
+def checkpoint_round(run_dir: Path | str) -> int | None:
+    """The round a run's checkpoint was taken after, from its header alone; None if none is read.
+
+    For reports (a crash record), not for resuming: nothing is checked beyond the header.
+    """
+    try:
+        with open(Path(run_dir) / CHECKPOINT_FILE, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size)).get("__metadata__") or {}
+        server_round = json.loads(header["fedsim"])["server_round"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return server_round if isinstance(server_round, int) else None
+
+
 def verify_checkpoint(run_dir: Path | str, config_hash: str) -> dict[str, Any]:
     """The checkpoint's header once it is known to be intact and of this config (builds nothing)."""
     meta, _ = read_checkpoint(run_dir)

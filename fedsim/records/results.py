@@ -1,5 +1,11 @@
 """The sole writer of run folders: ``config.yaml``, ``metrics.jsonl``, ``summary.json``.
 
+A run that ends writes ``summary.json`` (its ``status``: completed, diverged, failed,
+interrupted); a run ended by an exception writes ``crash.json`` instead (the error, the rounds
+kept, the traceback), and a resume of that folder moves it to ``crashes.jsonl``, the folder's
+history of crashes, when it writes its first new row. :func:`run_status` reads what a folder
+says.
+
 (``run.log``, the console's lines, is appended by :mod:`fedsim.records.progress` once the folder is
 claimed here.)
 
@@ -26,7 +32,9 @@ import math
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +42,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from fedsim.errors import ConfigError
+from fedsim.records.progress import RUN_LOG
 
 if TYPE_CHECKING:
     from fedsim.records.tracking import Tracker
@@ -45,6 +54,10 @@ __all__ = [
     "CONFIG_FILE",
     "METRICS_FILE",
     "SUMMARY_FILE",
+    "CRASH_FILE",
+    "CRASHES_FILE",
+    "FINAL_STATUSES",
+    "run_status",
     "CLIENTS_FILE",
     "CLIENT_EVAL_FILE",
     "read_jsonl",
@@ -58,6 +71,11 @@ CONFIG_FILE = "config.yaml"
 CHOICES_FILE = "choices.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CRASH_FILE = "crash.json"  # the exception that ended the run's last attempt
+CRASHES_FILE = "crashes.jsonl"  # earlier attempts' crash records, moved here by a resume
+#: Statuses after which a run has nothing left to do: the only runs a comparison counts.
+#: (failed, interrupted and crashed runs resume; a folder without a status is running or killed)
+FINAL_STATUSES = ("completed", "diverged")
 CLIENTS_FILE = "clients.jsonl"  # one row per client-round: device, outcome, latency, bytes
 CLIENT_EVAL_FILE = "client_eval.jsonl"  # one row per client: the final model on its local data
 
@@ -109,6 +127,8 @@ class RunWriter:
         self._tracking = False  # track() opened the tracker; close() ends it if finish() did not
         self._lock_fd: int | None = None
         self._resumed_after: int | None = None  # rows past this round go at the first new row
+        self._last_round = 0  # the round of the last metrics row written (for a crash record)
+        self._finished = False  # finish() wrote the summary: a later error is not the run's
 
     def _lock(self, key: str = "hydra.run.dir") -> None:
         """Take the folder's exclusive lock (``flock`` on the folder itself: no file to leave).
@@ -190,9 +210,11 @@ class RunWriter:
         """
         self._lock()
         self._resumed_after = server_round
+        self._last_round = server_round
 
     def _drop_rows_past_checkpoint(self) -> None:
         server_round, self._resumed_after = self._resumed_after, None
+        self._archive_crash()  # this attempt goes on: the last one's crash becomes history
         for name in (METRICS_FILE, CLIENTS_FILE):
             path = self.run_dir / name
             if path.exists():
@@ -215,6 +237,8 @@ class RunWriter:
         line = json.dumps({k: _jsonable(v) for k, v in row.items()})
         with open(self.run_dir / file, "a") as handle:
             handle.write(line + "\n")
+        if file == METRICS_FILE and isinstance(row.get("round"), int):
+            self._last_round = max(self._last_round, row["round"])
         if self._tracking and file == METRICS_FILE:
             self.tracker.log_row(row)  # type: ignore[union-attr]  # _tracking: a tracker is set
 
@@ -233,9 +257,69 @@ class RunWriter:
         """Write ``summary.json`` atomically."""
         text = json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2)
         atomic_write_text(self.run_dir / SUMMARY_FILE, text + "\n")
+        self._finished = True
         if self._tracking:
             self._tracking = False
             self.tracker.finish(summary, self.run_dir)  # type: ignore[union-attr]
+
+    def crashed(self, error: BaseException, checkpoint_round: int | None) -> dict[str, Any] | None:
+        """Record the exception that ended the run: ``crash.json``, the traceback in ``run.log``.
+
+        Returns the record, or None when the run had already written its summary (an error
+        after that, in a tracker's upload say, is not the run's outcome). ``checkpoint_round``:
+        the round a resume would continue after (None: no checkpoint).
+        """
+        if self._finished or self._lock_fd is None:
+            return None
+        trace = "".join(traceback.format_exception(error))
+        message = " ".join(str(error).split())
+        record = {
+            "status": "crashed",
+            "error": f"{type(error).__name__}: {message}" if message else type(error).__name__,
+            "last_round": self._last_round,  # rows up to this round are in metrics.jsonl
+            "checkpoint_round": checkpoint_round,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "traceback": trace,
+        }
+        self._archive_crash()  # a resume that crashed before its first row: keep the last one
+        atomic_write_text(self.run_dir / CRASH_FILE, json.dumps(record, indent=2) + "\n")
+        log = self.run_dir / RUN_LOG
+        if log.is_file():
+            with open(log, "a") as handle:
+                handle.write(trace)
+        return record
+
+    def _archive_crash(self) -> None:
+        """Move ``crash.json`` to the end of ``crashes.jsonl`` (appended before it is removed)."""
+        path = self.run_dir / CRASH_FILE
+        if not path.is_file():
+            return
+        line = json.dumps(json.loads(path.read_text()))
+        with open(self.run_dir / CRASHES_FILE, "a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        path.unlink()
+
+
+def run_status(run_dir: Path | str) -> str | None:
+    """How a run folder says its run ended; None while it runs, or after it was killed.
+
+    ``crashed`` (``crash.json``), else ``summary.json``'s status (completed, diverged, failed,
+    interrupted).
+
+    Only :data:`FINAL_STATUSES` mean the run has nothing left to do; every other run resumes.
+    An unreadable summary counts as none; one without a status is ``completed`` (fedsim's first
+    version wrote the summary only after the last round, and no status).
+    """
+    path = Path(run_dir)
+    if (path / CRASH_FILE).is_file():
+        return "crashed"
+    try:
+        status = json.loads((path / SUMMARY_FILE).read_text()).get("status", "completed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(status)
 
 
 def check_folder_free(run_dir: Path | str, resume: bool, key: str = "hydra.run.dir") -> None:

@@ -4,8 +4,8 @@ One row per round (``load_runs``, from ``metrics.jsonl``) or per client-round (`
 from ``clients.jsonl``), each with the columns that say which run it comes from:
 
 - ``run``: the run folder, relative to the folder given (``.`` for a run folder itself);
-- ``seed`` and ``status`` (``summary.json``: completed, interrupted, failed, ...; None while a run
-  is going or after it was killed);
+- ``seed`` and ``status`` (:func:`fedsim.records.results.run_status`: completed, diverged,
+  failed, interrupted, crashed; None while a run is going or after it was killed);
 - one column per config group with the option chosen (``strategy``: ``fedprox``, ``devices``:
   ``phones_mixed``, ...) and ``overrides``, the command's overrides in one string, both from the
   run's ``choices.yaml`` (None for runs written before fedsim saved it);
@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,8 +39,8 @@ from fedsim.records.results import (
     CLIENTS_FILE,
     CONFIG_FILE,
     METRICS_FILE,
-    SUMMARY_FILE,
     read_jsonl,
+    run_status,
 )
 
 if TYPE_CHECKING:
@@ -95,15 +94,13 @@ def _rows(file: Path) -> list[dict[str, Any]]:
 def _run_columns(root: Path, run_dir: Path) -> dict[str, Any]:
     """``run``, ``seed``, ``status``, the group choices and ``overrides`` of one run folder."""
     config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
-    summary_file = run_dir / SUMMARY_FILE
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     made_by_file = run_dir / CHOICES_FILE
     made_by = yaml.safe_load(made_by_file.read_text()) if made_by_file.is_file() else {}
     choices = made_by.get("choices", {})
     columns: dict[str, Any] = {
         "run": str(run_dir.relative_to(root)),
         "seed": config.get("seed"),
-        "status": summary.get("status"),
+        "status": run_status(run_dir),
     }
     columns |= {group: choices.get(group) for group in CHOICE_COLUMNS}
     overrides = made_by.get("overrides")

@@ -263,6 +263,55 @@ def test_resumed_run_continues_its_mlflow_run(kill_and_resume) -> None:
     assert tracked.data.metrics["summary.final_accuracy"] == rows[-1]["accuracy"]
 
 
+@pytest.mark.slow
+def test_a_crash_ends_the_mlflow_run_failed_and_a_resume_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 3 raises (as a GPU out of memory would): the MLflow run is FAILED with the error
+    and crash.json; the resume of the folder reopens that run, and nothing of the crash is left
+    on it but the file, which the folder keeps too (crashes.jsonl)."""
+    from mlflow.tracking import MlflowClient
+
+    from fedsim.engine.simulation import simulate
+    from fedsim.rounds import synchronous
+
+    cfg = compose_config(["logger=mlflow", "num_clients=4", "num_rounds=4",
+                          "strategy.fraction_train=0.5", "runtime.progress=false",
+                          "runtime.engine=inline", "eval.num_clients_final=0"])  # fmt: skip
+    run_dir = tmp_path / "run"
+    train_round = synchronous.train_round
+
+    def out_of_memory(strategy, server_round, *args, **kwargs):
+        if server_round == 3:
+            raise RuntimeError("CUDA out of memory")
+        return train_round(strategy, server_round, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(synchronous, "train_round", out_of_memory)
+        with pytest.raises(RuntimeError, match="CUDA out of memory"):
+            simulate(cfg, run_dir)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    run_id = json.loads((run_dir / TRACKING_FILE).read_text())["mlflow_run_id"]
+    crashed = client.get_run(run_id)
+    assert crashed.info.status == "FAILED"
+    assert crashed.data.tags["summary.status"] == "crashed"
+    assert crashed.data.tags["summary.error"] == "RuntimeError: CUDA out of memory"
+    assert {"crash.json", "run.log", "config.yaml"} <= {
+        a.path for a in client.list_artifacts(run_id)
+    }
+    assert sorted(m.step for m in client.get_metric_history(run_id, "accuracy")) == [1, 2]
+
+    assert simulate(cfg, run_dir, resume=True)["status"] == "completed"
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["summary.status"] == "completed"
+    assert "summary.error" not in finished.data.tags
+    assert "crashes.jsonl" in {a.path for a in client.list_artifacts(run_id)}
+    history = client.get_metric_history(run_id, "accuracy")
+    assert {m.step: m.value for m in history} == {r["round"]: r["accuracy"]
+                                                  for r in read_metrics(run_dir)}  # fmt: skip
+
+
 # --- Optuna studies that persist, and the objective a run returns --------------------------------
 def test_objective_values_from_rows_by_hand() -> None:
     from fedsim.records.sweeps import objective_value

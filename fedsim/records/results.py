@@ -287,6 +287,14 @@ class RunWriter:
         if log.is_file():
             with open(log, "a") as handle:
                 handle.write(trace)
+        if self._tracking:  # the tracked run ends as the folder does: crashed, with its files
+            self._tracking = False
+            ending = {"status": "crashed", "error": record["error"]}  # the rest: crash.json
+            try:
+                self.tracker.finish(ending, self.run_dir)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - the run's own error comes first
+                print(f"[fedsim] the tracker could not record the crash: {exc}", file=sys.stderr)
+                self.tracker.close()  # type: ignore[union-attr]
         return record
 
     def _archive_crash(self) -> None:

@@ -64,10 +64,15 @@ class Tracker(Protocol):
         """Record one ``metrics.jsonl`` row."""
 
     def finish(self, summary: Mapping[str, Any], run_dir: Path) -> None:
-        """Record the summary and the run folder's files; close the tracked run."""
+        """Record the summary and the run folder's files; close the tracked run.
+
+        A run ended by an exception finishes with ``{"status": "crashed", "error": ...}``
+        instead; the files hold the rest (``crash.json``: rounds kept, time, traceback). A
+        resume reopens the tracked run, and its own end replaces the status.
+        """
 
     def close(self) -> None:
-        """End the tracked run if :meth:`finish` was not reached (the run raised)."""
+        """End the tracked run if :meth:`finish` was not reached (its record failed)."""
 
 
 def _require(module: str, package: str, option: str) -> Any:
@@ -280,6 +285,10 @@ class MlflowTracker:
         if resumed_after is not None and saved is not None:
             self._run_id = saved
             self._client.update_run(saved, status="RUNNING")
+            tags = self._client.get_run(saved).data.tags
+            for name in ("summary.status", "summary.error"):  # a crash's: the run goes on
+                if name in tags:
+                    self._client.delete_tag(saved, name)
             return
         experiment = self._client.get_experiment_by_name(self.experiment_name)
         experiment_id = (
@@ -315,13 +324,13 @@ class MlflowTracker:
             self._client.set_tag(self._run_id, name, text)
         for path in run_files(run_dir):
             self._client.log_artifact(self._run_id, str(path))
-        ended = {"interrupted": "KILLED", "failed": "FAILED"}
+        ended = {"interrupted": "KILLED", "failed": "FAILED", "crashed": "FAILED"}
         status = ended.get(str(summary.get("status")), "FINISHED")
         self._client.set_terminated(self._run_id, status=status)
         self._run_id = None
 
     def close(self) -> None:
-        """A run that raised is marked FAILED (a resume sets it RUNNING again)."""
+        """A run that ended unrecorded is marked FAILED (a resume sets it RUNNING again)."""
         if self._run_id is not None:
             self._client.set_terminated(self._run_id, status="FAILED")
             self._run_id = None
@@ -368,14 +377,17 @@ class WandbTracker:
 
     def finish(self, summary: Mapping[str, Any], run_dir: Path) -> None:
         """Summary and files into the offline run, then close it."""
-        self._run.summary.update({k: v for k, v in summary.items() if v is not None})
+        # A crash's error stays in crash.json (saved below): W&B keeps a summary key across a
+        # resume's offline folders, and a run that then completes would still show the error.
+        kept = {k: v for k, v in summary.items() if v is not None and k != "error"}
+        self._run.summary.update(kept)
         for path in run_files(run_dir):  # under files/<run name>/: W&B has a config.yaml of its own
             self._run.save(str(path), base_path=str(run_dir.parent), policy="now")
-        self._run.finish(exit_code=1 if summary.get("status") == "failed" else 0)
+        self._run.finish(exit_code=1 if summary.get("status") in ("failed", "crashed") else 0)
         self._run = None
 
     def close(self) -> None:
-        """A run that raised ends with exit code 1."""
+        """A run that ended unrecorded ends with exit code 1."""
         if self._run is not None:
             self._run.finish(exit_code=1)
             self._run = None

@@ -204,3 +204,45 @@ def test_a_crash_on_ray_is_recorded_and_the_resume_hint_is_honest(tmp_path: Path
     assert 'my_effects.py", line 10, in check_in' in record["traceback"]
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
     assert run_status(run_dir) == "crashed"
+
+
+SEED_CRASH = '''
+class CrashOnSeed:
+    """Runs out of memory in round 2 of one seed's run (a device effect of one's own)."""
+
+    def __init__(self, *, seed: int) -> None:
+        self.seed = seed
+
+    def check_in(self, seed, partition_id, server_round, now_s, profile):
+        if seed == self.seed and server_round == 2:
+            raise MemoryError("out of memory on this seed")
+        return None
+'''
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_crashed_job_runs_the_rest_and_keeps_its_table(tmp_path: Path) -> None:
+    """Hydra runs every job, then raises the crashed job's error without its end-of-sweep
+    callback: runs.parquet is written after each job from the crash on, with every job in it."""
+    import pandas as pd
+
+    (tmp_path / "seed_crash.py").write_text(SEED_CRASH)
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", "--multirun", "seed=0,1,2", "num_clients=6",
+         "num_rounds=3", "runtime.engine=inline", "runtime.progress=false",
+         f"hydra.sweep.dir={sweep}",
+         "+devices.effects=[{_target_: seed_crash.CrashOnSeed, seed: 1}]"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "MemoryError: out of memory on this seed" in proc.stderr
+    assert [run_status(sweep / job) for job in "012"] == ["completed", "crashed", "completed"]
+    table = pd.read_parquet(sweep / "runs.parquet")
+    assert table.groupby("run").status.first().to_dict() == {
+        "0": "completed",
+        "1": "crashed",
+        "2": "completed",
+    }
+    assert table.groupby("run")["round"].max().to_dict() == {"0": 3, "1": 1, "2": 3}

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 
 from fedsim.config import GROUPS
 from fedsim.errors import ConfigError
@@ -148,16 +150,38 @@ def write_runs_table(sweep_dir: str | Path) -> Path:
 class RunsTableCallback(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a sweep's ``runs.parquet``.
 
-    Called at the end of a ``--multirun``. A sweep whose table cannot be written still ends as
-    it would have: the reason is one line on stderr.
+    Called at the end of a ``--multirun``. Hydra runs every job of a sweep even when one raises,
+    then raises that job's error instead of ending the sweep: the table is therefore also
+    written after the job that raised and after each job that follows, so that the sweep's
+    table holds every job, the crashed ones with status ``crashed``. A sweep whose table cannot
+    be written still ends as it would have: the reason is one line on stderr.
     """
+
+    def __init__(self) -> None:
+        self._job_raised = False  # a job of this sweep raised: Hydra will skip on_multirun_end
+
+    def on_job_end(self, config: Any, job_return: JobReturn, **_: Any) -> None:
+        """From a job that raised on, keep the table current after every job."""
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if job_return.status == JobStatus.FAILED and not self._job_raised:
+            self._job_raised = True
+            print(f"[fedsim] a job raised; the sweep table is kept current after each job: "
+                  f"{sweep_dir / RUNS_TABLE_FILE}", file=sys.stderr)  # fmt: skip
+        if self._job_raised:
+            self._write(sweep_dir, quiet=True)
 
     def on_multirun_end(self, config: Any, **_: Any) -> None:
         """Write the sweep's table into ``hydra.sweep.dir``."""
-        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self._write(Path(str(config.hydra.sweep.dir)))
+
+    @staticmethod
+    def _write(sweep_dir: Path, quiet: bool = False) -> None:
         try:
             out = write_runs_table(sweep_dir)
         except (ConfigError, OSError, ValueError) as error:
             print(f"[fedsim] no {RUNS_TABLE_FILE} for {sweep_dir}: {error}", file=sys.stderr)
             return
-        print(f"[fedsim] sweep table: {out}", file=sys.stderr)
+        if not quiet:
+            print(f"[fedsim] sweep table: {out}", file=sys.stderr)

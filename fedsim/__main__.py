@@ -58,7 +58,7 @@ def _run(cfg: DictConfig) -> float:
     except WorkerSetupError as error:  # not the input's fault: the workers' machines lack something
         print(f"fedsim: error: {error} (folder {run_dir})", file=sys.stderr)
         sys.exit(1)
-    _finish(summary, run_dir)
+    _finish(summary, run_dir, in_sweep=_in_multirun(hydra_cfg))
     return _objective(cfg, summary, run_dir)  # nan: no round finished
 
 
@@ -129,13 +129,24 @@ def _stopped(stop: RunInterrupted) -> None:
     exit_now()
 
 
-def _finish(summary: dict, run_dir: Path) -> None:
-    """Report the run; exit 1 if it failed, 130 / 143 with the resume command if a signal hit."""
+#: Jobs of this ``--multirun`` whose run ended ``failed``: the sweep runs the rest, then exits 1.
+_FAILED_JOBS: list[Path] = []
+
+
+def _finish(summary: dict, run_dir: Path, in_sweep: bool = False) -> None:
+    """Report the run; exit 1 if it failed, 130 / 143 with the resume command if a signal hit.
+
+    A failed job of a sweep does not end the sweep (a fault study's harshest setting may fail
+    by design): the other jobs run, and the sweep exits 1 at its end (:func:`main`).
+    """
     _report(summary, run_dir)
     if summary["status"] == "interrupted":
         announce(run_dir)
         exit_now()
     if summary["status"] == "failed":
+        if in_sweep:
+            _FAILED_JOBS.append(run_dir)
+            return
         sys.exit(EXIT_RUN_FAILED)
 
 
@@ -300,11 +311,18 @@ def main() -> None:
     except RunInterrupted as stop:  # a resume stopped before it reopened its folder
         _stopped(stop)
     _run()
+    if _FAILED_JOBS:
+        print(
+            f"[fedsim] {len(_FAILED_JOBS)} job(s) of the sweep failed (every client lost for "
+            f"runtime.max_failed_rounds rounds): {', '.join(map(str, _FAILED_JOBS))}",
+            file=sys.stderr,
+        )
+        _end_process(EXIT_RUN_FAILED)
     _end_process()
 
 
-def _end_process() -> NoReturn:
-    """Exit 0 without the interpreter's teardown, once everything is written and released.
+def _end_process(code: int = 0) -> NoReturn:
+    """Exit with ``code`` (0: done) without the interpreter's teardown, once all is written.
 
     With torch, Ray and Flower loaded, Python's teardown (modules, Ray's core worker) took
     2.4-3.4 s after the last line on 2 cores: every command paid it. The exit handlers still
@@ -319,7 +337,7 @@ def _end_process() -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing left to flush into
             stream.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -350,6 +350,28 @@ def test_a_run_whose_every_client_keeps_failing_stops_as_failed(tmp_path: Path) 
     assert len(rows) == 3 and all(r["num_clients"] == 0 for r in rows)  # stopped after 3
 
 
+@pytest.mark.slow
+def test_a_failed_job_of_a_sweep_lets_the_others_run_and_the_sweep_exits_1(tmp_path: Path) -> None:
+    """A fault study's harshest setting may fail by design: it used to end the sweep there
+    (the job's exit 1), leaving later jobs unrun and no runs.parquet."""
+    import pandas as pd
+
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [*FEDSIM, "--multirun", "seed=0,1", "faults.exception_prob=1.0,0.0", "num_clients=6",
+         "num_rounds=3", "runtime.max_failed_rounds=1", "runtime.engine=inline",
+         "runtime.progress=false", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    table = pd.read_parquet(sweep / "runs.parquet").groupby("run").status.first().to_dict()
+    assert table == {"0": "failed", "1": "completed", "2": "failed", "3": "completed"}
+    assert done.stderr.rstrip().endswith(
+        f"[fedsim] 2 job(s) of the sweep failed (every client lost for "
+        f"runtime.max_failed_rounds rounds): {sweep / '0'}, {sweep / '2'}"
+    )
+
+
 def test_a_run_the_workers_cannot_set_up_fails_at_once_with_their_reason(tmp_path) -> None:
     """The warm-up raised in every worker: the run stops there, naming the worker's error.
 

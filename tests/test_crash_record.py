@@ -93,6 +93,34 @@ def test_a_crash_is_recorded_kept_through_resumes_and_the_run_ends_as_if_never_s
     assert strip_wall_time(read_metrics(run_dir)) == strip_wall_time(read_metrics(reference))
 
 
+def test_a_crash_that_cannot_be_recorded_still_raises_the_runs_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk fills in round 3 and training raises: the run's error is what the caller gets
+    (not the crash record's OSError), and one line says the record could not be written."""
+    train_round = synchronous.train_round
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    def failing(strategy, server_round, *args, **kwargs):
+        if server_round == 3:
+            monkeypatch.setattr(results, "atomic_write_text", disk_full)
+            raise RuntimeError(OOM)
+        return train_round(strategy, server_round, *args, **kwargs)
+
+    monkeypatch.setattr(synchronous, "train_round", failing)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as raised:
+        simulate(compose_config(SMALL), run_dir)
+    assert raised.value.__context__ is None  # not raised while handling another error
+    assert not (run_dir / CRASH_FILE).exists()
+    assert (
+        f"[fedsim] the crash could not be recorded in {run_dir}: [Errno 28] No space left on device"
+        in capsys.readouterr().err
+    )
+
+
 def test_an_error_after_the_summary_is_not_the_runs_outcome(tmp_path: Path) -> None:
     writer = results.RunWriter(tmp_path / "run")
     writer.start(compose_config(SMALL))

@@ -74,7 +74,11 @@ def make_server_app(
 
 def record_crash(writer: RunWriter, error: Exception, num_rounds: int) -> None:
     """``crash.json`` and two lines: what ended the run, and how to continue it once fixed."""
-    record = writer.crashed(error, checkpoint_round(writer.run_dir))
+    try:
+        record = writer.crashed(error, checkpoint_round(writer.run_dir))
+    except OSError as unwritable:  # a full disk, say: the run's own error still comes next
+        say(f"[fedsim] the crash could not be recorded in {writer.run_dir}: {unwritable}")
+        return
     if record is None:  # the summary was written: the run ended before this error
         return
     say(

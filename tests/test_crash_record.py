@@ -93,6 +93,22 @@ def test_a_crash_is_recorded_kept_through_resumes_and_the_run_ends_as_if_never_s
     assert strip_wall_time(read_metrics(run_dir)) == strip_wall_time(read_metrics(reference))
 
 
+def test_a_crash_before_the_first_checkpoint_says_there_is_nothing_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _crash_in_round(monkeypatch, 1)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        simulate(compose_config(SMALL), run_dir)
+    record = json.loads((run_dir / CRASH_FILE).read_text())
+    assert record["last_round"] == 0 and record["checkpoint_round"] is None
+    err = capsys.readouterr().err
+    assert f"[fedsim] crashed after round 0 of 4: RuntimeError: {OOM}" in err
+    nothing = "[fedsim] no checkpoint to continue from: once fixed, run it again in a new folder"
+    assert nothing in err
+    assert "resume=" not in err
+
+
 def test_a_crash_that_cannot_be_recorded_still_raises_the_runs_own_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

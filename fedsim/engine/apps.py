@@ -86,7 +86,8 @@ def record_crash(writer: RunWriter, error: Exception, num_rounds: int) -> None:
         f"{record['error']} (traceback: {writer.run_dir / CRASH_FILE})"
     )
     kept = record["checkpoint_round"]
-    if not kept:
+    if not kept:  # before the first checkpoint, or checkpoint_every=0
+        say("[fedsim] no checkpoint to continue from: once fixed, run it again in a new folder")
         return
     try:  # a config naming a class of the user's own is not resumable as it stands: say why
         load_saved_config(writer.run_dir)

@@ -49,6 +49,7 @@ PYTHONPATH=$WORK/build-tools "$PY" -m pip install --quiet --no-index --no-deps -
     --no-cache-dir --no-build-isolation --ignore-requires-python --target "$SITE" \
     "$WORK"/bundle/wheels/*.whl "$REPO" || exit 3
 export PYTHONPATH=$SITE HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export FEDSIM_GPU_BACKBONE=$WORK/bundle/minilm-arch  # tests/test_gpu.py's side-tuning run
 # not the tree's root: its fedsim/ folder is the source, not the installed package
 cd "$WORK/run" || exit 3
 

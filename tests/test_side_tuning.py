@@ -367,6 +367,29 @@ def test_cached_and_uncached_features_train_alike(cache_dir, minilm, texts, num_
     assert torch.allclose(heads[0], heads[1], atol=1e-3)
 
 
+def test_scoring_clients_leaves_no_batch_remembered(cache_dir, minilm, texts, num_classes) -> None:
+    """The server remembers its reconstruction of batches it sees every round (the test split);
+    a client's data, scored once at the end, must not stay (on a GPU: fresh copies each)."""
+    from fedsim.learning.evaluation import evaluate, evaluate_clients
+
+    model, data = setup(make_client(cache_dir), minilm, texts, num_classes)
+    assert TAPS_KEY in data
+    first = evaluate(model, data, batch_size=32)
+    remembered = len(model._received_memo)
+    assert remembered == -(-len(data["label"]) // 32)  # one entry per batch
+    assert evaluate(model, data, batch_size=32) == first  # the same batches: from the memo
+    assert len(model._received_memo) == remembered
+
+    def client_data(pid: int) -> dict[str, torch.Tensor]:  # fresh tensors, as Workload's
+        rows = torch.arange(pid, len(data["label"]), 3)
+        return {k: v[rows] for k, v in data.items()}
+
+    rows = evaluate_clients(model, client_data, [0, 1, 2], batch_size=32)
+    assert not model._received_memo
+    assert rows == evaluate_clients(model, client_data, [0, 1, 2], batch_size=32)
+    assert all(row["num_examples"] > 0 and row["accuracy"] is not None for row in rows)
+
+
 @pytest.mark.parametrize(("dtype", "atol"), [("float16", 2e-2), ("float32", 1e-4)])
 def test_feature_cache_file_written_once_and_matches_the_backbone(
     tmp_path, minilm, texts, num_classes, dtype: str, atol: float, capsys

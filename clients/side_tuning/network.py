@@ -362,6 +362,10 @@ class SideTunedModel(nn.Module):
         received, mask = self._received(taps, attention_mask)
         return self.decode(self.side_logits(received, mask))
 
+    def forget_batches(self) -> None:
+        """Drop the remembered evaluation batches (``fedsim.learning.evaluation``'s protocol)."""
+        self._received_memo.clear()
+
     def _received(
         self, taps: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

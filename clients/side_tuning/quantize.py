@@ -90,7 +90,7 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """Int codes in [-7, 7], last dim d -> uint8 (..., ceil(d / 2)), low nibble first."""
     unsigned = (codes + _NIBBLE_OFFSET).to(torch.uint8)
     if unsigned.shape[-1] % 2:
-        pad = torch.zeros((*unsigned.shape[:-1], 1), dtype=torch.uint8)
+        pad = unsigned.new_zeros((*unsigned.shape[:-1], 1))  # where the codes are (CUDA too)
         unsigned = torch.cat([unsigned, pad], dim=-1)
     return unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
 

@@ -82,7 +82,12 @@ class ClientRuntime:
         torch.set_num_threads(max(1, int(cfg.runtime.client_num_cpus)))
         self.device = client_device(float(cfg.runtime.client_num_gpus))
         apply_determinism(self.device, bool(cfg.runtime.get("deterministic_gpu", True)))
-        self.workload: Workload = get_workload(cfg)
+        # Inline, the server shares this process's workload, whose factory shares frozen parts
+        # between the models it builds (side-tuning's backbone, across HeteroFL/WHALE-FL
+        # widths): moving a client's sub-model to a GPU would move the server's CPU backbone
+        # with it. An inline runtime on a GPU builds its models from a workload of its own.
+        own = self.device.type != "cpu" and OmegaConf.select(cfg, "runtime.engine") == "inline"
+        self.workload: Workload = Workload.from_config(cfg) if own else get_workload(cfg)
         # built on CPU (the same seeded init as everywhere), then moved: no-op on CPU
         self.model = self.workload.build_model().to(self.device)
         self._models: dict[float, torch.nn.Module] = {1.0: self.model}  # width -> resident
@@ -115,6 +120,9 @@ class ClientRuntime:
         ``lane`` (which attempt, the lane's timeout) and ``time_left_s`` (of that timeout) tell
         injected faults how to strike (fedsim/engine/faults.py).
         """
+        # This client-round's GPU peak starts here: not a client before it that raised, nor (on
+        # the inline engine) the server's evaluation on the same GPU. None on CPU: a no-op.
+        peak_memory_bytes(self.device)
         config = content.get(keys.CONFIG, ConfigRecord())
         assert isinstance(config, ConfigRecord)  # the strategy's train config
         server_round = int(keys.number(config, keys.SERVER_ROUND, 0))

@@ -7,7 +7,7 @@ Also the per-client evaluation of the final global model (fairness across client
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -15,9 +15,29 @@ import torch
 from fedsim.learning.placement import model_device, to_device
 from fedsim.seeding import numpy_rng
 
-__all__ = ["evaluate", "macro_f1", "evaluate_clients", "iterate_batches", "sample_eval_clients"]
+__all__ = [
+    "RemembersBatches",
+    "evaluate",
+    "evaluate_clients",
+    "iterate_batches",
+    "macro_f1",
+    "sample_eval_clients",
+]
 
 ALL_CLIENTS = "all"  # eval.num_clients_final: score every client
+
+
+@runtime_checkable
+class RemembersBatches(Protocol):
+    """A model that remembers what it computed for evaluation batches it expects to see again.
+
+    Side-tuning's server keeps its reconstruction of the test split's batches (the same tensors
+    every round). A client's data is scored once, by :func:`evaluate_clients`, which then has
+    the model forget: otherwise one-off batches (on a GPU, fresh copies each) would stay.
+    """
+
+    def forget_batches(self) -> None:
+        """Drop every remembered batch (the next evaluation computes them again, identically)."""
 
 
 def iterate_batches(data: dict[str, torch.Tensor], batch_size: int):  # noqa: ANN201
@@ -103,6 +123,8 @@ def evaluate_clients(
         data = client_data_fn(pid)
         num_examples = len(data["label"])
         scores = evaluate(model, data, batch_size) if num_examples else {}
+        if isinstance(model, RemembersBatches):
+            model.forget_batches()  # this client's batches come no more
         rows.append(
             {
                 "partition_id": int(pid),

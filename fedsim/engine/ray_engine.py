@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# CPU-only runs: keeps Ray from printing a FutureWarning about accelerator env vars.
+# Ray's coming default, which also keeps it from printing a FutureWarning about it: a worker
+# without GPUs keeps CUDA_VISIBLE_DEVICES as it is (its device is the CPU all the same).
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import psutil  # noqa: E402

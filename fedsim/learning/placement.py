@@ -7,9 +7,11 @@ they were before devices were threaded through. A GPU is used only where the con
 * a Ray worker with ``runtime.client_num_gpus > 0`` trains on ``cuda:0`` of its own visible
   devices. Ray 2.55 sets ``CUDA_VISIBLE_DEVICES`` of each actor to the GPU ids it assigned
   (``ray.get_gpu_ids()``): with a fraction (0.25) that is the one GPU the fraction sits on, so
-  four such workers see one GPU each, possibly the same one, always as ``cuda:0``; with
-  ``num_gpus=0`` Ray sets it to the empty string (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO``, on by
-  default), so a CPU worker cannot touch a GPU by accident (fedsim/engine/worker.py);
+  four such workers see one GPU each, possibly the same one, always as ``cuda:0``. With
+  ``num_gpus=0`` fedsim takes Ray's coming default (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0``,
+  fedsim/engine/ray_engine.py): Ray leaves the variable alone, so a CPU worker sees the
+  machine's GPUs, but its device is the CPU (:func:`fedsim.engine.worker.client_device`) and
+  every GPU step here is skipped on CPU;
 * the server evaluates on ``runtime.server_device`` (:func:`server_device`);
 * frozen-feature caches are computed on the device of the process that computes them
   (:func:`computing_on`, read by :func:`feature_device`) and stored on CPU.

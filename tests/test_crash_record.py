@@ -224,14 +224,17 @@ class BatteryModel:
 
 
 @pytest.mark.slow
-def test_a_crash_on_ray_is_recorded_and_the_resume_hint_is_honest(tmp_path: Path) -> None:
-    """On the Ray engine, from the command line: exit 1, two lines, crash.json. The config names
-    a class of the user's own, so the hint says why a resume would be refused instead."""
+def test_a_crash_from_the_command_line_is_recorded_and_the_resume_hint_is_honest(
+    tmp_path: Path,
+) -> None:
+    """From the command line: exit 1, two lines, crash.json. The config names a class of the
+    user's own, so the hint says why a resume would be refused instead. (A crash on the Ray
+    engine: tests/test_faults.py::test_the_cli_names_the_workers_error_in_one_line.)"""
     (tmp_path / "my_effects.py").write_text(BUGGY_EFFECT)
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedsim", "num_clients=6", "num_rounds=5",
-         "runtime.progress=false", f"hydra.run.dir={run_dir}",
+         "runtime.progress=false", "runtime.engine=inline", f"hydra.run.dir={run_dir}",
          "+devices.effects=[{_target_: my_effects.BatteryModel, capacity_j: 1.0e4}]"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},

@@ -1,5 +1,6 @@
 """Injected faults: exactly the drawn clients fail, in their round only, and the run never hangs."""
 
+import json
 import os
 import subprocess
 import time
@@ -405,3 +406,10 @@ def test_the_cli_names_the_workers_error_in_one_line(tmp_path) -> None:
     assert last.startswith("fedsim: error: the workers could not set up this run: ")
     assert "FileNotFoundError('/data/shards: not on this node')" in last
     assert "Traceback" not in done.stderr
+    assert "[fedsim] crashed" not in done.stderr  # the line above says it
+    record = json.loads((tmp_path / "run" / "crash.json").read_text())  # a Ray run's crash
+    assert (
+        record["error"]
+        == "WorkerSetupError: " + last.removeprefix("fedsim: error: ").split(" (folder ")[0]
+    )
+    assert record["last_round"] == 0 and record["checkpoint_round"] is None

@@ -72,14 +72,19 @@ def make_server_app(
     return app
 
 
-def record_crash(writer: RunWriter, error: Exception, num_rounds: int) -> None:
-    """``crash.json`` and two lines: what ended the run, and how to continue it once fixed."""
+def record_crash(
+    writer: RunWriter, error: Exception, num_rounds: int, announce: bool = True
+) -> None:
+    """``crash.json`` and two lines: what ended the run, and how to continue it once fixed.
+
+    ``announce=False``: the record only, for an error the command reports in a line of its own.
+    """
     try:
         record = writer.crashed(error, checkpoint_round(writer.run_dir))
     except OSError as unwritable:  # a full disk, say: the run's own error still comes next
         say(f"[fedsim] the crash could not be recorded in {writer.run_dir}: {unwritable}")
         return
-    if record is None:  # the summary was written: the run ended before this error
+    if record is None or not announce:  # None: the summary was written before this error
         return
     say(
         f"[fedsim] crashed after round {record['last_round']} of {num_rounds}: "

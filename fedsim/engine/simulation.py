@@ -34,6 +34,7 @@ from fedsim.records.tracking import tracker_of  # noqa: E402
 from fedsim.rounds import interrupt  # noqa: E402
 from fedsim.rounds.hooks import ChecksModel  # noqa: E402
 from fedsim.rounds.precheck import check_cheap_groups, validate_run  # noqa: E402
+from fedsim.rounds.virtual_grid import WorkerSetupError  # noqa: E402
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -127,7 +128,9 @@ def _simulate(
             if not summary:
                 raise RuntimeError("the simulation ended without a summary; see the log above")
         except Exception as error:  # the folder says how its run ended, whatever ended it
-            record_crash(writer, error, int(cfg.num_rounds))
+            # The workers' set-up error is the command's own one line (fedsim/__main__.py).
+            announce = not isinstance(error, WorkerSetupError)
+            record_crash(writer, error, int(cfg.num_rounds), announce)
             raise
         finally:
             writer.close()  # the folder's lock: the next run of a sweep, or a resume, may take it

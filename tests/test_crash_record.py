@@ -93,6 +93,31 @@ def test_a_crash_is_recorded_kept_through_resumes_and_the_run_ends_as_if_never_s
     assert strip_wall_time(read_metrics(run_dir)) == strip_wall_time(read_metrics(reference))
 
 
+def test_a_crash_after_the_last_round_resumes_to_a_completed_run(
+    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final per-client scores raise: every round is checkpointed, so the resume plays no
+    round and writes no row; its summary still supersedes the crash (it used to stay 'crashed')."""
+    run_dir = tmp_path / "run"
+    cfg = compose_config(SMALL)
+    with monkeypatch.context() as patch:
+
+        def scores_fail(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(OOM)
+
+        patch.setattr(synchronous, "evaluate_final_clients", scores_fail)
+        with pytest.raises(RuntimeError, match="CUDA out of memory"):
+            simulate(cfg, run_dir)
+    record = json.loads((run_dir / CRASH_FILE).read_text())
+    assert record["last_round"] == record["checkpoint_round"] == 4
+    assert simulate(cfg, run_dir, resume=True)["status"] == "completed"
+    assert run_status(run_dir) == "completed" and not (run_dir / CRASH_FILE).exists()
+    assert [json.loads(line) for line in (run_dir / CRASHES_FILE).read_text().splitlines()] == [
+        record
+    ]
+    assert strip_wall_time(read_metrics(run_dir)) == strip_wall_time(read_metrics(reference))
+
+
 def test_a_crash_before_the_first_checkpoint_says_there_is_nothing_to_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -256,6 +256,7 @@ class RunWriter:
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` atomically."""
         text = json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2)
+        self._archive_crash()  # a resume that wrote no new row (the crash came after the last)
         atomic_write_text(self.run_dir / SUMMARY_FILE, text + "\n")
         self._finished = True
         if self._tracking:

@@ -173,6 +173,17 @@ def test_an_error_after_the_summary_is_not_the_runs_outcome(tmp_path: Path) -> N
     assert run_status(tmp_path / "run") == "completed"
 
 
+def test_a_damaged_crash_record_is_kept_as_text_and_stops_nothing(tmp_path: Path) -> None:
+    writer = results.RunWriter(tmp_path / "run")
+    writer.start(compose_config(SMALL))
+    (tmp_path / "run" / CRASH_FILE).write_text('{"status": "crashed", "err')  # cut short
+    writer.finish({"status": "completed"})
+    writer.close()
+    (line,) = (tmp_path / "run" / CRASHES_FILE).read_text().splitlines()
+    assert json.loads(line) == {"status": "crashed", "unreadable": '{"status": "crashed", "err'}
+    assert run_status(tmp_path / "run") == "completed"
+
+
 @pytest.mark.parametrize(
     ("files", "status"),
     [

@@ -3,8 +3,8 @@
 A run that ends writes ``summary.json`` (its ``status``: completed, diverged, failed,
 interrupted); a run ended by an exception writes ``crash.json`` instead (the error, the rounds
 kept, the traceback), and a resume of that folder moves it to ``crashes.jsonl``, the folder's
-history of crashes, when it writes its first new row. :func:`run_status` reads what a folder
-says.
+history of crashes, when it writes its first new row (or its summary). :func:`run_status` reads
+what a folder says.
 
 (``run.log``, the console's lines, is appended by :mod:`fedsim.records.progress` once the folder is
 claimed here.)
@@ -303,7 +303,11 @@ class RunWriter:
         path = self.run_dir / CRASH_FILE
         if not path.is_file():
             return
-        line = json.dumps(json.loads(path.read_text()))
+        text = path.read_text(errors="replace")
+        try:
+            line = json.dumps(json.loads(text))
+        except ValueError:  # damaged by hand or by a disk: kept as text, never a reason to stop
+            line = json.dumps({"status": "crashed", "unreadable": text[:4000]})
         with open(self.run_dir / CRASHES_FILE, "a") as handle:
             handle.write(line + "\n")
             handle.flush()

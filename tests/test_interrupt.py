@@ -27,7 +27,12 @@ from fedsim.records.results import read_metrics
 pytestmark = pytest.mark.slow
 
 FEDSIM = [sys.executable, "-m", "fedsim"]
-ARGS = ["num_rounds=8", "runtime.progress=false"]  # the default digits run, shortened
+# The default digits run, shortened. A signal is sent once 2 rows are written, and must land
+# before the last round starts: 8 rounds left about 1.5 s for that (0.25 s a round). On a loaded
+# machine (two test workers beside Ray's) the run once completed all 8 rounds after the signal
+# was sent (exit 0): the test's poll or the signal came late. 20 rounds leave about 4.5 s.
+NUM_ROUNDS = 20
+ARGS = [f"num_rounds={NUM_ROUNDS}", "runtime.progress=false"]
 SIGNAL_DEADLINE_S = 10.0  # a signalled run must have exited by then (README, issue 15)
 REFUSAL_DEADLINE_S = 30.0  # Ray's start and checks, beyond what any refused run pays
 
@@ -112,7 +117,9 @@ def test_signal_ends_run_on_last_round_and_resume_finishes_it(
     assert _left_in_session(proc.pid) == []  # no Ray head, worker or agent outlives the run
     # Resumed inline: what is checked is the folder the signal left (the rows of a resumed Ray
     # run are test_resume.py's); inline and Ray runs write the same rows.
-    _assert_stopped_then_resumed(run_dir, log, signum, 8, reference, "runtime.engine=inline")
+    _assert_stopped_then_resumed(
+        run_dir, log, signum, NUM_ROUNDS, reference, "runtime.engine=inline"
+    )
 
 
 def _assert_stopped_then_resumed(

@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import Counter
@@ -35,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.errors import EXIT_BAD_INPUT, ConfigError
-from fedsim.records.results import CRASH_FILE
 from fedsim.scripts.fairness import (
     WORST_SHARE,
     FairnessSummary,
@@ -218,7 +216,7 @@ def _left_out_note(sweep_dir: Path, left_out: Sequence[Run]) -> list[str]:
     if not left_out:
         return []
     names = "; ".join(
-        f"`{run.path.relative_to(sweep_dir.resolve())}` ({run.ending}{_crash_error(run)})"
+        f"`{run.path.relative_to(sweep_dir.resolve())}` ({run.ending})"
         for run in left_out
     )
     return [
@@ -227,16 +225,6 @@ def _left_out_note(sweep_dir: Path, left_out: Sequence[Run]) -> list[str]:
         "counts them.",
         "",
     ]
-
-
-def _crash_error(run: Run) -> str:
-    """``: ValueError: ...`` from a crashed run's ``crash.json`` (its first 100 characters)."""
-    if run.status != "crashed":
-        return ""
-    try:
-        return ": " + str(json.loads((run.path / CRASH_FILE).read_text())["error"])[:100]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
 
 
 def _pm(mean_ci_pair: tuple[float, float], decimals: int = 4) -> str:

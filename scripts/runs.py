@@ -31,6 +31,7 @@ from fedsim.errors import ConfigError
 from fedsim.records.results import (
     CLIENTS_FILE,
     CONFIG_FILE,
+    CRASH_FILE,
     FINAL_STATUSES,
     METRICS_FILE,
     SUMMARY_FILE,
@@ -125,10 +126,20 @@ class Run:
 
     @property
     def ending(self) -> str:
-        """How the run ended, in a few words: ``crashed after round 3``, ``killed or running``."""
+        """How the run ended, in a few words: ``interrupted after round 3``.
+
+        A crashed run adds its error from ``crash.json`` (100 characters at most):
+        ``crashed after round 2: KeyError: 'x'``.
+        """
         if self.status is None:
             return f"no summary: killed or still going, after round {self.num_rounds}"
-        return f"{self.status} after round {self.num_rounds}"
+        text = f"{self.status} after round {self.num_rounds}"
+        if self.status == "crashed":
+            try:
+                text += ": " + str(json.loads((self.path / CRASH_FILE).read_text())["error"])[:100]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # a damaged record: the status alone
+        return text
 
     def _summary(self, key: str) -> Any:
         """A ``summary.json`` value, only where the summary is the run's last word (complete)."""

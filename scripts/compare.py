@@ -216,8 +216,7 @@ def _left_out_note(sweep_dir: Path, left_out: Sequence[Run]) -> list[str]:
     if not left_out:
         return []
     names = "; ".join(
-        f"`{run.path.relative_to(sweep_dir.resolve())}` ({run.ending})"
-        for run in left_out
+        f"`{run.path.relative_to(sweep_dir.resolve())}` ({run.ending})" for run in left_out
     )
     return [
         f"> Left out: {len(left_out)} run(s) that did not finish ({_statuses(left_out)}; "
